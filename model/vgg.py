@@ -1,0 +1,103 @@
+"""The six VGG configurations of Simonyan & Zisserman, Table 1, from one table and one builder.
+
+Module layout and ``state_dict`` keys follow torchvision's ``models/vgg.py`` (``features``, ``avgpool``,
+``classifier.{0,3,6}``), so torchvision's vgg11/13/16/19 checkpoints load into A/B/D/E with strict=True.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# One list per config: an int is a 3x3 conv with that many output channels, (c, 1) a 1x1 conv,
+# "L" AlexNet's local response normalisation (after the ReLU, as AlexNet placed it), "M" a 2x2 max-pool.
+cfgs: dict[str, list] = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "A-LRN": [64, "L", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "C": [64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M", 512, 512, (512, 1), "M",
+          512, 512, (512, 1), "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+          512, 512, 512, 512, "M"],
+}
+
+ALIASES = {"vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16_c": "C", "vgg16": "D", "vgg19": "E"}
+FC_WIDTH = 4096
+STRIDE = 32  # five 2x2 pools
+
+
+class VGG(nn.Module):
+    """``features`` (conv stacks) -> ``avgpool`` -> ``classifier`` (FC6, FC7, FC8), as torchvision.
+
+    ``image_size`` is the training crop: FC6 sees a (image_size/32)^2 grid, 7x7 for the paper's 224.
+    The adaptive pool is the identity at that size and only matters for other input sizes, as in
+    torchvision; dense evaluation (``to_dense``) bypasses it.
+    """
+
+    def __init__(self, features: nn.Sequential, num_classes: int, fc_width: int, grid: int,
+                 dropout: float = 0.5):
+        super().__init__()
+        channels = [m.out_channels for m in features if isinstance(m, nn.Conv2d)][-1]
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((grid, grid))
+        self.classifier = nn.Sequential(
+            nn.Linear(channels * grid * grid, fc_width), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(fc_width, num_classes),
+        )
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, classes)
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def make_layers(cfg: list, width: float = 1.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        elif v == "L":
+            layers.append(nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0))
+        else:
+            channels, kernel = v if isinstance(v, tuple) else (v, 3)
+            out_channels = scaled(channels, width)
+            layers += [nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2),
+                       nn.ReLU(inplace=True)]
+            in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+def canonical_name(name: str) -> str:
+    """"vgg16", "D", "d" -> "D"; an unknown name is an error listing the known ones."""
+    by_lower = {k.lower(): k for k in cfgs} | {k.lower(): v for k, v in ALIASES.items()}
+    try:
+        return by_lower[name.lower()]
+    except KeyError:
+        known = ", ".join(list(cfgs) + list(ALIASES))
+        raise ValueError(f"Unknown VGG model {name!r}. Known: {known}") from None
+
+
+def list_models() -> list[str]:
+    return list(cfgs)
+
+
+def build(name: str, num_classes: int = 1000, width: float = 1.0, init: str = "paper",
+          image_size: int = 224, dropout: float = 0.5) -> VGG:
+    """Build a VGG by name ("A", "A-LRN", "B", "C", "D", "E" or vgg11, vgg11_lrn, vgg13, vgg16_c,
+    vgg16, vgg19). ``width`` scales every channel count, conv and FC, for CPU-sized runs."""
+    from model.init import init_weights  # keeps vgg.py importable on its own
+
+    if image_size % STRIDE or image_size < STRIDE:
+        raise ValueError(f"image_size must be a positive multiple of {STRIDE}, got {image_size}")
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    net = VGG(make_layers(cfgs[canonical_name(name)], width), num_classes,
+              scaled(FC_WIDTH, width), image_size // STRIDE, dropout)
+    init_weights(net, init)
+    return net

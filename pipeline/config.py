@@ -1,0 +1,235 @@
+"""One typed config tree, loaded from YAML with ``--set a.b=c`` overrides.
+
+Every field is declared here with its default and meaning; a key nobody declared, or a value of the
+wrong type, is an error naming the key and what is allowed. The resolved tree is dumped back to YAML
+(into MLflow and every checkpoint) and flattened to ``section.key`` params for MLflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not allowed; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "A"                      # A, A-LRN, B, C, D, E or vgg11 ... vgg19
+    width: float = 1.0                   # scales every channel count (conv and FC); 1.0 = the paper
+    num_classes: int = 1000              # 0 = read from dataset.json
+    init: str = "paper"                  # paper (N(0, 0.01)) | glorot | kaiming
+    init_from: str = ""                  # "" | checkpoint path or "runs:/<mlflow run id>" of the parent
+    init_from_mode: str = "all"          # all: the parent's whole state_dict (S=384 from S=256) |
+                                         # a: the paper's first-four-convs + FCs from a trained A
+    dropout: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/imagenet"          # folder written by `python -m jobs.preprocess`
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int = 224
+    scale_min: int = 256                 # training scale S; scale_min == scale_max is a fixed S
+    scale_max: int = 256                 # S ~ U[scale_min, scale_max] per image when larger
+    test_scale: int = 0                  # Q for validation; 0 = S, or (Smin+Smax)/2 when jittered
+    flip: bool = True
+    color_shift_std: float = 0.1         # std of the PCA colour-shift alphas; 0 disables it
+    mean_subtraction: bool = True        # subtract dataset.json's training mean RGB
+    decode: str = "mixed"                # mixed (GPU nvJPEG) | cpu; CPU-only machines always use cpu
+    threads: int = 4                     # DALI CPU threads per worker
+    prefetch: int = 2                    # DALI prefetch queue depth
+    layout: str = "NCHW"                 # NCHW | NHWC (channels_last)
+    dtype: str = "float32"               # float32 | bfloat16 | float16 (the last two on GPU)
+    shuffle_buffer: int = 4096           # DALI reader's shuffle buffer (shards are globally shuffled)
+    eval_batch_size: int = 0             # 0 = the per-worker training batch
+    val_mode: str = "center"             # center | dense: the per-epoch validation
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_bias: bool = False             # biases are not decayed (see docs/training.md)
+    nesterov: bool = False
+    fused: bool = False                  # torch's fused SGD kernel (GPU)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 74                     # the paper stopped after 370K iterations = 74 epochs
+    patience: int = 1                    # epochs without a val top-1 improvement before dividing lr
+    factor: float = 0.1
+    max_decays: int = 3                  # the paper divided the rate 3 times in all
+    min_delta: float = 0.0               # an improvement must beat the best error by more than this
+    stop_after_max_decays: bool = False  # stop early once the rate was divided max_decays times and stalls
+
+
+@dataclass
+class RunConfig:
+    name: str = "vgg"                    # the same name resumes; a fresh start needs a new name
+    storage_path: str = "runs"           # local folder or a pyarrow/fsspec URI (s3://...)
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    global_batch_size: int = 256         # split evenly across workers; an uneven split is an error
+    seed: int = 0
+    max_failures: int = 0                # Ray Train FailureConfig
+    checkpoint_every_steps: int = 0      # 0 = only at the end of each epoch
+    keep_last: int = 2                   # plus the best (by validation top-1 error)
+    amp: bool = True                     # bf16 autocast on GPU; CPU always runs fp32
+    channels_last: bool = True           # on GPU
+    compile: bool = False                # torch.compile the model
+    grad_compression: str = "none"       # none | bf16 (a DDP communication hook)
+    max_steps: int = 0                   # stop after this many optimizer steps (tests, smoke runs); 0 = off
+    log_every_steps: int = 10
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""                        # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    experiment: str = "vgg"
+    system_metrics: bool = True
+    register_model: str = ""             # "" = don't register; else the registered model's name
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}; allowed: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {type(value).__name__} {value!r}")
+    if origin in (list, tuple):
+        (item,) = set(typing.get_args(tp)) - {Ellipsis}
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return origin(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is type(None) and value is None:
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value):
+        return float(value)  # PyYAML reads "1e-3" as a string (YAML 1.1 wants "1.0e-3")
+    if tp in (int, float, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> (["optim", "lr"], 0.001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return path.strip().split("."), value
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (or the defaults), apply ``--set`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+CHOICES = {
+    "model.init": ("paper", "glorot", "kaiming"),
+    "model.init_from_mode": ("all", "a"),
+    "data.decode": ("mixed", "cpu"),
+    "data.layout": ("NCHW", "NHWC"),
+    "data.dtype": ("float32", "bfloat16", "float16"),
+    "data.val_mode": ("center", "dense"),
+    "run.grad_compression": ("none", "bf16"),
+}
+
+
+def validate(cfg: Config) -> None:
+    flat = flatten(cfg)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+    d = cfg.data
+    if not d.crop_size <= d.scale_min <= d.scale_max:
+        raise ConfigError(f"data.scale_min/scale_max: need crop_size <= scale_min <= scale_max, got "
+                          f"{d.crop_size}, {d.scale_min}, {d.scale_max}")
+    if cfg.run.workers < 1 or cfg.run.global_batch_size % cfg.run.workers:
+        raise ConfigError(f"run.global_batch_size {cfg.run.global_batch_size} does not split evenly "
+                          f"across run.workers {cfg.run.workers}")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"optim.lr": 0.01, ...}``: one entry per leaf, for MLflow params."""
+    out = {}
+    for section, values in to_dict(cfg).items():
+        for k, v in values.items():
+            out[f"{section}.{k}"] = v
+    return out
+
+
+def test_scale(d: DataConfig) -> int:
+    """Q for validation: data.test_scale, else S (fixed) or the middle of [Smin, Smax] (jittered)."""
+    return d.test_scale or (d.scale_min + d.scale_max) // 2
