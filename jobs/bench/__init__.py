@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m jobs.bench train|loader|e2e|preprocess|eval``. No Ray, no MLflow."""

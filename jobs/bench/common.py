@@ -1,0 +1,83 @@
+"""What every benchmark shares: timing with device syncs, one JSON line per figure, a table, ratios."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a CPU-GPU sync point: only at the edges of a timed span
+
+
+def time_it(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call of ``fn``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, NaN when the denominator is zero (a figure that failed)."""
+    return numerator / denominator if denominator else float("nan")
+
+
+class Report:
+    """Collects figures; prints each as one JSON line as it comes, then a table; optionally saves."""
+
+    def __init__(self, bench: str, device: torch.device, **common):
+        self.rows: list[dict] = []
+        self.common = {"bench": bench, "device": device_name(device), **common}
+
+    def add(self, **figure) -> dict:
+        row = {**self.common, **figure}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+    def table(self, columns: list[str]) -> str:
+        present = [c for c in columns if any(c in r for r in self.rows)]
+        lines = ["| " + " | ".join(present) + " |", "|" + "---|" * len(present)]
+        for r in self.rows:
+            lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in present) + " |")
+        return "\n".join(lines)
+
+    def save(self, path: str | None) -> None:
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(path).with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.rows, indent=1) + "\n")
+            tmp.replace(path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
+    return str(v)

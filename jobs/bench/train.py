@@ -1,0 +1,120 @@
+"""The training step on a batch resident on the device, one figure per variant, in one process.
+
+Reports images/s, achieved TFLOP/s (3x the forward FLOPs, torch's FlopCounterMode), the fraction of
+the device's bf16 matmul rate measured in the same run, and peak memory. Each variant's ratio to a reference
+variant (default: plain ``torch.compile``, ``compile``) is printed so that "faster" is always measured side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import model
+from jobs.bench.common import Report, peak_memory_gib, ratio, reset_peak_memory, time_it
+from pipeline.step import StepOptions, prepare, sgd, train_step
+
+# name -> (step options, fused SGD). "compile" is the reference the goal is measured against.
+VARIANTS = {
+    "fp32": (StepOptions(), False),
+    "tf32": (StepOptions(tf32=True), False),
+    "bf16-nchw": (StepOptions(amp_dtype=torch.bfloat16), False),
+    "bf16-cl": (StepOptions(amp_dtype=torch.bfloat16, channels_last=True), False),
+    "compile": (StepOptions(amp_dtype=torch.bfloat16, channels_last=True, compile="default"), False),
+    "compile+cudnn": (StepOptions(amp_dtype=torch.bfloat16, channels_last=True, compile="default",
+                                  cudnn_benchmark=True), False),
+    "compile+cudnn+fused": (StepOptions(amp_dtype=torch.bfloat16, channels_last=True, compile="default",
+                                        cudnn_benchmark=True), True),
+    "graphs+cudnn+fused": (StepOptions(amp_dtype=torch.bfloat16, channels_last=True,
+                                       compile="reduce-overhead", cudnn_benchmark=True), True),
+}
+
+
+def forward_flops(net: torch.nn.Module, image_size: int) -> int:
+    """FLOPs (2 per multiply-add) of one image's forward pass."""
+    probe = copy.deepcopy(net).float().cpu()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        probe(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops()
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    """The bf16 matrix rate this device reaches right now: the ceiling for 'fraction of peak'."""
+    if device.type != "cuda":
+        return 0.0
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = time_it(lambda: a @ b, device, warmup=3, iters=iters)
+    return 2 * n**3 / seconds / 1e12
+
+
+def measure(name: str, args, device: torch.device, flops_per_image: int, peak: float, report: Report):
+    opts, fused = VARIANTS[name]
+    torch.manual_seed(0)
+    net = model.build(args.model, num_classes=args.classes, width=args.width, image_size=args.image_size,
+                      init="glorot").to(device)
+    call = prepare(net, opts)
+    opt = sgd(net, lr=1e-3, fused=fused and device.type == "cuda")
+    fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, args.classes, (args.batch,), device=device)
+    reset_peak_memory(device)
+    seconds = time_it(lambda: train_step(call, opt, images, labels, opts.amp_dtype), device,
+                      warmup=args.warmup, iters=args.iters)
+    ips = args.batch / seconds
+    tflops = 3 * flops_per_image * ips / 1e12
+    row = report.add(variant=name, images_per_s=ips, tflops=tflops, peak_fraction=ratio(tflops, peak),
+                     peak_mem_gib=peak_memory_gib(device))
+    del net, call, opt, images, labels
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m jobs.bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="D")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--variants", default="bf16-nchw,bf16-cl,compile,compile+cudnn+fused,graphs+cudnn+fused",
+                   help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--reference", default="compile", help="the variant every ratio is taken against")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="", help="also write the figures as a JSON list here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> list[dict]:
+    args = parse(argv)
+    device = torch.device(args.device)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    flops = forward_flops(model.build(args.model, num_classes=args.classes, width=args.width,
+                                      image_size=args.image_size), args.image_size)
+    peak = matmul_tflops(device)
+    report = Report("train", device, model=args.model, batch=args.batch, image_size=args.image_size,
+                    width=args.width, gflops_per_image_fwd=flops / 1e9, matmul_peak_tflops=peak)
+    rows = {n: measure(n, args, device, flops, peak, report) for n in names}
+    ref = rows.get(args.reference)
+    for r in rows.values():
+        r["reference"] = args.reference
+        r["vs_reference"] = ratio(r["images_per_s"], ref["images_per_s"]) if ref else float("nan")
+    print(report.table(["variant", "images_per_s", "tflops", "peak_fraction", "vs_reference", "peak_mem_gib"]))
+    report.save(args.out)
+    return report.rows
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

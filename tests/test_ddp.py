@@ -1,0 +1,52 @@
+"""Gradient compression (run.grad_compression) as a real DDP hook over gloo on two processes."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.ddp import apply_grad_compression
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, mode, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    ddp = torch.nn.parallel.DistributedDataParallel(lin)
+    apply_grad_compression(ddp, mode)
+    # Rank r's gradient of sum(W x) w.r.t. W is 2 * (1 + r/3): 2 and 8/3, whose mean 7/3 is not
+    # representable in bf16, so the hook's rounding is visible.
+    ddp(torch.full((2, 4), 1.0 + rank / 3)).sum().backward()
+    queue.put((rank, lin.weight.grad.clone()))
+    dist.destroy_process_group()
+
+
+def _grads(mode):
+    queue = mp.get_context("spawn").Manager().Queue()
+    mp.spawn(_worker, args=(_free_port(), mode, queue), nprocs=2)
+    return dict(queue.get() for _ in range(2))
+
+
+def test_bf16_hook_averages_in_bf16_and_ranks_agree():
+    plain, bf16 = _grads("none"), _grads("bf16")
+    exact = torch.full((3, 4), 7 / 3)
+    torch.testing.assert_close(plain[0], exact)
+    assert torch.equal(plain[0], plain[1]) and torch.equal(bf16[0], bf16[1])
+    # The hook divides each rank's gradient by the world size in bf16, then sums in bf16.
+    in_bf16 = torch.tensor(2.0).bfloat16() / 2 + torch.tensor(8 / 3).bfloat16() / 2
+    assert torch.equal(bf16[0], torch.full((3, 4), in_bf16.item()))
+    assert not torch.equal(bf16[0], plain[0])
+
+
+def test_unknown_mode_names_the_setting():
+    with pytest.raises(ValueError, match="run.grad_compression 'fp8'. Only none, bf16"):
+        apply_grad_compression(None, "fp8")
