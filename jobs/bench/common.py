@@ -44,9 +44,9 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def ratio(numerator: float, denominator: float) -> float:
-    """``numerator / denominator``, NaN when the denominator is zero (a figure that failed)."""
-    return numerator / denominator if denominator else float("nan")
+def ratio(numerator: float, denominator: float) -> float | None:
+    """``numerator / denominator``; None (JSON null) when there is no denominator to compare with."""
+    return numerator / denominator if denominator else None
 
 
 class Report:
@@ -78,6 +78,8 @@ class Report:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
     return str(v)

@@ -109,7 +109,7 @@ def main(argv: list[str]) -> list[dict]:
     ref = rows.get(args.reference)
     for r in rows.values():
         r["reference"] = args.reference
-        r["vs_reference"] = ratio(r["images_per_s"], ref["images_per_s"]) if ref else float("nan")
+        r["vs_reference"] = ratio(r["images_per_s"], ref["images_per_s"]) if ref else None
     print(report.table(["variant", "images_per_s", "tflops", "peak_fraction", "vs_reference", "peak_mem_gib"]))
     report.save(args.out)
     return report.rows

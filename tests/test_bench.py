@@ -1,0 +1,63 @@
+"""The benchmark harness on the CPU: it runs, its figures are positive, its ratios are computed right."""
+import json
+
+import pytest
+
+from jobs.bench import scaling, train
+from jobs.bench.common import ratio
+
+TINY = ["--model", "A", "--width", "0.0625", "--batch", "4", "--image-size", "32", "--classes", "5",
+        "--warmup", "1", "--iters", "2"]
+
+
+def test_train_bench_figures_and_ratios(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    rows = train.main(TINY + ["--variants", "fp32,bf16-cl", "--reference", "fp32", "--out", str(out)])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in printed] == ["fp32", "bf16-cl"]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["tflops"] > 0 and r["device"].startswith("CPU")
+        assert r["peak_fraction"] is None  # no matmul peak is measured on a CPU
+        assert r["tflops"] == pytest.approx(3 * r["gflops_per_image_fwd"] * 1e9 * r["images_per_s"] / 1e12)
+        assert r["vs_reference"] == pytest.approx(r["images_per_s"] / rows[0]["images_per_s"])
+    assert rows[0]["vs_reference"] == pytest.approx(1.0)
+    assert json.loads(out.read_text()) == rows
+
+
+def test_forward_flops_of_vgg16_is_the_papers_15_5_gmac():
+    import model
+    assert train.forward_flops(model.build("D"), 224) == 2 * 15_470_264_320
+
+
+def test_unknown_variant_is_an_error():
+    with pytest.raises(SystemExit, match="unknown variant"):
+        train.main(TINY + ["--variants", "turbo"])
+
+
+def test_ratio_without_a_denominator_is_null():
+    assert ratio(3.0, 2.0) == 1.5 and ratio(1.0, 0.0) is None
+
+
+def test_allreduce_model():
+    assert scaling.allreduce_seconds(1e9, 1, 100) == 0
+    # Ring all-reduce: 2(n-1)/n of the bytes through the slowest link.
+    assert scaling.allreduce_seconds(1e9, 2, 100) == pytest.approx(1e9 / 100e9)
+    assert scaling.allreduce_seconds(1e9, 8, 100) == pytest.approx(1.75e9 / 100e9)
+
+
+def test_vgg_layers_add_up_to_the_model():
+    layers = scaling.vgg_layers("D")
+    assert sum(layer.params for layer in layers) == 138_357_544
+    assert sum(layer.fwd_flops for layer in layers) == 2 * 15_470_264_320
+
+
+def test_overlap_and_bf16_never_slow_a_step_and_efficiency_is_at_most_one():
+    layers = scaling.vgg_layers("D")
+    plain = scaling.step_seconds(layers, 0.01, 16, 12.5, overlap=False, latency_s=0)
+    overlapped = scaling.step_seconds(layers, 0.01, 16, 12.5, latency_s=0)
+    halved = scaling.step_seconds(layers, 0.01, 16, 12.5, grad_bytes=2, latency_s=0)
+    assert 0.01 < halved < overlapped < plain
+    # With an infinitely fast link there is nothing to hide.
+    assert scaling.step_seconds(layers, 0.01, 16, 1e12, latency_s=0) == pytest.approx(0.01, rel=1e-6)
+    for row in scaling.table(5000.0, 256):
+        assert 0 < row["efficiency_no_overlap"] <= row["efficiency_overlap_bf16"] <= 1
