@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU figure of the README in one call: loader, training-step variants, shard-fed vs resident,
+# dense evaluation. Usage (DALI carried as ../shared/gpu/README.md says):
+#   source /tmp/dl/unpack.sh && bash benchmarks/gpu.sh "$OUT"
+# SMALL=1 runs the same script on a CPU with tiny sizes, to check it before spending GPU time.
+set -uo pipefail
+out=${1:?usage: gpu.sh OUTDIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+work=${WORK:-/tmp/bench-work}
+log="$out/log.txt"
+
+step() {  # name, time limit (s), command...: a failure is logged and the next step still runs
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T))" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | grep -v -e "nvjpeg2k\|nvtiff\|failed to load" | tee -a "$log"
+  echo "=== $name exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+if [ "${SMALL:-0}" = 1 ]; then
+  dev=cpu; loader_dev=cpu; threads=2
+  net=(--model A --width 0.0625); step_sizes=(--batch 8 --image-size 64 --classes 10 --warmup 1 --iters 2)
+  sample=(--classes 4 --per-class 8 --size 96,140); crop=(--crop 64 --scale-min 64 --scale-max 96)
+  variants=fp32,bf16-cl; e2e_variant=fp32; loader_batch=8; e2e_batch=8; steps=3
+  eval_args=(--model A --width 0.0625 --image-size 64 --scale 96 --batch 2 --classes 10)
+else
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+  dev=cuda; loader_dev=0; threads=16
+  net=(--model D); step_sizes=(--batch 256 --warmup 5 --iters 20)
+  sample=(--classes 10 --per-class 300 --size 300,500); crop=(--crop 224 --scale-min 256 --scale-max 512)
+  variants=bf16-nchw,bf16-cl,compile,compile+cudnn+fused,graphs+cudnn+fused
+  e2e_variant=compile+cudnn+fused; loader_batch=256; e2e_batch=256; steps=40
+  eval_args=(--model D --scale 384 --batch 64 --variants same,mixed)
+fi
+
+step loader 180 "$PY" -m jobs.bench loader --work "$work" --device "$loader_dev" --threads "$threads" \
+  --batch-size "$loader_batch" --steps "$steps" "${sample[@]}" "${crop[@]}" --out "$out/loader.json"
+step train 330 "$PY" -m jobs.bench train "${net[@]}" "${step_sizes[@]}" --variants "$variants" \
+  --reference "${REFERENCE:-$([ "$dev" = cuda ] && echo compile || echo fp32)}" --device "$dev" --out "$out/train.json"
+step e2e 200 "$PY" -m jobs.bench e2e --work "$work" "${net[@]}" --batch "$e2e_batch" "${crop[@]}" \
+  --variant "$e2e_variant" --device "$dev" --threads "$threads" --steps "$steps" "${sample[@]}" --out "$out/e2e.json"
+step eval 120 "$PY" -m jobs.bench eval "${eval_args[@]}" --device "$dev" --out "$out/eval.json"
+echo "done $(date +%T)" | tee -a "$log"
