@@ -1,0 +1,195 @@
+"""Training-pipeline throughput: the DALI pipeline from shards vs torchvision ImageFolder + DataLoader.
+
+Both do the paper's augmentation on the same images (the shards were written from the ImageFolder
+source): shorter side rescaled to S ~ U[Smin, Smax], a random crop, a random flip, the PCA colour
+shift and the mean subtraction from dataset.json, fp32 output on the device. One JSON line per figure
+(images/s of each, then their ratio), with the device name. Images per CPU-second (this process's
+threads plus the DataLoader's worker processes) are reported too: on a machine other jobs share, wall
+time is noise, CPU time much less so.
+
+Without ``--root`` a synthetic ILSVRC-shaped sample is generated and preprocessed into ``--work``
+(ImageNet-sized JPEGs by default). On a GPU: ``--device 0 --decode mixed --threads 16``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from jobs.bench.common import Report, ratio, sync
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m jobs.bench loader", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", help="preprocessed dataset folder (default: make a synthetic one in --work)")
+    p.add_argument("--source", help="its ImageFolder source (class folders of JPEGs) for the baseline; "
+                                    "default: <work>/source/train when the sample is generated here")
+    p.add_argument("--work", help="where the synthetic sample goes (default: a temporary folder)")
+    p.add_argument("--device", default="cpu", help="CUDA device index, or cpu (DALI's CPU-only mode)")
+    p.add_argument("--decode", choices=("mixed", "cpu"), default=None,
+                   help="JPEG decoding on the GPU (mixed) or CPU; default mixed on a GPU")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI CPU threads")
+    p.add_argument("--prefetch", type=int, default=2, help="DALI prefetch queue depth")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: --threads)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed batches per pipeline")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--scale-min", type=int, default=256)
+    p.add_argument("--scale-max", type=int, default=512)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--classes", type=int, default=10, help="synthetic sample: classes")
+    p.add_argument("--per-class", type=int, default=40, help="synthetic sample: train images per class")
+    p.add_argument("--size", default="300,500", help="synthetic sample: min,max image side (px)")
+    p.add_argument("--out", help="also save the figures as JSON here")
+    return p.parse_args(argv)
+
+
+def make_sample(work: Path, classes: int, per_class: int, size: tuple[int, int]) -> tuple[Path, Path]:
+    """Synthetic source + its shards (reused when already there)."""
+    from preprocessing import synthetic, writer
+
+    source, root = work / "source", work / "shards"
+    if not (root / "dataset.json").is_file():
+        synthetic.generate(source, classes=classes, train_per_class=per_class, val_per_class=1,
+                           seed=0, size_range=size, workers=os.cpu_count() or 1)
+        writer.preprocess(source, root, shard_size=256, seed=0)
+    return source, root
+
+
+def cpu_seconds(pids=()) -> float:
+    """CPU seconds (user + system) used so far by this process (all threads) and processes ``pids``:
+    images per CPU-second stays meaningful on a machine other jobs share, where wall time does not."""
+    total, tick = time.process_time(), os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15)
+        except (OSError, IndexError, ValueError):
+            return float("nan")
+    return total
+
+
+def bench_dali(args, root: Path, device: torch.device) -> tuple[float, int]:
+    from pipeline.config import DataConfig
+    from pipeline.loader import TrainLoader
+
+    cfg = DataConfig(root=str(root), crop_size=args.crop, scale_min=args.scale_min, scale_max=args.scale_max,
+                     decode=args.decode, threads=args.threads, prefetch=args.prefetch, layout=args.layout,
+                     dtype=args.dtype)
+    loader = TrainLoader(cfg, args.batch_size, 0, 1, device_id=device.index if device.type == "cuda" else None)
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    for _ in range(args.warmup):
+        next(it)
+    sync(device)
+    start, cpu = time.perf_counter(), cpu_seconds()
+    for _ in range(args.steps):
+        batch = next(it)
+    batch.images.float().sum().item()  # the last batch really exists (a sync point)
+    sync(device)
+    n = args.steps * args.batch_size
+    return n / (time.perf_counter() - start), n / (cpu_seconds() - cpu), len(loader)
+
+
+class PaperTrainTransform:
+    """The same augmentation in PIL/torch: PIL image -> (3, crop, crop) float32, mean-subtracted."""
+
+    def __init__(self, crop: int, smin: int, smax: int, pca: torch.Tensor, mean: torch.Tensor):
+        self.crop, self.smin, self.smax, self.pca, self.mean = crop, smin, smax, pca, mean
+
+    def __call__(self, img):
+        import torchvision.transforms.functional as TF
+
+        img = TF.resize(img.convert("RGB"), random.randint(self.smin, self.smax),
+                        interpolation=TF.InterpolationMode.BILINEAR, antialias=True)  # shorter side = S
+        w, h = img.size
+        top, left = random.randint(0, h - self.crop), random.randint(0, w - self.crop)
+        img = TF.crop(img, top, left, self.crop, self.crop)
+        if random.random() < 0.5:
+            img = TF.hflip(img)
+        x = TF.pil_to_tensor(img).float()
+        shift = self.pca @ torch.randn(3)
+        return x + (shift - self.mean)[:, None, None]
+
+
+def bench_torchvision(args, source: Path, root: Path, device: torch.device) -> float:
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from pipeline import augment
+    from pipeline.dataset import load_stats
+
+    stats = load_stats(root)
+    tf = PaperTrainTransform(args.crop, args.scale_min, args.scale_max,
+                             torch.as_tensor(augment.pca_matrix(stats, 0.1), dtype=torch.float32),
+                             torch.as_tensor(augment.mean_rgb(stats, True)))
+    workers = args.workers if args.workers is not None else args.threads
+    data = DataLoader(ImageFolder(str(source), transform=tf), batch_size=args.batch_size, shuffle=True,
+                      num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
+                      persistent_workers=workers > 0)
+    if len(data) == 0:
+        raise SystemExit(f"{source}: fewer images than one batch of {args.batch_size}")
+
+    def batches():
+        while True:
+            for images, labels in data:
+                yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    it = batches()
+    for _ in range(args.warmup):
+        next(it)
+    workers = [w.pid for w in getattr(data._iterator, "_workers", [])]  # persistent DataLoader workers
+    sync(device)
+    start, cpu = time.perf_counter(), cpu_seconds(workers)
+    for _ in range(args.steps):
+        images, _ = next(it)
+    images.sum().item()
+    sync(device)
+    n = args.steps * args.batch_size
+    return n / (time.perf_counter() - start), n / (cpu_seconds(workers) - cpu)
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    device = torch.device("cpu") if args.device in ("cpu", "none") else torch.device("cuda", int(args.device))
+    args.decode = args.decode or ("mixed" if device.type == "cuda" else "cpu")
+    lo, hi = (int(v) for v in args.size.split(","))
+    tmp = None
+    if args.root:
+        root, source = Path(args.root), Path(args.source) if args.source else None
+    else:
+        work = Path(args.work) if args.work else Path(tmp := tempfile.mkdtemp(prefix="bench-loader-"))
+        source, root = make_sample(work, args.classes, args.per_class, (lo, hi))
+        source = Path(args.source) if args.source else source / "train"
+    report = Report("loader", device, batch_size=args.batch_size, crop=args.crop,
+                    scale=[args.scale_min, args.scale_max], dtype=args.dtype, layout=args.layout)
+    dali, dali_cpu, steps = bench_dali(args, root, device)
+    report.add(pipeline="dali", decode=args.decode, threads=args.threads, steps_per_epoch=steps,
+               images_per_s=dali, images_per_cpu_s=dali_cpu)
+    if args.skip_baseline or source is None:
+        if source is None:
+            print("# no --source: the torchvision baseline needs the ImageFolder the shards came from")
+    else:
+        tv, tv_cpu = bench_torchvision(args, source, root, device)
+        report.add(pipeline="torchvision", workers=args.workers if args.workers is not None else args.threads,
+                   images_per_s=tv, images_per_cpu_s=tv_cpu)
+        report.add(pipeline="ratio", dali_over_torchvision=ratio(dali, tv),
+                   dali_over_torchvision_per_cpu_s=ratio(dali_cpu, tv_cpu))
+    print(report.table(["pipeline", "decode", "threads", "workers", "images_per_s", "images_per_cpu_s",
+                        "dali_over_torchvision", "dali_over_torchvision_per_cpu_s"]))
+    report.save(args.out)
+    if tmp:
+        print(f"# sample kept in {tmp} (pass --work {tmp} to reuse it)")

@@ -1,0 +1,336 @@
+"""DALI pipelines over the shards and the torch iterators the training and evaluation loops use.
+
+One pipeline definition per job with a device switch: ``device_id=None`` is DALI's CPU-only mode
+(decode on the CPU, no CUDA needed); with a CUDA device index, ``cfg.decode`` picks nvJPEG on the GPU
+("mixed") or libjpeg-turbo with the resize and normalisation on the GPU ("cpu"). ``device_id`` is the
+*local* CUDA index (under Ray Train ``ray.train.torch.get_device().index``); ``shard_id`` and
+``num_shards`` are the *global* rank and world size. See docs/pipeline.md for the guarantees.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from pipeline import augment
+from pipeline.config import test_scale
+from pipeline.dataset import Split, load_split, load_stats, read_info
+from pipeline.scoring import crop_grid
+
+STATE_FORMAT = 1
+EVAL_MODES = ("center", "dense", "multicrop")
+
+
+class Batch(NamedTuple):
+    """``images``: (N, C, H, W) on the loader's device (channels_last strides when layout is NHWC);
+    multicrop: (N, 50, C, crop, crop). ``labels``: (N,) int64 on the same device. ``keys``: N str."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+
+
+# --- pure functions: how DALI splits samples, and the crop grid ------------------------------------
+
+def shard_range(num_samples: int, num_shards: int, shard_id: int) -> tuple[int, int]:
+    """[start, end) of the samples (in shard-file order) DALI's reader gives ``shard_id``:
+    contiguous, disjoint, covering, sizes differing by at most one whatever the tar file count."""
+    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
+
+
+def reader_batches(num_samples: int, num_shards: int, batch_size: int) -> int:
+    """Batches in one reader epoch with ``pad_last_batch``: every rank pads to ceil(N / W) samples and
+    then to a whole batch, so every rank runs the same number of batches per epoch."""
+    return math.ceil(math.ceil(num_samples / num_shards) / batch_size)
+
+
+def steps_per_epoch(num_samples: int, num_shards: int, batch_size: int) -> int:
+    """floor(N / global batch): the same on every rank, so DDP never waits on a rank that ran out."""
+    return num_samples // (num_shards * batch_size)
+
+
+def multicrop_grid(h: int, w: int, crop: int, n: int = 5) -> list[tuple[int, int]]:
+    """The n x n top-left corners (y, x), row-major, of the multi-crop grid over an h x w image,
+    corners included. One definition for the whole project: ``pipeline.scoring.crop_grid`` (evenly
+    spaced, its own mirror image, so the flipped crops are the crops of the flipped image)."""
+    return crop_grid(h, w, crop, n)
+
+
+def decode_backend(decode: str, device_id: int | None) -> str:
+    if decode not in ("mixed", "cpu"):
+        raise ValueError(f"Invalid decode {decode!r}. Only mixed and cpu are supported.")
+    if device_id is None:
+        return "cpu"                                  # DALI's CPU-only mode: no CUDA at all
+    return "mixed" if decode == "mixed" else "cpu-gpu"
+
+
+def _seed(seed: int, shard_id: int, stream: int) -> int:
+    """Distinct, reproducible seeds per rank and per use (DALI wants a non-negative int32)."""
+    return (seed * 1_000_003 + shard_id * 7_919 + stream) % (2**31 - 1)
+
+
+# --- DALI graph and conversion ----------------------------------------------------------------------
+
+def _read(split: Split, shard_id: int, num_shards: int, *, shuffle: bool, seed: int, buffer: int,
+          stick_to_shard: bool):
+    """(jpegs, labels int32 (1,), keys uint8 padded to the batch's longest key) from the shards."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    jpegs, labels, keys = fn.readers.webdataset(
+        paths=list(split.shards), index_paths=list(split.indexes), ext=["jpg", "lbl", "key"],
+        dtypes=[types.UINT8, types.INT32, types.UINT8], missing_component_behavior="error",
+        shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=max(buffer, 1),
+        seed=seed, pad_last_batch=True, stick_to_shard=stick_to_shard, name="reader")
+    return jpegs, labels, fn.pad(keys, fill_value=0)
+
+
+def _build(graph, *, batch_size: int, cfg, device_id: int | None, seed: int,
+           checkpointing: bool = False, checkpoint: bytes | None = None):
+    from nvidia.dali import Pipeline
+
+    pipe = Pipeline(batch_size=batch_size, num_threads=cfg.threads, device_id=device_id, seed=seed,
+                    prefetch_queue_depth=cfg.prefetch, enable_checkpointing=checkpointing,
+                    checkpoint=checkpoint)
+    with pipe:
+        pipe.set_outputs(*graph())
+    pipe.build()
+    return pipe
+
+
+class _Runner:
+    """Runs a pipeline and turns its outputs into torch tensors on the right device and stream."""
+
+    def __init__(self, pipe, device: torch.device, cfg):
+        self.pipe, self.device, self.cfg = pipe, device, cfg
+
+    def run(self):
+        if self.device.type == "cuda":
+            # outputs are ordered on torch's current stream: no host sync here
+            return self.pipe.run(torch.cuda.current_stream(self.device))
+        return self.pipe.run()
+
+    def tensor(self, dali_tensor) -> torch.Tensor:
+        """Zero-copy view (DALI's default executor keeps the buffer alive while torch holds it)."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                return torch.from_dlpack(dali_tensor)
+        return torch.from_dlpack(dali_tensor)
+
+    def images(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) or (N, C, H, W) from DALI -> logical (N, C, H, W), cfg.dtype."""
+        if self.cfg.dtype == "bfloat16":
+            t = t.to(torch.bfloat16)                  # DALI produced float16; exact for |x| < 512
+        if self.cfg.layout == "NHWC":
+            t = t.permute(0, 3, 1, 2)                 # channels_last strides, logical NCHW
+        return t
+
+    def labels(self, tl) -> torch.Tensor:
+        return torch.from_numpy(np.array(tl.as_tensor(), dtype=np.int64).reshape(-1)).to(self.device)
+
+    @staticmethod
+    def keys(tl) -> list[str]:
+        return [row.tobytes().rstrip(b"\0").decode("ascii") for row in np.asarray(tl.as_tensor())]
+
+
+def _device(device_id: int | None) -> torch.device:
+    return torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+class TrainLoader:
+    """The training pipeline of one rank: ``len(loader)`` steps per epoch, the same on every rank.
+
+    ``for batch in loader`` yields the rest of the current epoch (all of it, unless a previous
+    iteration was cut short or the loader was restored mid-epoch), then stops; the next ``for``
+    starts the next epoch. ``loader.epoch`` / ``loader.step`` say where it is; ``loader.state()``
+    is a JSON string that ``TrainLoader(..., state=...)`` resumes from bit-identically."""
+
+    def __init__(self, cfg, batch_size: int, shard_id: int, num_shards: int,
+                 device_id: int | None = None, seed: int = 0, state: str | bytes | None = None):
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        info = read_info(cfg.root)
+        self.split = load_split(cfg.root, cfg.train_split, info)
+        self.stats = load_stats(cfg.root, info)
+        self.fingerprint = info.get("fingerprint", "")
+        self.batch_size, self.shard_id, self.num_shards, self.seed = batch_size, shard_id, num_shards, seed
+        n = self.split.num_samples
+        self.steps_per_epoch = steps_per_epoch(n, num_shards, batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{cfg.root}: {n} training samples are fewer than one global batch "
+                             f"({num_shards} x {batch_size})")
+        # with pad_last_batch the reader's epoch is this many batches on every rank: 0 or 1 more
+        # than steps_per_epoch; the extra (partial, padded) batch is run and dropped at the epoch's end
+        self._reader_batches = reader_batches(n, num_shards, batch_size)
+        self.epoch, self.step = 0, 0
+        checkpoint = None
+        if state is not None:
+            checkpoint = self._restore(state)
+        self.device = _device(device_id)
+        backend = decode_backend(cfg.decode, device_id)
+
+        def graph():
+            jpegs, labels, keys = _read(self.split, shard_id, num_shards, shuffle=True,
+                                        seed=_seed(seed, shard_id, 1), buffer=cfg.shuffle_buffer,
+                                        stick_to_shard=False)
+            images = augment.train_augment(jpegs, cfg, self.stats, backend)
+            return images, labels, keys
+
+        pipe = _build(graph, batch_size=batch_size, cfg=cfg, device_id=device_id,
+                      seed=_seed(seed, shard_id, 2), checkpointing=True, checkpoint=checkpoint)
+        self._runner = _Runner(pipe, self.device, cfg)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.step >= self.steps_per_epoch:
+            self._finish_epoch()
+        while self.step < self.steps_per_epoch:
+            images, labels, keys = self._runner.run()
+            self.step += 1                            # counted before the yield: state() is "after"
+            r = self._runner
+            yield Batch(r.images(r.tensor(images.as_tensor())), r.labels(labels), r.keys(keys))
+
+    def _finish_epoch(self) -> None:
+        for _ in range(self._reader_batches - self.steps_per_epoch):
+            self._runner.run()                        # the reader's last (padded) batch: dropped
+        self.epoch += 1
+        self.step = 0
+
+    def state(self) -> str:
+        """Position + DALI pipeline checkpoint (reader and every RNG): 1-2 KB of JSON."""
+        blob = self._runner.pipe.checkpoint()
+        return json.dumps({
+            "format": STATE_FORMAT, "epoch": self.epoch, "step": self.step,
+            "shard_id": self.shard_id, "num_shards": self.num_shards, "batch_size": self.batch_size,
+            "steps_per_epoch": self.steps_per_epoch, "fingerprint": self.fingerprint, "seed": self.seed,
+            "dali": base64.b64encode(blob if isinstance(blob, bytes) else blob.encode("latin-1")).decode(),
+        })
+
+    def _restore(self, state: str | bytes) -> bytes:
+        try:
+            s = json.loads(state)
+            if s["format"] != STATE_FORMAT:
+                raise ValueError(f"format {s['format']}, expected {STATE_FORMAT}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"not a TrainLoader state: {e}") from e
+        mine = {"shard_id": self.shard_id, "num_shards": self.num_shards, "batch_size": self.batch_size,
+                "steps_per_epoch": self.steps_per_epoch, "fingerprint": self.fingerprint}
+        diff = {k: (s.get(k), v) for k, v in mine.items() if s.get(k) != v}
+        if diff:
+            raise ValueError("loader state does not match this loader (saved, now): "
+                             + ", ".join(f"{k}={a!r}, {b!r}" for k, (a, b) in diff.items())
+                             + "; a mid-epoch resume needs the same dataset, world size, rank and batch")
+        self.epoch, self.step = int(s["epoch"]), int(s["step"])
+        return base64.b64decode(s["dali"])
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+class EvalLoader:
+    """Validation inputs of one rank, every stored image exactly once over all ranks per pass.
+
+    mode "center": (N, C, crop, crop) center crops of the image rescaled to Q.
+    mode "dense": whole images rescaled to Q; each DALI batch is split into groups of equal size,
+    yielded in order as (n, C, H, W) with 1 <= n <= batch_size (no padding, nothing resized twice).
+    mode "multicrop": (N, 50, C, crop, crop): the 5x5 ``multicrop_grid`` positions row-major
+    (indices 0-24), then the same crops flipped horizontally (25-49).
+    ``scale`` is Q (default: ``test_scale(cfg)``). ``batch_size`` is used as given (the caller
+    resolves cfg.eval_batch_size == 0 to the per-worker training batch)."""
+
+    def __init__(self, cfg, batch_size: int, shard_id: int, num_shards: int,
+                 device_id: int | None = None, mode: str = "center", scale: int | None = None):
+        if mode not in EVAL_MODES:
+            raise ValueError(f"Invalid eval mode {mode!r}. Only {', '.join(EVAL_MODES)} are supported.")
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
+        info = read_info(cfg.root)
+        self.split = load_split(cfg.root, cfg.val_split, info)
+        self.stats = load_stats(cfg.root, info)
+        self.mode, self.batch_size, self.crop = mode, batch_size, cfg.crop_size
+        self.scale = int(scale or test_scale(cfg))
+        if self.scale < self.crop:
+            raise ValueError(f"test scale Q={self.scale} is smaller than the crop {self.crop}")
+        start, end = shard_range(self.split.num_samples, num_shards, shard_id)
+        self.num_samples = end - start                # the real (unpadded) images of this rank
+        self._reader_batches = reader_batches(self.split.num_samples, num_shards, batch_size)
+        self._pending = 0                             # runs left from an interrupted pass
+        self.device = _device(device_id)
+        backend = decode_backend(cfg.decode, device_id)
+        mean = augment.mean_rgb(self.stats, cfg.mean_subtraction).tolist()
+
+        def graph():
+            # stick_to_shard: every pass reads the same samples on this rank, so num_samples holds
+            jpegs, labels, keys = _read(self.split, shard_id, num_shards, shuffle=False, seed=0,
+                                        buffer=1, stick_to_shard=True)
+            images = augment.rescale(augment.decode(jpegs, backend), float(self.scale))
+            crop = self.crop if mode == "center" else None
+            images = augment.normalize(images, mean=mean, crop=crop, layout=cfg.layout, dtype=cfg.dtype)
+            return images, labels, keys
+
+        pipe = _build(graph, batch_size=batch_size, cfg=cfg, device_id=device_id, seed=0)
+        self._runner = _Runner(pipe, self.device, cfg)
+
+    def __len__(self) -> int:
+        """Batches holding real images (dense mode may split each into several equal-size groups)."""
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for _ in range(self._pending):               # realign after a pass that was cut short
+            self._runner.run()
+        self._pending = self._reader_batches
+        remaining, seen = self.num_samples, set()
+        r = self._runner
+        for _ in range(self._reader_batches):
+            images, labels, keys = r.run()
+            self._pending -= 1
+            n = min(remaining, self.batch_size)       # the rest is the reader's padding: never counted
+            remaining -= n
+            if n == 0:
+                continue
+            keys = r.keys(keys)[:n]
+            if seen.intersection(keys) or len(set(keys)) != n:
+                raise RuntimeError(f"eval reader returned a key twice in one pass: {keys}")
+            seen.update(keys)
+            labels = r.labels(labels)[:n]
+            if self.mode == "center":
+                yield Batch(r.images(r.tensor(images.as_tensor()))[:n], labels, keys)
+            elif self.mode == "dense":
+                yield from self._groups(images, labels, keys, n)
+            else:
+                yield Batch(self._multicrop(images, n), labels, keys)
+
+    def _sample(self, images, i: int) -> torch.Tensor:
+        """One image as a logical (1, C, H, W) tensor."""
+        return self._runner.images(self._runner.tensor(images[i])[None])
+
+    def _groups(self, images, labels, keys, n):
+        shapes = images.shape()
+        groups: dict[tuple, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(tuple(shapes[i]), []).append(i)
+        for idx in groups.values():
+            t = torch.cat([self._sample(images, i) for i in idx])
+            if self._runner.cfg.layout == "NHWC":
+                t = t.contiguous(memory_format=torch.channels_last)
+            yield Batch(t, labels[idx], [keys[i] for i in idx])
+
+    def _multicrop(self, images, n) -> torch.Tensor:
+        c, out = self.crop, []
+        for i in range(n):
+            img = self._sample(images, i)[0]                      # (C, H, W)
+            crops = torch.stack([img[:, y:y + c, x:x + c] for y, x in
+                                 multicrop_grid(img.shape[1], img.shape[2], c)])
+            out.append(torch.cat([crops, crops.flip(-1)]))        # (50, C, c, c)
+        t = torch.stack(out)                                      # (N, 50, C, c, c)
+        if self._runner.cfg.layout == "NHWC":                     # t.flatten(0, 1) is channels_last
+            t = t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        return t

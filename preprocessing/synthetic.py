@@ -1,0 +1,286 @@
+"""The embedded ILSVRC-shaped sample: real WordNet ids, learnable shapes and textures, real file layout.
+
+``python -m preprocessing.synthetic OUT [--classes 10] [--train-per-class N] [--val-per-class M]
+[--oddities] [--seed S]`` writes::
+
+    OUT/train/<wnid>/<wnid>_<n>.JPEG         class folders, as ILSVRC2012 train
+    OUT/val/ILSVRC2012_val_NNNNNNNN.JPEG      flat, numbered in shuffled class order, as ILSVRC2012 val
+    OUT/LOC_val_solution.csv                  Kaggle's val labels (wnid and one box per image)
+    OUT/LOC_synset_mapping.txt                wnid and name per class, sorted by wnid
+    OUT/oddities.json                         with --oddities: each odd file, its kind, its expected status
+
+A class is a kind of shape or texture (disc, square, stripes, checkerboard, ...) drawn under random
+colours, position, scale and a noisy background, so a small VGG learns it from 64 px crops. Every image
+has its own RNG seeded from (seed, split, class, index): the output is identical byte for byte for a
+given seed whatever ``workers`` is.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from preprocessing.errors import DataError
+
+# The ten most distinct kinds come first: ``--classes 10`` uses them.
+KINDS = ("disc", "square", "triangle", "ring", "cross", "hstripes", "vstripes", "checker", "dots",
+         "dstripes", "diamond", "star", "target", "grid", "hexagon", "halfdisc")
+JPEG_QUALITY = 90  # ImageNet's JPEGs are mostly q75-q95
+_SYNSETS = Path(__file__).with_name("data") / "synsets.txt"
+
+
+def synsets() -> list[tuple[str, str]]:
+    """The real ImageNet (wnid, name) pairs the sample draws its class folders from, sorted by wnid."""
+    rows = [line.split(" ", 1) for line in _SYNSETS.read_text().splitlines() if line.strip()]
+    return [(w, n) for w, n in rows]
+
+
+def generate(out_dir, classes: int = 10, train_per_class: int = 20, val_per_class: int = 5,
+             oddities: bool = False, seed: int = 0, size_range: tuple[int, int] = (300, 640),
+             workers: int = 1) -> Path:
+    """Write the sample under ``out_dir`` and return it: the SOURCE root for ``preprocessing.writer``.
+
+    ``size_range`` bounds each image side in pixels (tests use (96, 160) for speed).
+    """
+    limit = min(len(KINDS), len(synsets()))
+    if not 1 <= classes <= limit:
+        raise DataError(f"--classes {classes}: the sample has between 1 and {limit} classes")
+    if train_per_class < 0 or val_per_class < 0:
+        raise DataError("--train-per-class and --val-per-class must be >= 0")
+    lo, hi = size_range
+    if not 16 <= lo <= hi:
+        raise DataError(f"size_range {size_range}: need 16 <= low <= high")
+    root = Path(out_dir)
+    wnids = synsets()[:classes]
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    (root / "val").mkdir(parents=True, exist_ok=True)
+
+    tasks = []  # (path, seed words, class index, size_range); drawn in any order, same bytes
+    for c, (wnid, _) in enumerate(wnids):
+        (root / "train" / wnid).mkdir(exist_ok=True)
+        for i in range(train_per_class):
+            tasks.append((root / "train" / wnid / f"{wnid}_{i + 1}.JPEG", (seed, 0, c, i), c, size_range))
+    # Val: numbered 1..N in a seeded shuffled class order, as the real val set.
+    val_classes = [c for c in range(classes) for _ in range(val_per_class)]
+    order = np.random.default_rng([seed, 1]).permutation(len(val_classes))
+    val_rows = []
+    for n, j in enumerate(order, start=1):
+        c = val_classes[j]
+        path = root / "val" / f"ILSVRC2012_val_{n:08d}.JPEG"
+        tasks.append((path, (seed, 1, c, n), c, size_range))
+        val_rows.append((path.stem, c))
+
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            boxes = pool.map(_write_image, tasks, chunksize=16)
+    else:
+        boxes = [_write_image(t) for t in tasks]
+    val_boxes = boxes[len(boxes) - len(val_rows):]
+
+    lines = ["ImageId,PredictionString"]
+    for (stem, c), box in zip(val_rows, val_boxes):
+        lines.append(f"{stem},{wnids[c][0]} {box[0]} {box[1]} {box[2]} {box[3]} ")
+    odd = _write_oddities(root, wnids, seed, size_range, len(val_rows) + 1) if oddities else {}
+    for rel, info in odd.items():
+        if rel.startswith("val/"):
+            lines.append(f"{Path(rel).stem},{info['wnid']} 0 0 10 10 ")
+    _write_text(root / "LOC_val_solution.csv", "\n".join(lines) + "\n")
+    _write_text(root / "LOC_synset_mapping.txt", "".join(f"{w} {n}\n" for w, n in wnids))
+    if odd:
+        _write_text(root / "oddities.json", json.dumps(odd, indent=1, sort_keys=True) + "\n")
+    return root
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8", newline="\n")
+
+
+def _write_image(task) -> tuple[int, int, int, int]:
+    path, words, c, size_range = task
+    img, box = draw(np.random.default_rng(list(words)), KINDS[c], size_range)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=JPEG_QUALITY)
+    path.write_bytes(buf.getvalue())
+    return box
+
+
+def draw(rng: np.random.Generator, kind: str, size_range=(300, 640)) -> tuple[Image.Image, tuple]:
+    """One RGB image of ``kind`` and its object box (x0, y0, x1, y1)."""
+    lo, hi = size_range
+    w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+    bg = rng.integers(0, 256, 3)
+    # Background: a smooth low-resolution blotch field plus fine grain, so files have a realistic
+    # entropy (ImageNet-like ~0.4 bytes/pixel at q90) and colour alone never gives the class away.
+    small = rng.normal(0, 28, (max(2, h // 32), max(2, w // 32), 3))
+    blotch = np.asarray(Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8)).resize(
+        (w, h), Image.Resampling.BILINEAR), dtype=np.int16) - 128
+    grain = rng.integers(-28, 29, (h, w, 3), dtype=np.int16)
+    arr = np.clip(bg.astype(np.int16) + blotch + grain, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    fg = rng.integers(0, 256, 3)
+    if np.abs(fg - bg).sum() < 180:  # keep the object visible against its background
+        fg = 255 - bg
+    fg2 = rng.integers(0, 256, 3)
+    s = min(w, h)
+    size = s * rng.uniform(0.4, 0.8)
+    cx = rng.uniform(size / 2, w - size / 2)
+    cy = rng.uniform(size / 2, h - size / 2)
+    box = (int(cx - size / 2), int(cy - size / 2), int(cx + size / 2), int(cy + size / 2))
+    _DRAW[kind](img, rng, box, tuple(int(v) for v in fg), tuple(int(v) for v in fg2))
+    return img, box
+
+
+def _polygon(cx, cy, r, n, rot):
+    return [(cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n))
+            for k in range(n)]
+
+
+def _shape(kind):
+    def paint(img, rng, box, fg, fg2):
+        d = ImageDraw.Draw(img)
+        x0, y0, x1, y1 = box
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+        tilt = rng.uniform(-0.3, 0.3)  # radians: small, so a square never becomes a diamond
+        if kind == "disc":
+            d.ellipse(box, fill=fg)
+        elif kind == "ring":
+            d.ellipse(box, outline=fg, width=max(2, int(r * 0.25)))
+        elif kind == "target":
+            for k, frac in enumerate((1.0, 0.75, 0.5, 0.25)):
+                rr = r * frac
+                d.ellipse((cx - rr, cy - rr, cx + rr, cy + rr), fill=fg if k % 2 == 0 else fg2)
+        elif kind == "halfdisc":
+            d.pieslice(box, 180, 360, fill=fg)
+        elif kind == "square":
+            d.polygon(_polygon(cx, cy, r * 1.2, 4, math.pi / 4 + tilt), fill=fg)
+        elif kind == "diamond":
+            d.polygon(_polygon(cx, cy, r, 4, tilt / 3), fill=fg)
+        elif kind == "triangle":
+            d.polygon(_polygon(cx, cy, r, 3, -math.pi / 2 + tilt), fill=fg)
+        elif kind == "hexagon":
+            d.polygon(_polygon(cx, cy, r, 6, tilt), fill=fg)
+        elif kind == "star":
+            pts = []
+            for k in range(10):
+                rr = r if k % 2 == 0 else r * 0.4
+                a = -math.pi / 2 + tilt + math.pi * k / 5
+                pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+            d.polygon(pts, fill=fg)
+        elif kind == "cross":
+            t = r * 0.3
+            d.rectangle((x0, cy - t, x1, cy + t), fill=fg)
+            d.rectangle((cx - t, y0, cx + t, y1), fill=fg)
+    return paint
+
+
+def _texture(kind):
+    def paint(img, rng, box, fg, fg2):
+        # Textures fill a large region so that any crop of the object shows the pattern.
+        w, h = img.size
+        x0, y0 = int(rng.uniform(0, w * 0.2)), int(rng.uniform(0, h * 0.2))
+        x1, y1 = int(rng.uniform(w * 0.8, w)), int(rng.uniform(h * 0.8, h))
+        period = max(4.0, min(w, h) * rng.uniform(0.05, 0.1))
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        if kind == "hstripes":
+            mask = (yy // (period / 2)) % 2 == 0
+        elif kind == "vstripes":
+            mask = (xx // (period / 2)) % 2 == 0
+        elif kind == "dstripes":
+            mask = ((xx + yy) // (period / 1.4)) % 2 == 0
+        elif kind == "checker":
+            mask = ((xx // period) + (yy // period)) % 2 == 0
+        elif kind == "grid":
+            mask = ((xx % period) < period / 5) | ((yy % period) < period / 5)
+        else:  # dots
+            dx, dy = (xx % period) - period / 2, (yy % period) - period / 2
+            mask = dx * dx + dy * dy < (period * 0.3) ** 2
+        arr = np.asarray(img).copy()
+        region = arr[y0:y1, x0:x1]
+        region[mask] = fg
+        region[~mask] = (region[~mask].astype(np.uint16) + fg2) // 2  # the gaps: tinted background
+        img.paste(Image.fromarray(arr))
+    return paint
+
+
+_DRAW = {k: _texture(k) if k in ("hstripes", "vstripes", "dstripes", "checker", "grid", "dots")
+         else _shape(k) for k in KINDS}
+
+
+def _write_oddities(root: Path, wnids, seed: int, size_range, first_val: int) -> dict:
+    """One file of each case preprocessing must handle; returns {relpath: {kind, expect, wnid}}."""
+    rng = np.random.default_rng([seed, 2])
+    wnid = wnids[0][0]
+
+    def base(big=False):
+        sr = (2000, 2400) if big else size_range
+        return draw(rng, KINDS[0], sr)[0]
+
+    def enc(img, fmt="JPEG", **kw):
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    rgba = base().convert("RGBA")
+    alpha = np.full(rgba.size[::-1], 255, np.uint8)
+    alpha[: alpha.shape[0] // 2] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    good = enc(base(), quality=JPEG_QUALITY)
+    sof = good.index(b"\xff\xc0")
+    no_height = good[: sof + 5] + b"\x00\x00" + good[sof + 7:]  # SOF0 height 0: no decoder accepts it
+    cases = {  # kind: (bytes, expected status without --max-side)
+        "png_named_jpeg": (enc(base(), "PNG"), "converted"),
+        "cmyk_jpeg": (enc(base().convert("CMYK"), quality=JPEG_QUALITY), "converted"),
+        "grayscale_jpeg": (enc(base().convert("L"), quality=JPEG_QUALITY), "converted"),
+        "palette_png": (enc(base().convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "converted"),
+        "alpha_png": (enc(rgba, "PNG"), "converted"),
+        "exif_rotated_jpeg": (enc(base(), quality=JPEG_QUALITY, exif=exif.tobytes()), "converted"),
+        "progressive_jpeg": (enc(base(), quality=JPEG_QUALITY, progressive=True), "converted"),
+        "large_jpeg": (enc(base(big=True), quality=JPEG_QUALITY), "kept"),
+        "zero_bytes": (b"", "quarantined"),
+        "truncated_jpeg": (good[: len(good) // 2], "quarantined"),
+        "undecodable_jpeg": (no_height, "quarantined"),
+        "not_an_image": (b"<html><body>404 Not Found</body></html>\n", "quarantined"),
+    }
+    out = {}
+    for n, (kind, (data, expect)) in enumerate(cases.items()):
+        rel = f"train/{wnid}/{wnid}_{900001 + n}.JPEG"
+        (root / rel).write_bytes(data)
+        out[rel] = {"kind": kind, "expect": expect, "wnid": wnid}
+    # Two in val, to exercise its path: numbered after the regular val images.
+    for n, kind in enumerate(("truncated_jpeg", "grayscale_jpeg")):
+        rel = f"val/ILSVRC2012_val_{first_val + n:08d}.JPEG"
+        (root / rel).write_bytes(cases[kind][0])
+        out[rel] = {"kind": kind, "expect": cases[kind][1], "wnid": wnid}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m preprocessing.synthetic", description=__doc__.split("\n")[0])
+    p.add_argument("out", help="folder to write the sample into (the SOURCE for jobs.preprocess)")
+    p.add_argument("--classes", type=int, default=10, help=f"number of classes, 1..{len(KINDS)}")
+    p.add_argument("--train-per-class", type=int, default=20)
+    p.add_argument("--val-per-class", type=int, default=5)
+    p.add_argument("--oddities", action="store_true",
+                   help="add one file of each bad case (PNG named .JPEG, CMYK, grayscale, palette, alpha, "
+                        "EXIF-rotated, progressive, large, zero-byte, truncated, undecodable, not an image)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-side", type=int, default=300, help="smallest image side in pixels")
+    p.add_argument("--max-side", type=int, default=640, help="largest image side in pixels")
+    p.add_argument("--workers", type=int, default=1, help="processes drawing images (same bytes for any)")
+    a = p.parse_args(argv)
+    root = generate(a.out, a.classes, a.train_per_class, a.val_per_class, a.oddities, a.seed,
+                    (a.min_side, a.max_side), a.workers)
+    n = sum(1 for f in root.rglob("*.JPEG"))
+    print(f"wrote {n} images to {root} ({a.classes} classes, seed {a.seed})")
+
+
+if __name__ == "__main__":
+    main()

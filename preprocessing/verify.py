@@ -1,0 +1,161 @@
+"""Re-read every shard of OUT against its manifest: counts, member order, tar headers, DALI index,
+labels, sha256 and a full decode of every JPEG. ``python -m jobs.preprocess verify OUT``."""
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import tarfile
+from multiprocessing import get_context
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image
+
+from preprocessing import manifest as mf
+from preprocessing.check import DECODE_ERRORS, jpeg_structure
+from preprocessing.shards import BLOCK, EXTENSIONS, parse_index
+
+
+class Problem(NamedTuple):
+    split: str
+    shard: str  # "" when the problem is not in one shard
+    key: str  # "" when the problem is not in one sample
+    message: str
+
+    def __str__(self) -> str:
+        where = " ".join(x for x in (self.shard, f"key {self.key}" if self.key else "") if x)
+        return f"{self.split}: {where + ': ' if where else ''}{self.message}"
+
+
+def verify(out, workers: int = 1, decode: bool = True) -> list[Problem]:
+    """Every problem found, in shard order (at most the first one per shard); [] when OUT is sound."""
+    out = Path(out)
+    info = mf.load_dataset_info(out)
+    problems, jobs = [], []
+    for split, s in info["splits"].items():
+        rows = mf.read_manifest(out, split).to_pylist()
+        problems += _check_manifest(split, s, rows)
+        by_shard: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["shard"] is not None:
+                by_shard.setdefault(r["shard"], []).append(r)
+        for shard in s["shards"]:
+            jobs.append((str(out), split, shard, by_shard.get(shard, []), decode))
+    if workers > 1 and len(jobs) > 1:
+        with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            found = list(pool.imap(_verify_job, jobs))  # imap keeps shard order: "first" is stable
+    else:
+        found = [_verify_job(j) for j in jobs]
+    return problems + [p for p in found if p is not None]
+
+
+def _check_manifest(split: str, s: dict, rows: list[dict]) -> list[Problem]:
+    out = []
+    c = mf.counts(rows)
+    if c != s["counts"] or len(rows) != s.get("inputs", len(rows)):
+        out.append(Problem(split, "", "", f"manifest counts {c} ({len(rows)} rows) differ from dataset.json "
+                                          f"{s['counts']}"))
+    if len(rows) - c["quarantined"] != s["num_samples"]:
+        out.append(Problem(split, "", "", f"manifest has {len(rows) - c['quarantined']} stored rows, "
+                                          f"dataset.json num_samples {s['num_samples']}"))
+    seen = set()
+    for r in rows:
+        if r["key"] in seen:
+            out.append(Problem(split, r["shard"] or "", r["key"], "key appears twice in the manifest"))
+        seen.add(r["key"])
+        stored = r["status"] != "quarantined"
+        if stored and r["shard"] not in s["shards"]:
+            out.append(Problem(split, r["shard"] or "", r["key"], "stored row names a shard not in dataset.json"))
+        if not stored and (r["shard"] is not None or r["sha256"] is not None):
+            out.append(Problem(split, r["shard"] or "", r["key"], "quarantined row names a shard"))
+    return out
+
+
+def _verify_job(job) -> Problem | None:
+    out, split, shard, rows, decode = job
+    try:
+        return _verify_shard(Path(out), split, shard, rows, decode)
+    except OSError as e:
+        return Problem(split, shard, "", f"cannot read: {type(e).__name__}: {e}")
+
+
+def _verify_shard(out: Path, split: str, shard: str, rows: list[dict], decode: bool) -> Problem | None:
+    def bad(key, msg):
+        return Problem(split, shard, key, msg)
+
+    tar = out / shard
+    idx = tar.with_suffix(".idx")
+    if not rows:
+        return bad("", "listed in dataset.json but no manifest row is stored in it")
+    if not tar.is_file():
+        return bad(rows[0]["key"], f"shard file {tar} is missing")
+    try:
+        index = parse_index(idx.read_text(encoding="ascii"))
+    except (OSError, ValueError) as e:
+        return bad("", f"index {idx.name} is unreadable or invalid: {e}")
+    if len(index) != len(rows):
+        return bad("", f"index lists {len(index)} samples, the manifest {len(rows)}")
+    size = tar.stat().st_size
+    with open(tar, "rb") as f:
+        pos = 0
+        for row, entry in zip(rows, index):
+            key, label = row["key"], row["label"]
+            names = [f"{key}.{e}" for e in EXTENSIONS]
+            if [c[3] for c in entry] != names or [c[0] for c in entry] != list(EXTENSIONS):
+                return bad(key, f"index entry lists {[c[3] for c in entry]}, expected {names}")
+            content = {}
+            for ext, name, (_, ioff, isize, _) in zip(EXTENSIONS, names, entry):
+                head = f.read(BLOCK)
+                if len(head) < BLOCK:
+                    return bad(key, f"truncated: the shard ends at byte {size}, in the header of {name}")
+                try:
+                    member = tarfile.TarInfo.frombuf(head, "ascii", "strict")
+                except tarfile.HeaderError as e:
+                    return bad(key, f"bad tar header for {name} at byte {pos}: {e}")
+                if member.name != name or not member.isreg():
+                    return bad(key, f"member at byte {pos} is {member.name!r}, expected {name!r}")
+                if ioff != pos + BLOCK or isize != member.size:
+                    return bad(key, f"index says {name} is at {ioff} ({isize} bytes), the tar has it at "
+                                    f"{pos + BLOCK} ({member.size} bytes)")
+                data = f.read(member.size)
+                if len(data) < member.size:
+                    return bad(key, f"truncated: the shard ends at byte {size}, inside {name}")
+                f.read(-member.size % BLOCK)
+                pos += BLOCK + member.size + (-member.size % BLOCK)
+                content[ext] = data
+            if content["cls"] != str(label).encode() or content["lbl"] != struct.pack("<i", label):
+                return bad(key, f"label members cls={content['cls']!r} lbl={content['lbl']!r}, manifest "
+                                f"label {label}")
+            if content["key"] != key.encode():
+                return bad(key, f"key member is {content['key']!r}")
+            jpg = content["jpg"]
+            if len(jpg) != row["bytes"] or hashlib.sha256(jpg).hexdigest() != row["sha256"]:
+                return bad(key, f"sha256 of {key}.jpg differs from the manifest (bytes {len(jpg)} vs "
+                                f"{row['bytes']})")
+            if decode:
+                why = _decode_problem(jpg, row)
+                if why:
+                    return bad(key, why)
+        rest = f.read()
+    if len(rest) < 2 * BLOCK:
+        return bad(rows[-1]["key"], "truncated: the end-of-archive blocks after the last sample are missing")
+    if rest.strip(b"\0"):
+        return bad("", f"data after the last manifest sample (byte {pos}): a sample not in the manifest?")
+    return None
+
+
+def _decode_problem(jpg: bytes, row: dict) -> str | None:
+    """Why the stored bytes are not a fully decodable baseline RGB JPEG of the manifest's size, or None."""
+    try:
+        im = Image.open(io.BytesIO(jpg), formats=("JPEG",))
+        im.load()
+    except DECODE_ERRORS as e:
+        return f"full decode failed: {type(e).__name__}: {e}"
+    info = jpeg_structure(jpg)
+    if im.mode != "RGB" or info.sof not in (0xC0, 0xC1) or info.orientation not in (None, 1):
+        return f"not a baseline RGB JPEG (mode {im.mode}, frame 0x{info.sof or 0:X}, EXIF orientation " \
+               f"{info.orientation})"
+    if im.size != (row["width"], row["height"]):
+        return f"decoded size {im.size[0]}x{im.size[1]}, manifest {row['width']}x{row['height']}"
+    return None

@@ -1,0 +1,591 @@
+"""preprocessing/: layouts, the per-image check, deterministic shards, resume, incremental adds, verify.
+
+One small ILSVRC-shaped sample with every oddity (4 classes, 10 train + 4 val images per class, sides
+96-160 px) is built once per module with shard size 8; tests that break or extend it work on copies.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocessing import synthetic
+from preprocessing.check import check_image, jpeg_structure
+from preprocessing.errors import DataError
+from preprocessing.manifest import load_dataset_info, read_manifest
+from preprocessing.shards import EXTENSIONS, parse_index
+from preprocessing.sources import IMAGE_EXTENSIONS, discover
+from preprocessing.verify import verify
+from preprocessing.writer import preprocess
+
+SHARD = 8
+SIZES = (96, 160)
+
+
+def build(source, out, **kw):
+    lines: list[str] = []
+    kw = {"shard_size": SHARD, "seed": 0, "progress": False, **kw}
+    summary = preprocess(source, out, log=lines.append, **kw)
+    return summary, "\n".join(lines)
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every shard, index, manifest and dataset.json of OUT, by relative path."""
+    files = [p for p in out.rglob("*") if p.is_file() and not p.relative_to(out).parts[0].startswith(".")]
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(files)}
+
+
+def mtimes(out: Path, pattern: str = "*.tar") -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out.glob(pattern))}
+
+
+def image_files(root: Path, split: str) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in (root / split).rglob("*")
+            if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)}
+
+
+def shard_samples(out: Path, split: str) -> list[dict]:
+    """Every sample of every shard of ``split``, in order: {key, shard, cls, jpg, key_member, lbl}."""
+    info = load_dataset_info(out)
+    samples = []
+    for shard in info["splits"][split]["shards"]:
+        with tarfile.open(out / shard) as tf:
+            members = tf.getmembers()
+            assert [m.name.split(".", 1)[1] for m in members] == list(EXTENSIONS) * (len(members) // 4)
+            for i in range(0, len(members), 4):
+                group = members[i:i + 4]
+                key = group[0].name.split(".")[0]
+                assert all(m.name == f"{key}.{e}" for m, e in zip(group, EXTENSIONS))
+                data = {m.name.split(".", 1)[1]: tf.extractfile(m).read() for m in group}
+                data["key_member"] = data.pop("key")
+                samples.append({**data, "key": key, "shard": shard})
+    return samples
+
+
+@pytest.fixture(scope="module")
+def odd_source(tmp_path_factory) -> Path:
+    return synthetic.generate(tmp_path_factory.mktemp("odd") / "source", classes=4, train_per_class=10,
+                              val_per_class=4, oddities=True, seed=0, size_range=SIZES)
+
+
+@pytest.fixture(scope="module")
+def built(odd_source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "out"
+    summary, log = build(odd_source, out)
+    return out, summary, log
+
+
+@pytest.fixture
+def odd_manifest(built):
+    out = built[0]
+    return {s: read_manifest(out, s).to_pylist() for s in ("train", "val")}
+
+
+# ---- the synthetic sample -------------------------------------------------------------------------------
+
+def test_synthetic_sample_is_ilsvrc_shaped_and_deterministic(tmp_path):
+    a = synthetic.generate(tmp_path / "a", classes=3, train_per_class=2, val_per_class=2, oddities=True,
+                           seed=5, size_range=(64, 96))
+    b = synthetic.generate(tmp_path / "b", classes=3, train_per_class=2, val_per_class=2, oddities=True,
+                           seed=5, size_range=(64, 96), workers=2)
+    files_a = {p.relative_to(a): p.read_bytes() for p in sorted(a.rglob("*")) if p.is_file()}
+    files_b = {p.relative_to(b): p.read_bytes() for p in sorted(b.rglob("*")) if p.is_file()}
+    assert files_a == files_b  # same seed, any number of workers: same bytes
+    c = synthetic.generate(tmp_path / "c", classes=3, train_per_class=2, val_per_class=2, seed=6,
+                           size_range=(64, 96))
+    assert (c / "val" / "ILSVRC2012_val_00000001.JPEG").read_bytes() != \
+        (a / "val" / "ILSVRC2012_val_00000001.JPEG").read_bytes()
+    real = dict(synthetic.synsets())
+    wnids = sorted(p.name for p in (a / "train").iterdir())
+    assert wnids == sorted(real)[:3]
+    assert (a / "LOC_synset_mapping.txt").read_text().splitlines()[0] == f"{wnids[0]} {real[wnids[0]]}"
+    lines = (a / "LOC_val_solution.csv").read_text().splitlines()
+    assert lines[0] == "ImageId,PredictionString"
+    assert {line.split(",")[0] for line in lines[1:]} == {p.stem for p in (a / "val").iterdir()}
+    assert all(line.split(",")[1].split()[0] in wnids for line in lines[1:])
+    with Image.open(a / "train" / wnids[1] / f"{wnids[1]}_1.JPEG") as im:
+        assert im.format == "JPEG" and im.mode == "RGB" and 64 <= min(im.size) <= max(im.size) <= 96
+
+
+def test_synthetic_default_sizes_are_realistic(tmp_path):
+    root = synthetic.generate(tmp_path, classes=2, train_per_class=3, val_per_class=0)
+    for p in (root / "train").rglob("*.JPEG"):
+        with Image.open(p) as im:
+            assert 300 <= min(im.size) and max(im.size) <= 640
+        assert 15_000 < p.stat().st_size < 400_000  # ImageNet-like JPEG sizes
+
+
+# ---- accounting and per-image outcomes -----------------------------------------------------------------
+
+def test_every_input_is_accounted_for(built, odd_source, odd_manifest):
+    out, summary, _ = built
+    info = load_dataset_info(out)
+    for split in ("train", "val"):
+        rows = odd_manifest[split]
+        files = image_files(odd_source, split)
+        assert {r["source"] for r in rows} == files and len(rows) == len(files)
+        stored = [r for r in rows if r["status"] != "quarantined"]
+        quarantined = [r for r in rows if r["status"] == "quarantined"]
+        assert len(stored) + len(quarantined) == len(files)
+        assert info["splits"][split]["num_samples"] == len(stored) == summary[split]["stored"]
+        assert info["splits"][split]["counts"]["quarantined"] == len(quarantined)
+        assert len(shard_samples(out, split)) == len(stored)
+    assert summary["train"]["quarantined"] == 4 and summary["val"]["quarantined"] == 1
+
+
+def test_oddities_get_their_expected_outcome(odd_source, odd_manifest):
+    oddities = json.loads((odd_source / "oddities.json").read_text())
+    rows = {r["source"]: r for split in odd_manifest.values() for r in split}
+    for rel, odd in oddities.items():
+        row = rows[rel]
+        assert row["status"] == odd["expect"], (odd["kind"], row)
+        if odd["expect"] != "kept":
+            assert row["reason"], odd["kind"]
+        if odd["expect"] == "quarantined":
+            assert row["shard"] is None and row["sha256"] is None and row["bytes"] == 0
+    by_kind = {o["kind"]: rows[rel] for rel, o in oddities.items() if rel.startswith("train/")}
+    assert "CMYK" in by_kind["cmyk_jpeg"]["reason"] and "PNG" in by_kind["png_named_jpeg"]["reason"]
+    assert "truncated" in by_kind["truncated_jpeg"]["reason"]
+    assert "EXIF orientation 6" in by_kind["exif_rotated_jpeg"]["reason"]
+
+
+def test_stored_images_are_baseline_rgb_jpegs(built, odd_source, odd_manifest):
+    out = built[0]
+    for split in ("train", "val"):
+        rows = {r["key"]: r for r in odd_manifest[split]}
+        for s in shard_samples(out, split):
+            row = rows[s["key"]]
+            jpg = s["jpg"]
+            assert hashlib.sha256(jpg).hexdigest() == row["sha256"] and len(jpg) == row["bytes"]
+            if row["status"] == "kept":  # original bytes untouched
+                assert jpg == (odd_source / row["source"]).read_bytes()
+            else:
+                with Image.open(io.BytesIO(jpg)) as im:
+                    im.load()
+                    assert im.format == "JPEG" and im.mode == "RGB", row
+                    assert im.size == (row["width"], row["height"])
+                info = jpeg_structure(jpg)
+                assert info.sof == 0xC0 and info.orientation in (None, 1), row
+
+
+def test_quarantined_never_reach_a_shard(built, odd_manifest):
+    out = built[0]
+    for split, rows in odd_manifest.items():
+        in_shards = [s["key"] for s in shard_samples(out, split)]
+        quarantined = {r["key"] for r in rows if r["status"] == "quarantined"}
+        assert quarantined and not quarantined & set(in_shards)
+        assert in_shards == [r["key"] for r in rows if r["status"] != "quarantined"]  # manifest = shard order
+
+
+def test_check_image_outcomes_directly():
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8))
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=90)
+    good = buf.getvalue()
+    assert check_image(good).status == "kept" and check_image(good).data is good
+    assert check_image(good, max_side=30).status == "resized"
+    assert max(Image.open(io.BytesIO(check_image(good, max_side=30).data)).size) == 30
+    assert check_image(b"").status == "quarantined"
+    assert check_image(good[:-200]).status == "quarantined"
+    assert check_image(b"GIF89a" + b"\0" * 20).status == "quarantined"
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    c = check_image(buf.getvalue())
+    assert c.status == "converted" and jpeg_structure(c.data).orientation == 1
+    assert len(c.data) == len(buf.getvalue())  # the tag is rewritten in place: pixels untouched
+    assert sum(a != b for a, b in zip(c.data, buf.getvalue())) == 1
+
+
+# ---- the shards ----------------------------------------------------------------------------------------
+
+def test_shards_are_deterministic_ustar_with_valid_indexes(built):
+    out = built[0]
+    info = load_dataset_info(out)
+    for split in ("train", "val"):
+        for shard in info["splits"][split]["shards"]:
+            with tarfile.open(out / shard) as tf:
+                members = tf.getmembers()
+            assert 0 < len(members) <= 4 * SHARD
+            for m in members:
+                assert m.isreg() and m.mtime == 0 and m.uid == m.gid == 0 and m.mode == 0o644
+            raw = (out / shard).read_bytes()
+            assert raw[257:263] == b"ustar\x00" and len(raw) % 10240 == 0
+            index = parse_index((out / shard).with_suffix(".idx").read_text())
+            assert len(index) * 4 == len(members)
+            for sample, first in zip(index, range(0, len(members), 4)):
+                for (ext, offset, size, name), m in zip(sample, members[first:first + 4]):
+                    assert (offset, size, name) == (m.offset_data, m.size, m.name)
+    if shutil.which("tar"):  # DALI's own wds2idx agrees byte for byte
+        from wds2idx import IndexCreator
+        shard = out / info["splits"]["train"]["shards"][0]
+        ref = out.parent / "ref.idx"
+        with IndexCreator(str(shard), str(ref), verbose=False) as ic:
+            ic.create_index()
+        assert ref.read_text() == shard.with_suffix(".idx").read_text()
+
+
+def test_samples_are_shuffled_globally_with_the_seed(built, odd_source, odd_manifest, tmp_path):
+    out = built[0]
+    info = load_dataset_info(out)
+    assert info["seed"] == 0 and len(info["splits"]["train"]["shards"]) == 7  # ceil(52 / 8)
+    labels = [r["label"] for r in odd_manifest["train"] if r["status"] != "quarantined"]
+    assert len(set(labels[:SHARD])) >= 2  # the first shard mixes classes
+    assert labels != sorted(labels)
+    _, _ = build(odd_source, tmp_path / "seed1", seed=1, splits=["val"])
+    other = [r["key"] for r in read_manifest(tmp_path / "seed1", "val").to_pylist()]
+    assert sorted(other) == sorted(r["key"] for r in odd_manifest["val"])
+    assert other != [r["key"] for r in odd_manifest["val"]]
+
+
+def test_webdataset_reads_shards_with_manifest_labels(built, odd_manifest):
+    import webdataset as wds
+
+    out = built[0]
+    info = load_dataset_info(out)
+    for split in ("train", "val"):
+        rows = {r["key"]: r for r in odd_manifest[split]}
+        urls = [str(out / s) for s in info["splits"][split]["shards"]]
+        n = 0
+        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+            row = rows[sample["__key__"]]
+            assert int(sample["cls"]) == row["label"]
+            assert struct.unpack("<i", sample["lbl"])[0] == row["label"]
+            assert sample["key"].decode() == row["key"]
+            assert hashlib.sha256(sample["jpg"]).hexdigest() == row["sha256"]
+            n += 1
+        assert n == info["splits"][split]["num_samples"]
+
+
+def test_dali_reads_shards_on_cpu_with_manifest_labels(built, odd_manifest):
+    from nvidia.dali import fn, pipeline_def, types
+
+    out = built[0]
+    info = load_dataset_info(out)
+    for split in ("train", "val"):
+        shards = [str(out / s) for s in info["splits"][split]["shards"]]
+
+        @pipeline_def(batch_size=8, num_threads=1, device_id=None)
+        def pipe():
+            jpg, lbl, key = fn.readers.webdataset(
+                paths=shards, index_paths=[s[:-4] + ".idx" for s in shards], ext=["jpg", "lbl", "key"],
+                dtypes=[types.UINT8, types.INT32, types.UINT8], missing_component_behavior="error",
+                name="reader")
+            return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), lbl, key
+
+        p = pipe()
+        p.build()
+        total = p.epoch_size("reader")
+        assert total == info["splits"][split]["num_samples"]
+        rows = {r["key"]: r for r in odd_manifest[split]}
+        seen = set()
+        while len(seen) < total:
+            images, labels, keys = p.run()
+            for i in range(len(labels)):
+                key = bytes(np.array(keys[i])).decode()
+                if key in seen:
+                    continue  # the reader pads the last batch
+                seen.add(key)
+                row = rows[key]
+                assert int(np.array(labels[i])[0]) == row["label"]
+                # EXIF orientation is neutralised: DALI (which honours it) and PIL see the same shape.
+                assert np.array(images[i]).shape == (row["height"], row["width"], 3), row
+        assert seen == {k for k, r in rows.items() if r["status"] != "quarantined"}
+
+
+def test_dataset_json_and_colour_statistics(built, odd_manifest):
+    out = built[0]
+    info = load_dataset_info(out)
+    assert [c["wnid"] for c in info["classes"]] == sorted(c["wnid"] for c in info["classes"])
+    assert info["classes"][0] == {"index": 0, "wnid": "n01440764", "name": "tench, Tinca tinca"}
+    st = info["stats"]
+    val, vec = np.array(st["rgb_eigval"]), np.array(st["rgb_eigvec"])
+    assert np.all(np.diff(val) <= 0) and np.all(val > 0)
+    np.testing.assert_allclose(vec @ vec.T, np.eye(3), atol=1e-9)
+    # Independently: full decode of every stored train JPEG, 8x8 box means, per-image moments averaged.
+    means, seconds = [], []
+    for s in shard_samples(out, "train"):
+        with Image.open(io.BytesIO(s["jpg"])) as im:
+            x = np.asarray(im.convert("RGB").reduce(8), np.float64).reshape(-1, 3)
+        means.append(x.mean(0))
+        seconds.append(x.T @ x / len(x))
+    mean = np.mean(means, 0)
+    cov = np.mean(seconds, 0) - np.outer(mean, mean)
+    np.testing.assert_allclose(st["mean_rgb"], mean, atol=1.0)
+    ours = vec.T @ np.diag(val) @ vec
+    assert np.abs(ours - cov).max() < 0.05 * np.abs(cov).max()
+
+
+# ---- resume, rerun, incremental adds, workers ---------------------------------------------------------
+
+class Killed(RuntimeError):
+    pass
+
+
+def crash_after(n):
+    def map_fn(fn, jobs):
+        for i, job in enumerate(jobs):
+            if i == n:
+                raise Killed(f"simulated kill after {n} shards")
+            yield fn(job)
+    return map_fn
+
+
+def test_killed_after_two_shards_then_rerun_gives_identical_bytes(built, odd_source, tmp_path):
+    ref = built[0]
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        build(odd_source, out, map_fn=crash_after(2))
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert not (out / "dataset.json").exists() and not (out / "train" / "manifest.parquet").exists()
+    done = mtimes(out)
+    # What a kill in the middle of the third shard leaves: a temp file, and (from a non-atomic copy, say)
+    # junk under the final name that no part file vouches for.
+    (out / ".tmp-train-000002.tar.12345.deadbeef").write_bytes(b"half a shard")
+    (out / "train-000002.tar").write_bytes(b"junk")
+    _, log = build(odd_source, out)
+    assert snapshot(out) == snapshot(ref)
+    assert {k: v for k, v in mtimes(out).items() if k in done} == done  # finished shards not rewritten
+    assert not list(out.glob(".tmp-*")) and "temp file" in log
+
+
+def test_rerun_on_unchanged_source_does_nothing(built, odd_source, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(built[0], out)  # copy2: mtimes kept
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    summary, log = build(odd_source, out)
+    assert "nothing to do" in log
+    assert summary["train"]["shards_written"] == summary["val"]["shards_written"] == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_workers_do_not_change_the_bytes(built, odd_source, tmp_path):
+    build(odd_source, tmp_path / "w2", workers=2)
+    assert snapshot(tmp_path / "w2") == snapshot(built[0])
+
+
+def test_new_source_files_go_into_new_shards_only(built, odd_source, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(odd_source, src)
+    shutil.copytree(built[0], out)
+    before, old_tars = snapshot(out), mtimes(out)
+    extra = synthetic.generate(tmp_path / "extra", classes=4, train_per_class=5, val_per_class=0, seed=9,
+                               size_range=SIZES)
+    new = []
+    for p in sorted((extra / "train").rglob("*.JPEG")):
+        dest = src / "train" / p.parent.name / f"{p.parent.name}_{70000 + len(new)}.JPEG"
+        shutil.copy(p, dest)
+        new.append(dest.relative_to(src).as_posix())
+    assert len(new) == 20
+    gone = sorted((src / "train").rglob("*_1.JPEG"))[0]
+    gone.unlink()
+    touched = sorted((src / "train").rglob("*_2.JPEG"))[0]
+    touched.write_bytes(touched.read_bytes() + b"\0")
+    summary, log = build(src, out)
+    assert summary["train"]["added"] == 20 and summary["val"]["added"] == 0
+    assert summary["train"]["removed"] == 1 and summary["train"]["changed"] == 1
+    assert "added 20 images in 3 shards (train-000007..train-000009)" in log
+    assert gone.name in log and touched.name in log
+    after = snapshot(out)
+    for name, data in before.items():
+        if name.endswith((".tar", ".idx")):
+            assert after[name] == data, name  # existing shards untouched, byte for byte
+    assert {k: v for k, v in mtimes(out).items() if k in old_tars} == old_tars
+    rows = read_manifest(out, "train").to_pylist()
+    new_rows = [r for r in rows if r["source"] in new]
+    assert len(rows) == 52 + 20 and len(new_rows) == 20
+    assert {r["shard"] for r in new_rows} == {"train-000007.tar", "train-000008.tar", "train-000009.tar"}
+    assert gone.relative_to(src).as_posix() in {r["source"] for r in rows}  # reported, left in its shard
+    assert verify(out) == []
+    _, log = build(src, out)  # now nothing is new: nothing to do, the removal and change still reported
+    assert "nothing to do" in log and "added" not in log and "changed" in log and "gone" in log
+    assert snapshot(out) == after
+
+
+# ---- verify --------------------------------------------------------------------------------------------
+
+def test_verify_passes_a_sound_dataset(built):
+    assert verify(built[0]) == []
+
+
+def test_verify_catches_a_truncated_shard(built, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(built[0], out)
+    shard = out / "train-000003.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: int(len(data) * 0.6)])
+    problems = verify(out)
+    assert problems and problems[0].shard == "train-000003.tar"
+    keys = [r["key"] for r in read_manifest(out, "train").to_pylist() if r["shard"] == "train-000003.tar"]
+    assert problems[0].key in keys and "truncated" in problems[0].message
+    r = subprocess.run([sys.executable, "-m", "jobs.preprocess", "verify", str(out), "--workers", "1"],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 1 and "train-000003.tar" in r.stderr and problems[0].key in r.stderr
+
+
+@pytest.mark.parametrize("where", ["jpeg", "header"])
+def test_verify_catches_a_flipped_byte(built, tmp_path, where):
+    out = tmp_path / "out"
+    shutil.copytree(built[0], out)
+    shard = out / "train-000001.tar"
+    sample = parse_index(shard.with_suffix(".idx").read_text())[2]
+    key = sample[0][3].split(".")[0]
+    _, offset, size, _ = sample[1]  # the .jpg member
+    at = offset + size // 2 if where == "jpeg" else offset - 512 + 3  # inside its name in the header
+    data = bytearray(shard.read_bytes())
+    data[at] ^= 0x01
+    shard.write_bytes(bytes(data))
+    problems = verify(out)
+    assert problems and problems[0].shard == "train-000001.tar" and problems[0].key == key
+    assert ("sha256" if where == "jpeg" else "header") in problems[0].message
+
+
+# ---- layouts and errors --------------------------------------------------------------------------------
+
+def test_val_labels_from_the_devkit_ground_truth(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    root = synthetic.generate(tmp_path / "s", classes=3, train_per_class=1, val_per_class=3,
+                              size_range=(32, 48))
+    csv_labels = {r.source: r.label for r in discover(root).splits["val"]}
+    wnids = sorted(p.name for p in (root / "train").iterdir())
+    ids = {wnids[2]: 1, wnids[0]: 2, wnids[1]: 4}  # the devkit's order is not the sorted order
+    rows = [(i, w, 0) for w, i in ids.items()] + [(3, "n00000001", 2)]  # 3: an inner node
+    synsets = np.array(rows, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    data = root / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    scipy_io.savemat(data / "meta.mat", {"synsets": synsets})
+    stem_wnid = {}
+    for line in (root / "LOC_val_solution.csv").read_text().splitlines()[1:]:
+        stem, pred = line.split(",")
+        stem_wnid[stem] = pred.split()[0]
+    n = len(stem_wnid)
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{ids[stem_wnid[f'ILSVRC2012_val_{i:08d}']]}\n" for i in range(1, n + 1)))
+    (root / "LOC_val_solution.csv").unlink()
+    layout = discover(root)
+    assert {r.source: r.label for r in layout.splits["val"]} == csv_labels
+    assert any("ground_truth" in note for note in layout.notes)
+
+
+def test_class_folder_trees_val_folders_and_colliding_stems(tmp_path):
+    root = tmp_path / "pets"
+    img = Image.fromarray(np.full((20, 30, 3), 100, np.uint8))
+    for split in ("train", "val"):
+        for cls in ("dog", "cat"):
+            (root / split / cls).mkdir(parents=True)
+            img.save(root / split / cls / "001.jpg")
+    img.save(root / "train" / "dog" / "002.png")
+    (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    layout = discover(root)
+    assert [c.wnid for c in layout.classes] == ["cat", "dog"]
+    train = {r.source: (r.key, r.label) for r in layout.splits["train"]}
+    assert train == {"train/cat/001.jpg": ("train__cat__001", 0), "train/dog/001.jpg": ("train__dog__001", 1),
+                     "train/dog/002.png": ("002", 1)}
+    assert any("ignored 1 files" in n for n in layout.notes)
+    summary, _ = build(root, tmp_path / "out")
+    assert summary["train"]["converted"] == 1 and summary["val"]["stored"] == 2
+    # SOURCE itself a class-folder tree: one split, train.
+    assert list(discover(root / "val").splits) == ["train"]
+
+
+@pytest.mark.parametrize("case", ["empty", "no_images", "loose", "val_without_labels", "val_labels_elsewhere",
+                                  "missing_split"])
+def test_clear_errors_for_bad_sources(tmp_path, case):
+    root = tmp_path / "src"
+    root.mkdir()
+    img = Image.fromarray(np.zeros((20, 20, 3), np.uint8))
+    splits = None
+    if case == "no_images":
+        (root / "train" / "a").mkdir(parents=True)
+        (root / "train" / "a" / "README.txt").write_text("hello")
+    elif case == "loose":
+        img.save(root / "photo.jpg")
+    elif case in ("val_without_labels", "val_labels_elsewhere", "missing_split"):
+        (root / "train" / "n01440764").mkdir(parents=True)
+        img.save(root / "train" / "n01440764" / "n01440764_1.JPEG")
+        if case.startswith("val"):
+            (root / "val").mkdir()
+            img.save(root / "val" / "ILSVRC2012_val_00000001.JPEG")
+        if case == "val_labels_elsewhere":  # a label file for other images
+            (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nother,n01440764 1 2 3 4\n")
+        if case == "missing_split":
+            splits = ["train", "test"]
+    message = {"empty": "no images in", "no_images": "no images in", "loose": "unknown layout",
+               "val_without_labels": "val folder without labels", "missing_split": "--split test",
+               "val_labels_elsewhere": "val folder without labels.*LOC_val_solution.csv labels none"}[case]
+    with pytest.raises(DataError, match=message):
+        preprocess(root, tmp_path / "out", splits=splits, progress=False, log=lambda s: None)
+
+
+def test_clear_error_for_an_output_folder_holding_another_dataset(built, odd_source, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(built[0], out)
+    other = synthetic.generate(tmp_path / "other", classes=3, train_per_class=2, val_per_class=1,
+                               size_range=(32, 48))
+    with pytest.raises(DataError, match=r"holds a different dataset .*classes"):
+        build(other, out)
+    with pytest.raises(DataError, match=r"holds a different dataset .*seed"):
+        build(odd_source, out, seed=1)
+    with pytest.raises(DataError, match=r"holds a different dataset .*options"):
+        build(odd_source, out, shard_size=16)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "dataset.json").write_text("{}")
+    with pytest.raises(DataError, match="not written by this tool"):
+        build(odd_source, foreign)
+    with pytest.raises(DataError, match="--shard-size"):
+        build(odd_source, tmp_path / "x", shard_size="12 parsecs")
+
+
+def test_max_side_resizes_and_records_it(tmp_path):
+    root = synthetic.generate(tmp_path / "s", classes=2, train_per_class=3, val_per_class=1, oddities=True,
+                              size_range=(96, 160))
+    summary, _ = build(root, tmp_path / "out", max_side=150)
+    rows = [r for s in ("train", "val") for r in read_manifest(tmp_path / "out", s).to_pylist()]
+    big = [r for r in rows if r["source"].endswith("_900008.JPEG")][0]  # the 2000+ px oddity
+    assert big["status"] == "resized" and max(big["width"], big["height"]) == 150 and "resized" in big["reason"]
+    assert all(max(r["width"], r["height"]) <= 150 for r in rows if r["status"] != "quarantined")
+    assert summary["train"]["resized"] >= 1
+    assert verify(tmp_path / "out") == []
+
+
+def test_cli_runs_end_to_end_and_reports_per_split(odd_source, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "jobs.preprocess", str(odd_source), str(out), "--workers", "1",
+                        "--shard-size", "16", "--split", "val", "--no-progress"],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr
+    assert "val: 18 inputs -> 17 stored" in r.stdout and "1 quarantined" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "jobs.preprocess", str(odd_source), str(out), "--workers", "1",
+                        "--shard-size", "17", "--split", "val", "--no-progress"],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 2 and "different dataset" in r.stderr
+    assert os.path.exists(out / "val-000000.idx")
+
+
+def test_ray_tasks_write_the_same_bytes(built, odd_source, tmp_path):
+    ray = pytest.importorskip("ray")
+    from jobs.preprocess import ray_map
+
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False)
+    try:
+        build(odd_source, tmp_path / "out", map_fn=ray_map(None))  # one Ray task per shard
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert snapshot(tmp_path / "out") == snapshot(built[0])
