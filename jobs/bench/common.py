@@ -52,14 +52,16 @@ def ratio(numerator: float, denominator: float) -> float | None:
 class Report:
     """Collects figures; prints each as one JSON line as it comes, then a table; optionally saves."""
 
-    def __init__(self, bench: str, device: torch.device, **common):
+    def __init__(self, bench: str, device: torch.device, out: str | None = None, **common):
         self.rows: list[dict] = []
+        self.out = out  # saved after every figure, so a run cut short still leaves what it measured
         self.common = {"bench": bench, "device": device_name(device), **common}
 
     def add(self, **figure) -> dict:
         row = {**self.common, **figure}
         self.rows.append(row)
         print(json.dumps(row), flush=True)
+        self.save(self.out)
         return row
 
     def table(self, columns: list[str]) -> str:

@@ -91,7 +91,7 @@ def main(argv: list[str]) -> list[dict]:
     flops = forward_flops(model.build(args.model, num_classes=classes, width=args.width,
                                       image_size=args.crop), args.crop)
     peak = matmul_tflops(device)
-    report = Report("e2e", device, model=args.model, batch=args.batch, variant=args.variant,
+    report = Report("e2e", device, out=args.out, model=args.model, batch=args.batch, variant=args.variant,
                     decode=cfg.decode, threads=args.threads, prefetch=args.prefetch,
                     scale=[args.scale_min, args.scale_max], matmul_peak_tflops=peak)
     reset_peak_memory(device)

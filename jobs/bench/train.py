@@ -103,7 +103,7 @@ def main(argv: list[str]) -> list[dict]:
     flops = forward_flops(model.build(args.model, num_classes=args.classes, width=args.width,
                                       image_size=args.image_size), args.image_size)
     peak = matmul_tflops(device)
-    report = Report("train", device, model=args.model, batch=args.batch, image_size=args.image_size,
+    report = Report("train", device, out=args.out, model=args.model, batch=args.batch, image_size=args.image_size,
                     width=args.width, gflops_per_image_fwd=flops / 1e9, matmul_peak_tflops=peak)
     rows = {n: measure(n, args, device, flops, peak, report) for n in names}
     ref = rows.get(args.reference)
