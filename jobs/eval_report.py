@@ -1,0 +1,119 @@
+"""The evaluation's results: the paper-style table (Tables 3-6), its CSV / Markdown files, per-class
+accuracy, and the MLflow child run of the training run that holds them."""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from pipeline import config as config_lib
+from pipeline import evaluate as E
+
+COLUMNS = ("config", "train S", "test Q", "mode", "top-1 err %", "top-5 err %", "images")
+
+
+def train_scale(data: config_lib.DataConfig) -> str:
+    """The table's 'train S' column, as the paper writes it: 256, or [256;512] when jittered."""
+    if data.scale_min == data.scale_max:
+        return str(data.scale_min)
+    return f"[{data.scale_min};{data.scale_max}]"
+
+
+def config_name(cfgs: Sequence[config_lib.Config]) -> str:
+    """'D', 'A (w=0.0625)', or 'D + E' for an ensemble."""
+    def one(c: config_lib.Config) -> str:
+        w = c.model.width
+        return c.model.name + ("" if w == 1 else f" (w={w:g})")
+    return " + ".join(one(c) for c in cfgs)
+
+
+def table(shares: list[E.ShareResult], protocol: E.Protocol, config: str, train_s: str,
+          num_classes: int) -> tuple[list[dict], dict[tuple[str, str], torch.Tensor]]:
+    """The rows (one per mode x Q-set, in ``E.rows`` order) and each row's per-class accuracy."""
+    tallies = E.tally(shares, num_classes)
+    rows, per_class = [], {}
+    for mode, q in E.rows(protocol):
+        t = tallies[(mode, q)]
+        rows.append({"config": config, "train S": train_s, "test Q": q, "mode": mode,
+                     "top-1 err %": round(100 * t.top1_error, 2), "top-5 err %": round(100 * t.top5_error, 2),
+                     "images": t.n})
+        per_class[(mode, q)] = t.per_class_accuracy()
+    return rows, per_class
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(header: Iterable[str], rows: Iterable[Iterable]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(list(header))
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write(out: Path, rows: list[dict], per_class: dict, classes: list[dict], counts: torch.Tensor) -> list[Path]:
+    """results.csv, results.md, per_class.csv (images per class, one accuracy column per table row;
+    empty where a class had no images), each written atomically (temporary name, then rename)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cols = list(per_class)
+    pc = to_csv(["class", "wnid", "name", "images"] + [f"{m}@{q}" for m, q in cols],
+                ([i, c.get("wnid", ""), c.get("name", ""), int(counts[i]),
+                  *(_fmt_acc(per_class[col][i].item()) for col in cols)] for i, c in enumerate(classes)))
+    files = {"results.csv": to_csv(COLUMNS, ([r[c] for c in COLUMNS] for r in rows)),
+             "results.md": markdown(rows), "per_class.csv": pc}
+    paths = []
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+        paths.append(out / name)
+    return paths
+
+
+def _fmt_acc(a: float) -> str:
+    return "" if a != a else f"{a:.4f}"  # NaN: no image of that class
+
+
+def metric_key(mode: str, q: str, what: str) -> str:
+    """MLflow metric names (no commas allowed there): 'dense/q256/top1_error', 'both/q256-384-512/top5_error'."""
+    return f"{mode}/q{q.replace(',', '-')}/{what}"
+
+
+def log_child_run(uri: str, parent_run_id: str, rows: list[dict], files: list[Path], params: dict,
+                  headline: dict, tags: dict, experiment: str) -> str:
+    """An MLflow run nested under the training run (its experiment, tag mlflow.parentRunId), with a
+    metric per table cell, ``headline`` metrics (the same names in every evaluation, for the UI's
+    side-by-side columns), the files and the table as artifacts, and the table as the run's note.
+    A top-level run in ``experiment`` when no training run is known. Returns its id."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    tags = dict(tags)
+    if parent_run_id:
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+        tags["mlflow.parentRunId"] = parent_run_id
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    name = f"eval-{params['mode']}-Q{params['scales'].replace(',', '-')}"
+    rid = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(metric_key(r["mode"], r["test Q"], w), r[c] / 100, now, 0)
+               for r in rows for w, c in (("top1_error", "top-1 err %"), ("top5_error", "top-5 err %"))]
+    metrics += [Metric(k, v, now, 0) for k, v in headline.items()]
+    client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
+                     tags=[RunTag("mlflow.note.content", markdown(rows))])
+    for f in files:
+        client.log_artifact(rid, str(f))
+    client.log_table(rid, data={c: [r[c] for r in rows] for c in COLUMNS}, artifact_file="results_table.json")
+    client.set_terminated(rid, "FINISHED")
+    return rid

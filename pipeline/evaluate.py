@@ -1,0 +1,380 @@
+"""Evaluation of one worker's share of a split, in plain torch (the paper, section 3.2).
+
+The input is, per test scale Q, an iterable of batches ``(keys, labels, images)``: ``images`` a list of
+(3, H, W) float tensors, mean-subtracted, isotropically rescaled so that min(H, W) == Q (sizes differ
+between images), or one (N, 3, H, W) tensor of images of one size (the DALI loader's dense groups).
+From each image at each Q the protocols are computed off the *same* decoded, rescaled tensor:
+
+- dense: the fully convolutional net on the whole image -> class-score map -> spatial mean -> soft-max,
+  averaged with the horizontally flipped image;
+- multicrop: the plain net on an n x n grid of crops (n = 5) and their flips (50 per scale);
+- center: the plain net on the centre crop (and its flip) - the training-time validation view;
+- both: the average of dense and multicrop.
+
+Across scales the posteriors are averaged (Table 4); across an ensemble of nets as well (Table 6). The
+output is, per key, the top-5 classes of every (protocol, Q) and of every protocol over all Qs: small
+enough to gather from many workers, and what top-1/top-5 error and per-class accuracy need.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import model
+from pipeline import scoring
+
+MODES = ("center", "dense", "multicrop", "both")
+# keys, labels (N,), images at one Q: [(3, H, W)] of any sizes, or one (N, 3, H, W) tensor
+Batch = tuple[list[str], torch.Tensor, "list[torch.Tensor] | torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What to compute: ``modes`` from MODES, test ``scales`` (Q, the shorter side), flips, crops."""
+
+    modes: tuple[str, ...] = ("dense",)
+    scales: tuple[int, ...] = (256,)
+    flip: bool = True
+    crop: int = 224                 # the nets' training crop (multicrop / center crop size)
+    grid: int = 5                   # n x n multi-crop grid
+    max_batch: int = 64             # images or crops per forward pass (memory bound)
+    amp_dtype: torch.dtype | None = None  # bfloat16 on GPU; None = float32
+
+    def __post_init__(self):
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"Invalid mode(s) {bad or self.modes}. Only {', '.join(MODES)} are supported.")
+        if not self.scales or min(self.scales) < self.crop:
+            raise ValueError(f"test scales {self.scales} must be non-empty and >= the crop {self.crop}")
+
+    @property
+    def computed(self) -> tuple[str, ...]:
+        """The protocols run on the nets: 'both' needs dense and multicrop and costs nothing more."""
+        need = set(self.modes) | ({"dense", "multicrop"} if "both" in self.modes else set())
+        return tuple(m for m in MODES if m in need and m != "both")
+
+    @property
+    def reported(self) -> tuple[str, ...]:
+        """Every protocol that comes out: with 'both', dense and multicrop come out too."""
+        return tuple(m for m in MODES if m in self.computed or (m == "both" and "both" in self.modes))
+
+
+def scale_label(scales: Sequence[int]) -> str:
+    """The test-Q column of the results table: '256' or '256,384,512'."""
+    return ",".join(str(q) for q in scales)
+
+
+def rows(protocol: Protocol) -> list[tuple[str, str]]:
+    """(mode, Q label) of every result row: each Q alone, then all Qs together when there are several."""
+    qs = [scale_label([q]) for q in protocol.scales]
+    if len(protocol.scales) > 1:
+        qs.append(scale_label(protocol.scales))
+    return [(m, q) for m in protocol.reported for q in qs]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Posteriors of a list of images at one scale
+# ---------------------------------------------------------------------------------------------------
+
+def _forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_batch: int,
+             amp_dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """``fn`` over ``x`` in chunks of ``max_batch``; outputs in float32."""
+    out = []
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        for i in range(0, x.shape[0], max_batch):
+            out.append(fn(x[i:i + max_batch]).float())
+    return out
+
+
+def _flip_stack(x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """(M, 3, h, w) -> (M * (1 + flip), 3, h, w) ordered view-major: [x_0, flip(x_0), x_1, ...]."""
+    if not flip:
+        return x
+    return torch.stack([x, torch.flip(x, dims=[3])], dim=1).flatten(0, 1)
+
+
+def crops_of(x: torch.Tensor, boxes: Sequence[tuple[int, int]], crop: int) -> torch.Tensor:
+    """(N, 3, H, W) and (top, left) boxes -> (N * len(boxes), 3, crop, crop), image-major. Slicing of
+    the rescaled image: the crop's border is padded with zeros by the convs, as in the paper's
+    multi-crop (dense evaluation instead sees the neighbouring image content there)."""
+    return torch.stack([x[:, :, t:t + crop, l:l + crop] for t, l in boxes], dim=1).flatten(0, 1)
+
+
+def _crop_posteriors(nets: Sequence[nn.Module], x: torch.Tensor, boxes, p: Protocol) -> torch.Tensor:
+    """Mean over crops, flips and nets of the soft-max of the plain forward. (N, classes).
+    Images are taken a few at a time so that at most ~max_batch views exist at once (50 per image)."""
+    per_image = len(boxes) * (2 if p.flip else 1)
+    step = max(1, p.max_batch // per_image)
+    out = []
+    for i in range(0, x.shape[0], step):
+        views = _flip_stack(crops_of(x[i:i + step], boxes, p.crop), p.flip)  # (n * per_image, 3, c, c)
+        ps = [scoring.group_mean(scoring.posteriors(torch.cat(_forward(net, views, p.max_batch, p.amp_dtype))),
+                                 per_image) for net in nets]
+        out.append(scoring.average_posteriors(ps))
+    return torch.cat(out)
+
+
+def _dense_posteriors(dense_nets: Sequence[nn.Module], x: torch.Tensor, p: Protocol) -> torch.Tensor:
+    """Dense evaluation of same-sized images: (N, 3, H, W) -> (N, classes), mean over flips and nets."""
+    views = _flip_stack(x, p.flip)                             # (N * flips, 3, H, W)
+    ps = []
+    for dense in dense_nets:
+        pooled = torch.cat([scoring.pool_score_map(m) for m in _forward(dense, views, p.max_batch, p.amp_dtype)])
+        ps.append(scoring.group_mean(scoring.posteriors(pooled), 2 if p.flip else 1))
+    return scoring.average_posteriors(ps)
+
+
+def shape_groups(images: Sequence[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the images of each exact (H, W): dense evaluation batches only equal shapes, so no
+    padding ever reaches the convs and every score map is the one the image alone would give."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, img in enumerate(images):
+        groups[tuple(img.shape[-2:])].append(i)
+    return dict(groups)
+
+
+def _same_shape_batches(images: Sequence[torch.Tensor] | torch.Tensor):
+    """(index list, (n, 3, H, W) float32 batch) per exact image shape."""
+    if isinstance(images, torch.Tensor):  # (N, 3, H, W): one shape already (the DALI dense groups)
+        yield list(range(images.shape[0])), images.float()
+        return
+    for idx in shape_groups(images).values():
+        yield idx, torch.stack([images[i] for i in idx]).float()
+
+
+@torch.no_grad()
+def posteriors_at_scale(nets: Sequence[nn.Module], images: Sequence[torch.Tensor] | torch.Tensor, p: Protocol,
+                        dense_nets: Sequence[nn.Module] | None = None) -> dict[str, torch.Tensor]:
+    """{mode: (N, classes)} for every computed mode (and 'both'), averaged over flips, crops and nets.
+
+    ``images``: a list of (3, H, W) tensors of any sizes, or one (N, 3, H, W) tensor. ``nets`` are
+    plain VGGs in eval mode, on the images' device; ``dense_nets`` their ``model.to_dense`` forms
+    (made here when not given).
+    """
+    dense_nets = dense_nets or [model.to_dense(n) for n in nets]
+    out: dict[str, torch.Tensor] = {}
+    for idx, x in _same_shape_batches(images):
+        h, w = x.shape[-2:]
+        got = {}
+        if "dense" in p.computed:
+            got["dense"] = _dense_posteriors(dense_nets, x, p)
+        if "multicrop" in p.computed:
+            got["multicrop"] = _crop_posteriors(nets, x, scoring.crop_grid(h, w, p.crop, p.grid), p)
+        if "center" in p.computed:
+            got["center"] = _crop_posteriors(nets, x, [scoring.center_box(h, w, p.crop)], p)
+        for m, post in got.items():
+            if m not in out:
+                out[m] = post.new_empty(len(images), post.shape[1])
+            out[m][idx] = post
+    if "both" in p.modes:
+        out["both"] = scoring.average_posteriors([out["dense"], out["multicrop"]])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# One worker's share: every scale, every batch
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class ShareResult:
+    """What a worker sends back: its keys, their labels and, per result row, the top-k classes.
+
+    ``top[(mode, q_label)]`` is (N, k) aligned with ``keys``. Optional ``posteriors`` (multi-scale,
+    per mode, (N, classes) float16) are kept only when asked for (ensembles of separate evaluations).
+    """
+
+    keys: list[str]
+    labels: torch.Tensor
+    top: dict[tuple[str, str], torch.Tensor]
+    posteriors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class DuplicateKeyError(RuntimeError):
+    """A key came twice within one scale's pass, or a pass missed keys another pass had."""
+
+
+@torch.no_grad()
+def evaluate_share(nets: Sequence[nn.Module], batches_at: Callable[[int], Iterable[Batch]], p: Protocol,
+                   device: torch.device | str = "cpu", k: int = 5, keep_posteriors: bool = False,
+                   progress: Callable[[int], None] | None = None) -> ShareResult:
+    """Evaluate one worker's share: ``batches_at(Q)`` yields that share's batches rescaled to Q.
+
+    Every scale's pass must give the same keys, each once. ``progress(n)`` is called after each
+    batch with the number of images in it (summed over scales: total = images x len(scales)).
+    """
+    device = torch.device(device)
+    nets = [n.to(device).eval() for n in nets]
+    dense_nets = [model.to_dense(n) for n in nets]
+    labels: dict[str, int] = {}
+    top: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
+    # mode -> key -> posterior summed over scales: (classes,) float32 per image and mode, kept only
+    # when there is more than one scale (ImageNet, 4 modes: 800 MB over all workers together)
+    sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    multi = len(p.scales) > 1 or keep_posteriors
+    seen_first: set[str] | None = None
+    for q in p.scales:
+        seen: set[str] = set()
+        for keys, lbl, images in batches_at(q):
+            dup = [key for key in keys if key in seen] or _repeated(keys)
+            if dup:
+                raise DuplicateKeyError(f"key(s) {dup[:5]} came twice in the pass at Q={q}")
+            seen.update(keys)
+            if isinstance(images, torch.Tensor):
+                images = images.to(device, non_blocking=True)
+            else:
+                images = [im.to(device, non_blocking=True) for im in images]
+            post = posteriors_at_scale(nets, images, p, dense_nets)
+            for key, label in zip(keys, lbl.tolist()):  # .tolist(): one device-to-host copy
+                labels[key] = label
+            for m, pm in post.items():
+                pm = pm.cpu()  # a CPU-GPU sync point, once per batch
+                t = scoring.topk(pm, k)
+                for j, key in enumerate(keys):
+                    top[(m, scale_label([q]))][key] = t[j]
+                    if multi:
+                        sums[m][key] = sums[m][key] + pm[j] if key in sums[m] else pm[j].clone()
+            if progress is not None:
+                progress(len(keys))
+        if seen_first is None:
+            seen_first = seen
+        elif seen != seen_first:
+            diff = sorted(seen ^ seen_first)
+            raise DuplicateKeyError(f"the pass at Q={q} saw other keys than the first pass: {diff[:5]}")
+    order = sorted(labels)
+    out_top = {}
+    for m in p.reported:
+        for q in p.scales:
+            out_top[(m, scale_label([q]))] = _stack([top[(m, scale_label([q]))][key] for key in order], k)
+        if len(p.scales) > 1:
+            mean = _stack([sums[m][key] for key in order], 0) / len(p.scales)
+            out_top[(m, scale_label(p.scales))] = scoring.topk(mean, k) if order else mean.long()
+    keep = {}
+    if keep_posteriors:
+        keep = {m: _stack([sums[m][key] / len(p.scales) for key in order], 0).half() for m in p.reported}
+    return ShareResult(order, torch.tensor([labels[key] for key in order], dtype=torch.long), out_top, keep)
+
+
+def _repeated(keys: Sequence[str]) -> list[str]:
+    return [key for key in set(keys) if keys.count(key) > 1] if len(set(keys)) != len(keys) else []
+
+
+def _stack(rows_: list[torch.Tensor], width: int) -> torch.Tensor:
+    return torch.stack(rows_) if rows_ else torch.zeros(0, width, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gathering shares: exactly once, then the table's figures
+# ---------------------------------------------------------------------------------------------------
+
+def check_exactly_once(shares: Sequence[ShareResult], expected: Iterable[str]) -> None:
+    """Every expected key in exactly one share, and nothing else. Raises naming the offending keys."""
+    counts: dict[str, int] = defaultdict(int)
+    for s in shares:
+        for key in s.keys:
+            counts[key] += 1
+    expected = set(expected)
+    dup = sorted(k for k, c in counts.items() if c > 1)
+    missing = sorted(expected - counts.keys())
+    extra = sorted(counts.keys() - expected)
+    if dup or missing or extra:
+        raise DuplicateKeyError(f"evaluation is not exactly once: {len(dup)} duplicated {dup[:5]}, "
+                                f"{len(missing)} missing {missing[:5]}, {len(extra)} unexpected {extra[:5]}")
+
+
+def tally(shares: Sequence[ShareResult], num_classes: int) -> dict[tuple[str, str], scoring.Tally]:
+    """Top-1/top-5 errors and per-class counts of every result row, over all shares."""
+    out: dict[tuple[str, str], scoring.Tally] = {}
+    for s in shares:
+        for row, t in s.top.items():
+            out.setdefault(row, scoring.Tally(num_classes)).add(t, s.labels)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images decoded outside DALI (tests, features of a few files): rescale and normalise in torch
+# ---------------------------------------------------------------------------------------------------
+
+def rescale(image: torch.Tensor, q: int) -> torch.Tensor:
+    """(3, H, W) -> (3, H', W') with min(H', W') == q, aspect kept (bilinear, antialiased)."""
+    h, w = image.shape[-2:]
+    s = q / min(h, w)
+    size = (q, max(q, round(w * s))) if h <= w else (max(q, round(h * s)), q)
+    return F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True,
+                         align_corners=False)[0]
+
+
+def normalise(image: torch.Tensor, mean_rgb: Sequence[float]) -> torch.Tensor:
+    """Subtract the training set's mean RGB (0-255 scale), the paper's only preprocessing."""
+    return image.float() - torch.tensor(mean_rgb, dtype=torch.float32, device=image.device).view(3, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transfer features (the paper's appendix B)
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def penultimate_features(net: nn.Module, images: Sequence[torch.Tensor], flip: bool = True,
+                         max_batch: int = 64, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense FC7 features: the 4096-D (4096 x width) map after FC7's ReLU, spatially averaged, averaged
+    with the flipped image. (N, fc_width), not normalised (average over scales first, then L2)."""
+    dense = model.to_dense(net)
+    drop7 = net.classifier[5]  # DenseVGG calls this module on the FC7 map: hook it, no copied forward
+    maps: list[torch.Tensor] = []
+    handle = drop7.register_forward_hook(lambda mod, inp, out: maps.append(out.float().mean(dim=(2, 3))))
+    try:
+        out = [None] * len(images)
+        for idx, x in _same_shape_batches(images):
+            x = _flip_stack(x, flip)
+            maps.clear()
+            _forward(dense, x, max_batch, amp_dtype)
+            f = scoring.group_mean(torch.cat(maps), 2 if flip else 1)
+            for j, i in enumerate(idx):
+                out[i] = f[j]
+    finally:
+        handle.remove()
+    return torch.stack(out) if out else torch.zeros(0, net.classifier[3].out_features)
+
+
+def l2_normalise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+@torch.no_grad()
+def features_share(net: nn.Module, batches_at: Callable[[int], Iterable[Batch]], scales: Sequence[int],
+                   flip: bool = True, device: torch.device | str = "cpu", max_batch: int = 64,
+                   amp_dtype: torch.dtype | None = None,
+                   progress: Callable[[int], None] | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Appendix B's image descriptor for one worker's share: dense FC7 features averaged over flips
+    and over the test ``scales``, then L2-normalised. Returns (sorted keys, labels (N,), (N, D))."""
+    device = torch.device(device)
+    net = net.to(device).eval()
+    sums: dict[str, torch.Tensor] = {}
+    labels: dict[str, int] = {}
+    first: set[str] | None = None
+    for q in scales:
+        seen: set[str] = set()
+        for keys, lbl, images in batches_at(q):
+            dup = [key for key in keys if key in seen] or _repeated(keys)
+            if dup:
+                raise DuplicateKeyError(f"key(s) {dup[:5]} came twice in the pass at Q={q}")
+            seen.update(keys)
+            images = images.to(device) if isinstance(images, torch.Tensor) else [i.to(device) for i in images]
+            f = penultimate_features(net, images, flip, max_batch, amp_dtype).cpu()
+            for j, (key, label) in enumerate(zip(keys, lbl.tolist())):
+                labels[key] = label
+                sums[key] = sums[key] + f[j] if key in sums else f[j].clone()
+            if progress is not None:
+                progress(len(keys))
+        if first is None:
+            first = seen
+        elif seen != first:
+            raise DuplicateKeyError(f"the pass at Q={q} saw other keys than the first: {sorted(seen ^ first)[:5]}")
+    order = sorted(labels)
+    width = net.classifier[3].out_features
+    feats = torch.stack([sums[k] for k in order]) if order else torch.zeros(0, width)
+    return order, torch.tensor([labels[k] for k in order], dtype=torch.long), l2_normalise(feats / len(scales))
