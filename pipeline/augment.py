@@ -64,7 +64,7 @@ def check_layout_dtype(layout: str, dtype: str) -> None:
 
 # --- DALI graph pieces (call inside a ``with pipe:`` block) ---------------------------------------
 
-def decode(jpegs, backend: str):
+def decode(jpegs, backend: str, hw_decoder_load: float = 1.0):
     """RGB uint8 HWC images. ``backend``: "mixed" (nvJPEG on the GPU; output on the GPU),
     "cpu" (libjpeg-turbo; stays on the CPU, for CPU-only pipelines), "cpu-gpu" (decode on the CPU,
     then move to the GPU for the resize and normalisation)."""
@@ -72,7 +72,7 @@ def decode(jpegs, backend: str):
     import nvidia.dali.types as types
 
     if backend == "mixed":
-        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
+        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
                                  device_memory_padding=DEVICE_MEMORY_PADDING,
                                  host_memory_padding=HOST_MEMORY_PADDING)
     images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
@@ -159,7 +159,7 @@ def train_augment(jpegs, cfg, stats: Stats, backend: str):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    images = decode(jpegs, backend)
+    images = decode(jpegs, backend, cfg.hw_decoder_load)
     start, end = random_crop_window(jpegs, cfg.crop_size, cfg.scale_min, cfg.scale_max)
     images = fn.resize(images, size=[cfg.crop_size, cfg.crop_size], roi_start=start, roi_end=end,
                        interp_type=types.INTERP_LINEAR, antialias=True)

@@ -271,7 +271,7 @@ class EvalLoader:
             # stick_to_shard: every pass reads the same samples on this rank, so num_samples holds
             jpegs, labels, keys = _read(self.split, shard_id, num_shards, shuffle=False, seed=0,
                                         buffer=1, stick_to_shard=True)
-            images = augment.rescale(augment.decode(jpegs, backend), float(self.scale))
+            images = augment.rescale(augment.decode(jpegs, backend, cfg.hw_decoder_load), float(self.scale))
             crop = self.crop if mode == "center" else None
             images = augment.normalize(images, mean=mean, crop=crop, layout=cfg.layout, dtype=cfg.dtype)
             return images, labels, keys

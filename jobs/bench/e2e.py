@@ -36,6 +36,8 @@ def parse(argv):
     p.add_argument("--variant", default="compile", help=f"step variant, one of {', '.join(VARIANTS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--decode", choices=("mixed", "cpu"), default=None, help="default: mixed on a GPU")
+    p.add_argument("--hw-decoder-load", type=float, default=1.0,
+                   help="share of JPEGs sent to the GPU's hardware JPEG decoder (mixed decode)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--prefetch", type=int, default=3)
     p.add_argument("--warmup", type=int, default=5)
@@ -59,7 +61,8 @@ def main(argv: list[str]) -> list[dict]:
         root = make_sample(work, args.classes, args.per_class, (lo, hi))[1]
     on_gpu = device.type == "cuda"
     cfg = DataConfig(root=str(root), crop_size=args.crop, scale_min=args.scale_min, scale_max=args.scale_max,
-                     decode=args.decode or ("mixed" if on_gpu else "cpu"), threads=args.threads,
+                     decode=args.decode or ("mixed" if on_gpu else "cpu"), hw_decoder_load=args.hw_decoder_load,
+                     threads=args.threads,
                      prefetch=args.prefetch, layout="NHWC" if opts.channels_last else "NCHW",
                      dtype="bfloat16" if opts.amp_dtype == torch.bfloat16 else "float32")
     loader = TrainLoader(cfg, args.batch, 0, 1, device_id=(device.index or 0) if on_gpu else None)
@@ -92,7 +95,7 @@ def main(argv: list[str]) -> list[dict]:
                                       image_size=args.crop), args.crop)
     peak = matmul_tflops(device)
     report = Report("e2e", device, out=args.out, model=args.model, batch=args.batch, variant=args.variant,
-                    decode=cfg.decode, threads=args.threads, prefetch=args.prefetch,
+                    decode=cfg.decode, hw_decoder_load=cfg.hw_decoder_load, threads=args.threads, prefetch=args.prefetch,
                     scale=[args.scale_min, args.scale_max], matmul_peak_tflops=peak)
     reset_peak_memory(device)
     t_res = time_it(resident, device, args.warmup, args.steps)

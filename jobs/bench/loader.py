@@ -34,6 +34,8 @@ def parse(argv):
     p.add_argument("--device", default="cpu", help="CUDA device index, or cpu (DALI's CPU-only mode)")
     p.add_argument("--decode", choices=("mixed", "cpu"), default=None,
                    help="JPEG decoding on the GPU (mixed) or CPU; default mixed on a GPU")
+    p.add_argument("--hw-decoder-load", type=float, default=1.0,
+                   help="share of JPEGs sent to the GPU's hardware JPEG decoder (mixed decode)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI CPU threads")
     p.add_argument("--prefetch", type=int, default=2, help="DALI prefetch queue depth")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: --threads)")
@@ -83,7 +85,7 @@ def bench_dali(args, root: Path, device: torch.device) -> tuple[float, int]:
     from pipeline.loader import TrainLoader
 
     cfg = DataConfig(root=str(root), crop_size=args.crop, scale_min=args.scale_min, scale_max=args.scale_max,
-                     decode=args.decode, threads=args.threads, prefetch=args.prefetch, layout=args.layout,
+                     decode=args.decode, hw_decoder_load=args.hw_decoder_load, threads=args.threads, prefetch=args.prefetch, layout=args.layout,
                      dtype=args.dtype)
     loader = TrainLoader(cfg, args.batch_size, 0, 1, device_id=device.index if device.type == "cuda" else None)
 
@@ -177,7 +179,7 @@ def main(argv: list[str]) -> None:
     report = Report("loader", device, batch_size=args.batch_size, crop=args.crop,
                     scale=[args.scale_min, args.scale_max], dtype=args.dtype, layout=args.layout)
     dali, dali_cpu, steps = bench_dali(args, root, device)
-    report.add(pipeline="dali", decode=args.decode, threads=args.threads, steps_per_epoch=steps,
+    report.add(pipeline="dali", decode=args.decode, hw_decoder_load=args.hw_decoder_load, threads=args.threads, steps_per_epoch=steps,
                images_per_s=dali, images_per_cpu_s=dali_cpu)
     if args.skip_baseline or source is None:
         if source is None:
