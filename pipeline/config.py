@@ -49,6 +49,7 @@ class DataConfig:
     color_shift_std: float = 0.1         # std of the PCA colour-shift alphas; 0 disables it
     mean_subtraction: bool = True        # subtract dataset.json's training mean RGB
     decode: str = "mixed"                # mixed (GPU nvJPEG) | cpu; CPU-only machines always use cpu
+    hw_decoder_load: float = 1.0         # share of JPEGs for the hardware JPEG decoder (A100/H100); see README
     threads: int = 4                     # DALI CPU threads per worker
     prefetch: int = 2                    # DALI prefetch queue depth
     layout: str = "NCHW"                 # NCHW | NHWC (channels_last)
@@ -85,6 +86,7 @@ class RunConfig:
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    placement_strategy: str = "PACK"     # Ray placement of the workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     global_batch_size: int = 256         # split evenly across workers; an uneven split is an error
     seed: int = 0
     max_failures: int = 0                # Ray Train FailureConfig
@@ -105,6 +107,7 @@ class TrackingConfig:
     experiment: str = "vgg"
     system_metrics: bool = True
     register_model: str = ""             # "" = don't register; else the registered model's name
+    retry_s: float = 30.0                # while the server is unreachable, try again this often (training goes on)
 
 
 @dataclass
@@ -196,6 +199,7 @@ CHOICES = {
     "data.dtype": ("float32", "bfloat16", "float16"),
     "data.val_mode": ("center", "dense"),
     "run.grad_compression": ("none", "bf16"),
+    "run.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
 
