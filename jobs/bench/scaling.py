@@ -104,8 +104,9 @@ def table(images_per_s: float, global_batch: int, name: str = "D") -> list[dict]
 def main(argv: list[str]) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m jobs.bench scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images-per-s", type=float, default=5249.0,
-                   help="one GPU's training-step rate at the per-GPU batch (default: H200, compiled D)")
+    p.add_argument("--images-per-s", type=float, default=4654.0,
+                   help="one GPU's training-step rate (default: H100, compiled D, batch 256, measured "
+                        "in benchmarks/results/h100-2026-11-26.json)")
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--model", default="D")
     args = p.parse_args(argv)
