@@ -1,0 +1,221 @@
+"""Training checkpoints: one plain dict of tensors and primitives per file, never pickled code.
+
+A checkpoint file (``checkpoint.pt``) holds::
+
+    format            1
+    model             the unwrapped net's state_dict (no "module." / "_orig_mod." prefixes)
+    optimizer         the optimizer's state_dict (momentum buffers)
+    schedule          pipeline.schedule.Plateau as a dict
+    epoch             epochs completed (the epoch to run next)
+    step              optimizer steps completed in all
+    step_in_epoch     steps completed in ``epoch`` (0 at an epoch boundary)
+    images_seen       step * global batch: the x axis of every metric
+    workers           one dict per rank: {"rng": rng_state(), "data": DALI checkpoint bytes}
+    config            the resolved config as YAML text
+    num_classes       int
+    mlflow_run_id     str ("" when the tracking server was never reached)
+    dataset_fingerprint  str, dataset.json's fingerprint
+    metrics           the last reported metrics (floats)
+
+Writes go to a temporary name in the same folder, are fsynced, then renamed over the target, so a
+crash mid-write leaves the previous file whole. Loading uses ``torch.load(weights_only=True)``.
+
+Where a checkpoint can be named (``init_from``, the evaluation job): a ``checkpoint.pt`` file, a Ray
+checkpoint folder holding one, or a run folder ``<storage>/<name>`` (its ``best/`` checkpoint, else
+its latest ``checkpoint_*``); local paths or pyarrow/fsspec URIs such as ``s3://bucket/runs/A-256``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+import model
+from pipeline import config as config_lib
+
+FORMAT = 1
+FILENAME = "checkpoint.pt"
+BEST = "best"               # <run folder>/best/checkpoint.pt: the best validation top-1 error so far
+PREFIX = "checkpoint_"      # <run folder>/checkpoint_<step>/checkpoint.pt: the last K, Ray-managed
+# Test knob: when set, save_checkpoint writes half of the temporary file and kills the process, the
+# way a node dies mid-write. Used by tests/test_checkpoint.py; never set it otherwise.
+CRASH_ENV = "VGG_TEST_CRASH_DURING_SAVE"
+CRASH_EXIT = 17
+
+
+# ---------------------------------------------------------------- RNG state as tensors and lists
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and current CUDA device), numpy and python RNG states."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------- save / load
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically: temporary name, fsync, rename, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        if os.environ.get(CRASH_ENV):
+            f.truncate(f.tell() // 2)
+            os.fsync(f.fileno())
+            os._exit(CRASH_EXIT)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself is durable only once the folder's entry is
+    finally:
+        os.close(fd)
+    return path
+
+
+def _filesystem(location: str):
+    """(pyarrow filesystem, path within it) for a local path or a URI such as s3://bucket/key."""
+    import pyarrow.fs
+
+    if "://" in location:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(location)
+
+
+def resolve(location: str | Path, which: str = "best") -> str:
+    """The checkpoint *file* that ``location`` names: itself if a file; ``<dir>/checkpoint.pt`` for a
+    Ray checkpoint folder; for a run folder, ``best/`` (``which="best"``) or the latest
+    ``checkpoint_*`` (``which="latest"``, also the fallback when there is no best yet)."""
+    import pyarrow.fs
+
+    if which not in ("best", "latest"):
+        raise ValueError(f"Invalid which={which!r}. Only best and latest are supported.")
+    location = str(location)
+    fs, root = _filesystem(location)
+    join = (lambda *parts: "/".join(p.rstrip("/") for p in parts))
+    info = fs.get_file_info(root)
+    if info.type == pyarrow.fs.FileType.File:
+        return location
+    if info.type != pyarrow.fs.FileType.Directory:
+        raise FileNotFoundError(f"no checkpoint at {location!r}: no such file or folder")
+    if fs.get_file_info(join(root, FILENAME)).type == pyarrow.fs.FileType.File:
+        return join(location, FILENAME)
+    if which == "best" and fs.get_file_info(join(root, BEST, FILENAME)).type == pyarrow.fs.FileType.File:
+        return join(location, BEST, FILENAME)
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(root))
+    # Ray names them checkpoint_<step, zero-padded>, so the name order is the step order.
+    found = sorted(e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory
+                   and e.base_name.startswith(PREFIX)
+                   and fs.get_file_info(join(e.path, FILENAME)).type == pyarrow.fs.FileType.File)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {location!r}: expected {FILENAME}, {BEST}/{FILENAME} "
+                                f"or {PREFIX}*/{FILENAME}")
+    return join(location, found[-1], FILENAME)
+
+
+def step_folders(run_folder: str | Path) -> list[str]:
+    """The run's ``checkpoint_<step>`` folders holding a checkpoint file, newest first."""
+    import pyarrow.fs
+
+    location = str(run_folder)
+    fs, root = _filesystem(location)
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        return []
+    names = sorted((e.base_name for e in fs.get_file_info(pyarrow.fs.FileSelector(root))
+                    if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith(PREFIX)
+                    and fs.get_file_info(f"{e.path}/{FILENAME}").type == pyarrow.fs.FileType.File), reverse=True)
+    return [f"{location.rstrip('/')}/{n}" for n in names]
+
+
+def latest_loadable(run_folder: str | Path) -> dict[str, Any] | None:
+    """The newest checkpoint of a run that loads, or None. A folder whose file does not load (a copy
+    cut short when a node died) is skipped with a warning, and the one before it is tried."""
+    import logging
+
+    for folder in step_folders(run_folder):
+        try:
+            return load_checkpoint(folder)
+        except Exception as e:  # a truncated zip raises RuntimeError, EOFError, UnpicklingError...
+            logging.getLogger(__name__).warning("skipping unreadable checkpoint %s: %s", folder, e)
+    return None
+
+
+def load_checkpoint(location: str | Path, which: str = "best") -> dict[str, Any]:
+    """Load a checkpoint dict (tensors on the CPU) from a file, a checkpoint folder or a run folder
+    (see ``resolve``); never unpickles code (``weights_only=True``)."""
+    path = resolve(location, which)
+    if "://" in path:
+        fs, p = _filesystem(path)
+        with fs.open_input_file(p) as f:
+            buffer = io.BytesIO(f.read())
+        state = torch.load(buffer, map_location="cpu", weights_only=True)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a checkpoint of format {FORMAT} "
+                         f"(got format {state.get('format') if isinstance(state, dict) else type(state)})")
+    state["path"] = path
+    return state
+
+
+def config_of(state: dict[str, Any]) -> config_lib.Config:
+    """The resolved config a checkpoint was trained with."""
+    cfg = config_lib.from_dict(config_lib.Config, yaml.safe_load(state["config"]))
+    config_lib.validate(cfg)
+    return cfg
+
+
+def build_model(cfg: config_lib.Config, num_classes: int) -> nn.Module:
+    """The net a config describes (the training crop sets FC6's grid), freshly initialised."""
+    m = cfg.model
+    return model.build(m.name, num_classes=num_classes, width=m.width, init=m.init,
+                       image_size=cfg.data.crop_size, dropout=m.dropout)
+
+
+def model_from_checkpoint(location: str | Path, which: str = "best") -> tuple[nn.Module, config_lib.Config]:
+    """(net with the checkpoint's weights, in eval mode on the CPU; its resolved Config)."""
+    state = load_checkpoint(location, which)
+    cfg = config_of(state)
+    net = build_model(cfg, state["num_classes"])
+    net.load_state_dict(state["model"])
+    return net.eval(), cfg
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        elif isinstance(net, nn.parallel.DistributedDataParallel):
+            net = net.module
+        else:
+            return net
