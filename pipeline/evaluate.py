@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +198,30 @@ class DuplicateKeyError(RuntimeError):
     """A key came twice within one scale's pass, or a pass missed keys another pass had."""
 
 
+def checked_passes(batches_at: Callable[[int], Iterable[Batch]], scales: Sequence[int],
+                   device: torch.device) -> Iterator[tuple[int, list[str], torch.Tensor, object]]:
+    """(Q, keys, labels, images on ``device``) for every batch of every scale's pass, enforcing
+    exactly once: a key twice in one pass, or a pass with other keys than the first, is an error."""
+    first: set[str] | None = None
+    for q in scales:
+        seen: set[str] = set()
+        for keys, lbl, images in batches_at(q):
+            dup = [key for key in keys if key in seen] or _repeated(keys)
+            if dup:
+                raise DuplicateKeyError(f"key(s) {dup[:5]} came twice in the pass at Q={q}")
+            seen.update(keys)
+            if isinstance(images, torch.Tensor):
+                images = images.to(device, non_blocking=True)
+            else:
+                images = [im.to(device, non_blocking=True) for im in images]
+            yield q, keys, lbl, images
+        if first is None:
+            first = seen
+        elif seen != first:
+            raise DuplicateKeyError(f"the pass at Q={q} saw other keys than the first pass: "
+                                    f"{sorted(seen ^ first)[:5]}")
+
+
 @torch.no_grad()
 def evaluate_share(nets: Sequence[nn.Module], batches_at: Callable[[int], Iterable[Batch]], p: Protocol,
                    device: torch.device | str = "cpu", k: int = 5, keep_posteriors: bool = False,
@@ -216,35 +240,19 @@ def evaluate_share(nets: Sequence[nn.Module], batches_at: Callable[[int], Iterab
     # when there is more than one scale (ImageNet, 4 modes: 800 MB over all workers together)
     sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     multi = len(p.scales) > 1 or keep_posteriors
-    seen_first: set[str] | None = None
-    for q in p.scales:
-        seen: set[str] = set()
-        for keys, lbl, images in batches_at(q):
-            dup = [key for key in keys if key in seen] or _repeated(keys)
-            if dup:
-                raise DuplicateKeyError(f"key(s) {dup[:5]} came twice in the pass at Q={q}")
-            seen.update(keys)
-            if isinstance(images, torch.Tensor):
-                images = images.to(device, non_blocking=True)
-            else:
-                images = [im.to(device, non_blocking=True) for im in images]
-            post = posteriors_at_scale(nets, images, p, dense_nets)
-            for key, label in zip(keys, lbl.tolist()):  # .tolist(): one device-to-host copy
-                labels[key] = label
-            for m, pm in post.items():
-                pm = pm.cpu()  # a CPU-GPU sync point, once per batch
-                t = scoring.topk(pm, k)
-                for j, key in enumerate(keys):
-                    top[(m, scale_label([q]))][key] = t[j]
-                    if multi:
-                        sums[m][key] = sums[m][key] + pm[j] if key in sums[m] else pm[j].clone()
-            if progress is not None:
-                progress(len(keys))
-        if seen_first is None:
-            seen_first = seen
-        elif seen != seen_first:
-            diff = sorted(seen ^ seen_first)
-            raise DuplicateKeyError(f"the pass at Q={q} saw other keys than the first pass: {diff[:5]}")
+    for q, keys, lbl, images in checked_passes(batches_at, p.scales, device):
+        post = posteriors_at_scale(nets, images, p, dense_nets)
+        for key, label in zip(keys, lbl.tolist()):  # .tolist(): one device-to-host copy
+            labels[key] = label
+        for m, pm in post.items():
+            pm = pm.cpu()  # a CPU-GPU sync point, once per batch
+            t = scoring.topk(pm, k)
+            for j, key in enumerate(keys):
+                top[(m, scale_label([q]))][key] = t[j]
+                if multi:
+                    sums[m][key] = sums[m][key] + pm[j] if key in sums[m] else pm[j].clone()
+        if progress is not None:
+            progress(len(keys))
     order = sorted(labels)
     out_top = {}
     for m in p.reported:
@@ -355,25 +363,13 @@ def features_share(net: nn.Module, batches_at: Callable[[int], Iterable[Batch]],
     net = net.to(device).eval()
     sums: dict[str, torch.Tensor] = {}
     labels: dict[str, int] = {}
-    first: set[str] | None = None
-    for q in scales:
-        seen: set[str] = set()
-        for keys, lbl, images in batches_at(q):
-            dup = [key for key in keys if key in seen] or _repeated(keys)
-            if dup:
-                raise DuplicateKeyError(f"key(s) {dup[:5]} came twice in the pass at Q={q}")
-            seen.update(keys)
-            images = images.to(device) if isinstance(images, torch.Tensor) else [i.to(device) for i in images]
-            f = penultimate_features(net, images, flip, max_batch, amp_dtype).cpu()
-            for j, (key, label) in enumerate(zip(keys, lbl.tolist())):
-                labels[key] = label
-                sums[key] = sums[key] + f[j] if key in sums else f[j].clone()
-            if progress is not None:
-                progress(len(keys))
-        if first is None:
-            first = seen
-        elif seen != first:
-            raise DuplicateKeyError(f"the pass at Q={q} saw other keys than the first: {sorted(seen ^ first)[:5]}")
+    for _, keys, lbl, images in checked_passes(batches_at, scales, device):
+        f = penultimate_features(net, images, flip, max_batch, amp_dtype).cpu()
+        for j, (key, label) in enumerate(zip(keys, lbl.tolist())):
+            labels[key] = label
+            sums[key] = sums[key] + f[j] if key in sums else f[j].clone()
+        if progress is not None:
+            progress(len(keys))
     order = sorted(labels)
     width = net.classifier[3].out_features
     feats = torch.stack([sums[k] for k in order]) if order else torch.zeros(0, width)
