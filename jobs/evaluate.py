@@ -96,7 +96,7 @@ def checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> str:
             try:
                 return ckpt.resolve(value)
             except FileNotFoundError:
-                pass
+                tried[-1] += " (no checkpoint there)"  # named in the error below if nothing else works
     artifact = _find_artifact(client, run_id, ckpt.FILENAME)
     if artifact:
         import mlflow.artifacts

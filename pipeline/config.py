@@ -143,7 +143,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _coerce(arg, value, key)
             except ConfigError:
-                pass
+                continue  # not this member of the union; the error below names them all
         raise ConfigError(f"{key}: expected {tp}, got {type(value).__name__} {value!r}")
     if origin in (list, tuple):
         (item,) = set(typing.get_args(tp)) - {Ellipsis}
