@@ -336,8 +336,14 @@ def run_worker(cfg: config_lib.Config, worker: Worker, *, report: Report, log: L
                          "data from the beginning", len(saved), worker.world_size, prog.epoch)
         log_.info("rank %d resumes at epoch %d, step %d (lr %g)", worker.rank, prog.epoch, prog.step,
                   prog.schedule.lr)
-    loader = TrainLoader(cfg.data, batch, worker.rank, worker.world_size, worker.device_id, seed=cfg.run.seed,
-                         state=data_state)
+    # Without a data position (a fresh run, or another world size) the epoch's order comes from the
+    # seed: offset it by the epoch so a resumed run does not replay epoch 0's order.
+    loader = TrainLoader(cfg.data, batch, worker.rank, worker.world_size, worker.device_id,
+                         seed=cfg.run.seed + (prog.epoch if data_state is None else 0), state=data_state)
+    if resume is not None and resume.get("dataset_fingerprint", "") != loader.fingerprint:
+        raise ValueError(f"{cfg.data.root}: its dataset fingerprint {loader.fingerprint!r} is not the one "
+                         f"this run was trained on ({resume.get('dataset_fingerprint')!r}); resume on the "
+                         f"same shards, or start a new run.name")
     val_loader = EvalLoader(cfg.data, cfg.data.eval_batch_size or batch, worker.rank, worker.world_size,
                             worker.device_id, mode=cfg.data.val_mode)
     common = dict(cfg=cfg, worker=worker, global_batch=cfg.run.global_batch_size, report=report,
@@ -357,12 +363,11 @@ def run_worker(cfg: config_lib.Config, worker: Worker, *, report: Report, log: L
             prog.step = train_one_epoch(train_net, optimizer, loader, step=prog.step, opts=opts, worker=worker,
                                         global_batch=cfg.run.global_batch_size, log=log,
                                         log_every=cfg.run.log_every_steps, max_batches=min(limits, default=None))
-            if max_steps and prog.step >= max_steps:
-                save(train_net, optimizer, loader, prog, **common)
-                return Result(prog.metrics, tally)
             if loader.step == len(loader):       # the epoch is over: validate, then its checkpoint
                 break
             save(train_net, optimizer, loader, prog, **common)
+            if max_steps and prog.step >= max_steps:
+                return Result(prog.metrics, tally)
         epoch_s = time.perf_counter() - epoch_start
         tally, val_loss = evaluate(ckpt.unwrap(train_net), val_loader, worker=worker,
                                    num_classes=cfg.model.num_classes, mode=cfg.data.val_mode,
@@ -378,6 +383,8 @@ def run_worker(cfg: config_lib.Config, worker: Worker, *, report: Report, log: L
             log_.info("epoch %d: val top-1 %.4f top-5 %.4f (%d images), %.1f s, next lr %g", prog.epoch,
                       tally.top1_error, tally.top5_error, tally.n, epoch_s, prog.schedule.lr)
         save(train_net, optimizer, loader, prog, best=improved(before, prog.schedule), **common)
+        if max_steps and prog.step >= max_steps:  # landed on an epoch's last step: validated, saved
+            break
     return Result(prog.metrics, tally)
 
 

@@ -308,6 +308,31 @@ def test_resume_mid_epoch_gives_bit_identical_weights(sample_dataset):
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
+def test_max_steps_on_an_epochs_last_step_validates_that_epoch_before_stopping(sample_dataset):
+    """6 steps = exactly one epoch: the epoch is validated and checkpointed as finished, so a resume
+    goes on with epoch 2 instead of skipping epoch 1's validation and miscounting epochs."""
+    first = Recorder()
+    run_worker(one_process_cfg(sample_dataset, **{"run.max_steps": 6}), Worker(), report=first.report, log=first.log)
+    saved = first.reported[-1][1]
+    assert saved["step"] == 6 and saved["epoch"] == 1 and saved["step_in_epoch"] == 0
+    assert [m["epoch"] for _, m in first.logged if "val/top1_err" in m] == [1]
+    second = Recorder()
+    run_worker(one_process_cfg(sample_dataset, **{"run.max_steps": 12}), Worker(), report=second.report,
+               log=second.log, resume=saved)
+    assert second.reported[-1][1]["epoch"] == 2
+    assert [m["epoch"] for _, m in second.logged if "val/top1_err" in m] == [2]
+
+
+def test_resume_on_another_dataset_is_an_error_naming_the_fingerprint(sample_dataset):
+    first = Recorder()
+    run_worker(one_process_cfg(sample_dataset, **{"run.max_steps": 2}), Worker(), report=first.report, log=first.log)
+    # another world size drops the data position, the path on which the loader cannot check it itself
+    other = {**first.reported[-1][1], "dataset_fingerprint": "not-this-one", "workers": []}
+    with pytest.raises(ValueError, match="fingerprint .* is not the one this run was trained on"):
+        run_worker(one_process_cfg(sample_dataset, **{"run.max_steps": 4}), Worker(), report=Recorder().report,
+                   log=Recorder().log, resume=other)
+
+
 def test_init_from_a_and_dense_validation(sample_dataset, tmp_path):
     """D starts from a trained A (the paper's first four convs and the FCs) and validates densely."""
     a = Recorder()
