@@ -241,7 +241,7 @@ class Tracker:
             try:
                 self._pending.extend(self._queue.get(timeout=1.0))
             except queue.Empty:
-                pass
+                pass  # a second without new metrics: still retry what is buffered
             if len(self._pending) == MAX_BUFFERED and not self._warned:
                 self._warned = True
                 log.warning("MLflow: %d metric values buffered while %s is unreachable; the oldest are "

@@ -1,6 +1,7 @@
 """What every benchmark shares: timing with device syncs, one JSON line per figure, a table, ratios."""
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import time
@@ -47,6 +48,27 @@ def reset_peak_memory(device: torch.device) -> None:
 def ratio(numerator: float, denominator: float) -> float | None:
     """``numerator / denominator``; None (JSON null) when there is no denominator to compare with."""
     return numerator / denominator if denominator else None
+
+
+def forever(loader):
+    """Batches across epoch boundaries: each ``iter(loader)`` is one epoch of a TrainLoader."""
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
+def pick_variants(text: str, known) -> list[str]:
+    """``"a,b"`` -> ["a", "b"]; a name not in ``known`` is an error listing the known ones."""
+    names = [v for v in text.split(",") if v]
+    unknown = [v for v in names if v not in known]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(known)}")
+    return names
+
+
+def add_ratios(rows: dict[str, dict], reference: str, column: str) -> None:
+    """Each row's images/s over the ``reference`` row's, both measured in this run; None without it."""
+    ref = rows.get(reference)
+    for r in rows.values():
+        r[column] = ratio(r["images_per_s"], ref["images_per_s"]) if ref else None
 
 
 class Report:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import model
-from jobs.bench.common import Report, peak_memory_gib, ratio, reset_peak_memory, sync, time_it
+from jobs.bench.common import Report, forever, peak_memory_gib, ratio, reset_peak_memory, sync, time_it
 from jobs.bench.loader import make_sample
 from jobs.bench.train import VARIANTS, forward_flops, matmul_tflops
 from pipeline.config import DataConfig
@@ -67,11 +67,7 @@ def main(argv: list[str]) -> list[dict]:
                      dtype="bfloat16" if opts.amp_dtype == torch.bfloat16 else "float32")
     loader = TrainLoader(cfg, args.batch, 0, 1, device_id=(device.index or 0) if on_gpu else None)
 
-    def batches():
-        while True:
-            yield from loader
-
-    feed = batches()
+    feed = forever(loader)
     classes = 1000
     net = model.build(args.model, num_classes=classes, width=args.width, image_size=args.crop,
                       init="glorot").to(device)

@@ -19,7 +19,7 @@ import argparse
 import torch
 
 import model
-from jobs.bench.common import Report, peak_memory_gib, ratio, reset_peak_memory, time_it
+from jobs.bench.common import Report, add_ratios, peak_memory_gib, pick_variants, reset_peak_memory, time_it
 from pipeline.evaluate import Protocol, posteriors_at_scale
 
 VARIANTS = ("same", "mixed", "multicrop", "center")
@@ -88,17 +88,12 @@ def main(argv: list[str]) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    names = pick_variants(args.variants, VARIANTS)
     report = Report("eval", device, model=args.model, width=args.width, batch=args.batch,
                     flip=not args.no_flip, amp=bool(args.amp and device.type == "cuda"),
                     channels_last=args.channels_last, torch=torch.__version__)
     rows = {n: measure(n, args, device, report) for n in names}
-    ref = rows.get("same")
-    for r in rows.values():
-        r["vs_same"] = ratio(r["images_per_s"], ref["images_per_s"]) if ref else float("nan")
+    add_ratios(rows, "same", "vs_same")
     print(report.table(["variant", "mode", "image_shape", "images_per_s", "vs_same", "peak_mem_gib"]))
     report.save(args.out)
     return report.rows

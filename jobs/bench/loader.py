@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.bench.common import Report, ratio, sync
+from jobs.bench.common import Report, forever, ratio, sync
 
 
 def parse(argv):
@@ -89,11 +89,7 @@ def bench_dali(args, root: Path, device: torch.device) -> tuple[float, int]:
                      dtype=args.dtype)
     loader = TrainLoader(cfg, args.batch_size, 0, 1, device_id=device.index if device.type == "cuda" else None)
 
-    def batches():
-        while True:
-            yield from loader
-
-    it = batches()
+    it = forever(loader)
     for _ in range(args.warmup):
         next(it)
     sync(device)

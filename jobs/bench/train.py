@@ -14,7 +14,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
-from jobs.bench.common import Report, peak_memory_gib, ratio, reset_peak_memory, time_it
+from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, ratio,
+                                reset_peak_memory, time_it)
 from pipeline.step import StepOptions, prepare, sgd, train_step
 
 # name -> (step options, fused SGD). "compile" is the reference the goal is measured against.
@@ -96,20 +97,16 @@ def parse(argv):
 def main(argv: list[str]) -> list[dict]:
     args = parse(argv)
     device = torch.device(args.device)
-    names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    names = pick_variants(args.variants, VARIANTS)
     flops = forward_flops(model.build(args.model, num_classes=args.classes, width=args.width,
                                       image_size=args.image_size), args.image_size)
     peak = matmul_tflops(device)
     report = Report("train", device, out=args.out, model=args.model, batch=args.batch, image_size=args.image_size,
                     width=args.width, gflops_per_image_fwd=flops / 1e9, matmul_peak_tflops=peak)
     rows = {n: measure(n, args, device, flops, peak, report) for n in names}
-    ref = rows.get(args.reference)
+    add_ratios(rows, args.reference, "vs_reference")
     for r in rows.values():
         r["reference"] = args.reference
-        r["vs_reference"] = ratio(r["images_per_s"], ref["images_per_s"]) if ref else None
     print(report.table(["variant", "images_per_s", "tflops", "peak_fraction", "vs_reference", "peak_mem_gib"]))
     report.save(args.out)
     return report.rows
