@@ -23,14 +23,14 @@ if [ "${SMALL:-0}" = 1 ]; then
   dev=cpu; loader_dev=cpu; threads=2
   net=(--model A --width 0.0625); step_sizes=(--batch 8 --image-size 64 --classes 10 --warmup 1 --iters 2)
   sample=(--classes 4 --per-class 8 --size 96,140); crop=(--crop 64 --scale-min 64 --scale-max 96)
-  variants=fp32,bf16-cl; e2e_variant=fp32; loader_batch=8; e2e_batch=8; steps=3; loader_steps=3
+  variants=fp32,bf16-cl,bf16-cl+convrelu; e2e_variant=fp32; loader_batch=8; e2e_batch=8; steps=3; loader_steps=3
   eval_args=(--model A --width 0.0625 --image-size 64 --scale 96 --batch 2 --classes 10)
 else
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
   dev=cuda; loader_dev=0; threads=16
   net=(--model D); step_sizes=(--batch 256 --warmup 5 --iters 20)
   sample=(--classes 10 --per-class 300 --size 300,500); crop=(--crop 224 --scale-min 256 --scale-max 512)
-  variants=compile,compile+cudnn+fused,graphs+cudnn+fused,bf16-cl
+  variants=compile,compile+cudnn+fused,graphs+cudnn+fused,compile+cudnn+fused+convrelu,graphs+cudnn+fused+convrelu,bf16-cl
   e2e_variant=compile+cudnn+fused; loader_batch=256; e2e_batch=256; steps=40; loader_steps=150
   eval_args=(--model D --scale 384 --batch 64 --variants same,mixed)
 fi
@@ -38,7 +38,7 @@ fi
 step loader 90 "$PY" -m jobs.bench loader --work "$work" --device "$loader_dev" --threads "$threads" \
   --batch-size "$loader_batch" --steps "$loader_steps" "${sample[@]}" "${crop[@]}" --out "$out/loader.json"
 [ "$dev" = cuda ] && step check 45 "$PY" benchmarks/gpu_check.py "$work/shards" 0
-step train 200 "$PY" -m jobs.bench train "${net[@]}" "${step_sizes[@]}" --variants "$variants" \
+step train 300 "$PY" -m jobs.bench train "${net[@]}" "${step_sizes[@]}" --variants "$variants" \
   --reference "${REFERENCE:-$([ "$dev" = cuda ] && echo compile || echo fp32)}" --device "$dev" --out "$out/train.json"
 step e2e 100 "$PY" -m jobs.bench e2e --work "$work" "${net[@]}" --batch "$e2e_batch" "${crop[@]}" \
   --variant "$e2e_variant" --device "$dev" --threads "$threads" --steps "$steps" "${sample[@]}" --out "$out/e2e.json"

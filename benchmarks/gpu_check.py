@@ -4,15 +4,69 @@
    may differ by a few grey levels, nothing more).
 2. A training batch held by torch is not overwritten by the batches DALI produces after it (the
    zero-copy DLPack view must keep DALI's buffer alive).
+3. Fetching a training batch and running a training step never blocks the host on the GPU
+   (torch's sync debug mode raises on any synchronising call): one such wait per step drains the
+   GPU's queue, and the shard-fed step loses the launch-ahead the resident step enjoys.
+4. cuDNN's fused conv + bias + ReLU (model/fused.py) gives the unfused net's outputs and gradients in
+   bf16 channels_last, up to bf16 rounding.
 Prints one JSON line; exits non-zero on a failed check.
 """
+import copy
 import json
 import sys
 
 import torch
 
+import model
+from model.fused import fuse_conv_relu
 from pipeline.config import DataConfig
 from pipeline.loader import EvalLoader, TrainLoader
+from pipeline.step import StepOptions, prepare, sgd, train_step
+
+
+def fused_vs_plain(device: torch.device) -> dict:
+    """Largest relative L2 difference of the logits and of any parameter's gradient."""
+    torch.manual_seed(0)
+    plain = model.build("A", num_classes=100, width=0.25, image_size=64, init="kaiming",
+                        dropout=0.0).to(device)
+    plain = plain.to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(plain)
+    fuse_conv_relu(fused)
+    x = torch.randn(16, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
+    outs = []
+    try:
+        for net in (plain, fused):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = net(x).float()
+            out.square().mean().backward()
+            outs.append(out.detach())
+    except RuntimeError as e:
+        return {"fused_error": str(e).splitlines()[0]}
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    return {"fused_logits_rel_diff": rel(outs[1], outs[0]),
+            "fused_grad_rel_diff": max(rel(q.grad, p.grad) for p, q in zip(plain.parameters(), fused.parameters()))}
+
+
+def sync_free(loader: TrainLoader, device_id: int, steps: int = 3) -> str:
+    """'' when batches and steps ran with no host sync, else the error torch raised."""
+    device = torch.device("cuda", device_id)
+    opts = StepOptions(amp_dtype=torch.bfloat16, channels_last=True)
+    net = prepare(model.build("A", num_classes=1000, width=0.25, image_size=224).to(device), opts)
+    opt = sgd(net, lr=1e-3, fused=True)
+    it = iter(loader)
+    batch = next(it)
+    train_step(net, opt, batch.images, batch.labels, opts.amp_dtype)   # lazy state: allowed to sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            batch = next(it)
+            train_step(net, opt, batch.images, batch.labels, opts.amp_dtype)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return ""
 
 
 def main(root: str, device_id: int) -> int:
@@ -35,12 +89,17 @@ def main(root: str, device_id: int) -> int:
     torch.cuda.synchronize()
     intact = torch.equal(held.images, copy)
     finite = bool(torch.isfinite(later.images.float()).all())
+    sync_error = sync_free(loader, device_id)
+    fused = fused_vs_plain(torch.device("cuda", device_id))
     result = {"check": "gpu", "val_images": n, "center_mean_abs_diff": worst_mean, "center_max_abs_diff": worst_max,
               "held_batch_intact": intact, "train_dtype": str(later.images.dtype),
               "train_channels_last": later.images.is_contiguous(memory_format=torch.channels_last),
-              "train_finite": finite, "train_shape": list(later.images.shape)}
+              "train_finite": finite, "train_shape": list(later.images.shape),
+              "labels_on_gpu": later.labels.is_cuda, "host_sync_in_step": sync_error, **fused}
     print(json.dumps(result))
-    ok = n > 0 and worst_mean < 2.0 and intact and finite and result["train_channels_last"]
+    ok = (n > 0 and worst_mean < 2.0 and intact and finite and result["train_channels_last"]
+          and later.labels.is_cuda and not sync_error and fused.get("fused_logits_rel_diff", 1) < 0.02
+          and fused.get("fused_grad_rel_diff", 1) < 0.05)
     return 0 if ok else 1
 
 

@@ -95,6 +95,7 @@ class RunConfig:
     amp: bool = True                     # bf16 autocast on GPU; CPU always runs fp32
     channels_last: bool = True           # on GPU
     compile: bool = False                # torch.compile the model
+    fuse_conv_relu: bool = False         # conv + bias + ReLU as one op, one cuDNN call on GPU (model/fused.py)
     grad_compression: str = "none"       # none | bf16 (a DDP communication hook)
     max_steps: int = 0                   # stop after this many optimizer steps (tests, smoke runs); 0 = off
     log_every_steps: int = 10

@@ -75,8 +75,11 @@ def _seed(seed: int, shard_id: int, stream: int) -> int:
 # --- DALI graph and conversion ----------------------------------------------------------------------
 
 def _read(split: Split, shard_id: int, num_shards: int, *, shuffle: bool, seed: int, buffer: int,
-          stick_to_shard: bool):
-    """(jpegs, labels int32 (1,), keys uint8 padded to the batch's longest key) from the shards."""
+          stick_to_shard: bool, backend: str):
+    """(jpegs, labels int32 (1,), keys uint8 padded to the batch's longest key) from the shards.
+
+    Labels go to the GPU inside DALI whenever the images do: torch copying them from pageable host
+    memory would wait for the whole stream (the previous training step) on every batch."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
@@ -85,7 +88,7 @@ def _read(split: Split, shard_id: int, num_shards: int, *, shuffle: bool, seed: 
         dtypes=[types.UINT8, types.INT32, types.UINT8], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=max(buffer, 1),
         seed=seed, pad_last_batch=True, stick_to_shard=stick_to_shard, name="reader")
-    return jpegs, labels, fn.pad(keys, fill_value=0)
+    return jpegs, labels if backend == "cpu" else labels.gpu(), fn.pad(keys, fill_value=0)
 
 
 def _build(graph, *, batch_size: int, cfg, device_id: int | None, seed: int,
@@ -129,7 +132,8 @@ class _Runner:
         return t
 
     def labels(self, tl) -> torch.Tensor:
-        return torch.from_numpy(np.array(tl.as_tensor(), dtype=np.int64).reshape(-1)).to(self.device)
+        """(N,) int64, a copy made on the labels' device (a GPU kernel, not a host round trip)."""
+        return self.tensor(tl.as_tensor()).reshape(-1).to(torch.int64)
 
     @staticmethod
     def keys(tl) -> list[str]:
@@ -179,7 +183,7 @@ class TrainLoader:
         def graph():
             jpegs, labels, keys = _read(self.split, shard_id, num_shards, shuffle=True,
                                         seed=_seed(seed, shard_id, 1), buffer=cfg.shuffle_buffer,
-                                        stick_to_shard=False)
+                                        stick_to_shard=False, backend=backend)
             images = augment.train_augment(jpegs, cfg, self.stats, backend)
             return images, labels, keys
 
@@ -270,7 +274,7 @@ class EvalLoader:
         def graph():
             # stick_to_shard: every pass reads the same samples on this rank, so num_samples holds
             jpegs, labels, keys = _read(self.split, shard_id, num_shards, shuffle=False, seed=0,
-                                        buffer=1, stick_to_shard=True)
+                                        buffer=1, stick_to_shard=True, backend=backend)
             images = augment.rescale(augment.decode(jpegs, backend, cfg.hw_decoder_load), float(self.scale))
             crop = self.crop if mode == "center" else None
             images = augment.normalize(images, mean=mean, crop=crop, layout=cfg.layout, dtype=cfg.dtype)

@@ -1,12 +1,18 @@
 """One optimizer step, built once with its device-level choices, so training and benchmarks run the
-same code: autocast dtype, memory format, torch.compile mode, fused SGD, cuDNN autotuning."""
+same code: autocast dtype, memory format, torch.compile mode, fused SGD, cuDNN autotuning, and
+convolution + ReLU as one cuDNN call."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.fused import fuse_conv_relu
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -16,6 +22,7 @@ class StepOptions:
     compile: str = ""                     # "" = eager; else a torch.compile mode ("default", ...)
     cudnn_benchmark: bool = False          # let cuDNN time its algorithms for these fixed shapes
     tf32: bool = False
+    fuse_conv_relu: bool = False           # model.fused: one cuDNN call per conv + bias + ReLU
 
 
 def sgd(net: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -38,8 +45,11 @@ def apply_backend_options(opts: StepOptions) -> None:
 
 
 def prepare(net: nn.Module, opts: StepOptions) -> nn.Module:
-    """Memory format and compilation; returns the module to call (compiled or not)."""
+    """Conv-ReLU fusion (in place), memory format and compilation; returns the module to call
+    (compiled or not)."""
     apply_backend_options(opts)
+    if opts.fuse_conv_relu:
+        log.info("conv + ReLU fused into one op: %d pairs", fuse_conv_relu(net))
     if opts.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if opts.compile:

@@ -64,11 +64,13 @@ class Worker:
 
 
 def step_options(cfg: config_lib.Config, device: torch.device) -> StepOptions:
-    """bf16 autocast, channels_last and cuDNN autotuning on GPU; plain fp32 on CPU."""
+    """bf16 autocast, channels_last and cuDNN autotuning on GPU, plain fp32 on CPU; conv-ReLU fusion
+    where asked (on the CPU it is the same arithmetic, which is how the tests cover it)."""
     gpu = device.type == "cuda"
     return StepOptions(amp_dtype=torch.bfloat16 if gpu and cfg.run.amp else None,
                        channels_last=gpu and cfg.run.channels_last,
-                       compile="default" if cfg.run.compile else "", cudnn_benchmark=gpu)
+                       compile="default" if cfg.run.compile else "", cudnn_benchmark=gpu,
+                       fuse_conv_relu=cfg.run.fuse_conv_relu)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,7 +320,8 @@ def run_worker(cfg: config_lib.Config, worker: Worker, *, report: Report, log: L
     ddp = wrap(net, worker)
     if isinstance(ddp, nn.parallel.DistributedDataParallel):
         apply_grad_compression(ddp, cfg.run.grad_compression)
-    train_net = prepare(ddp, StepOptions(compile=opts.compile, cudnn_benchmark=opts.cudnn_benchmark))
+    train_net = prepare(ddp, StepOptions(compile=opts.compile, cudnn_benchmark=opts.cudnn_benchmark,
+                                         fuse_conv_relu=opts.fuse_conv_relu))
     torch.manual_seed(cfg.run.seed * 1000 + worker.rank)   # dropout differs per rank
 
     prog = Progress(schedule=Plateau(lr=cfg.optim.lr))

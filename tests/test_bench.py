@@ -61,3 +61,59 @@ def test_overlap_and_bf16_never_slow_a_step_and_efficiency_is_at_most_one():
     assert scaling.step_seconds(layers, 0.01, 16, 1e12, latency_s=0) == pytest.approx(0.01, rel=1e-6)
     for row in scaling.table(5000.0, 256):
         assert 0 < row["efficiency_no_overlap"] <= row["efficiency_overlap_bf16"] <= 1
+
+
+# --- the benches that read shards: one tiny synthetic sample for all of them --------------------------
+
+SAMPLE = ["--classes", "2", "--per-class", "8", "--size", "48,64"]
+CROP = ["--crop", "32", "--scale-min", "32", "--scale-max", "48"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bench-sample"))
+
+
+def test_loader_bench_dali_vs_torchvision(work, tmp_path):
+    from jobs.bench import loader
+
+    out = tmp_path / "loader.json"
+    loader.main(["--work", work, "--device", "cpu", "--threads", "1", "--workers", "0", "--batch-size", "4",
+                 "--steps", "2", "--warmup", "1", "--out", str(out)] + SAMPLE + CROP)
+    dali, tv, r = json.loads(out.read_text())
+    assert (dali["pipeline"], tv["pipeline"], r["pipeline"]) == ("dali", "torchvision", "ratio")
+    assert dali["images_per_s"] > 0 and tv["images_per_s"] > 0 and dali["images_per_cpu_s"] > 0
+    assert dali["steps_per_epoch"] == 16 // 4
+    assert r["dali_over_torchvision"] == pytest.approx(dali["images_per_s"] / tv["images_per_s"])
+    assert r["dali_over_torchvision_per_cpu_s"] == pytest.approx(dali["images_per_cpu_s"] / tv["images_per_cpu_s"])
+
+
+def test_e2e_bench_resident_fed_and_synced_side_by_side(work, tmp_path):
+    from jobs.bench import e2e
+
+    out = tmp_path / "e2e.json"
+    rows = e2e.main(["--work", work, "--model", "A", "--width", "0.0625", "--batch", "4", "--variant", "fp32",
+                     "--device", "cpu", "--threads", "1", "--warmup", "1", "--steps", "3", "--out", str(out)]
+                    + SAMPLE + CROP)
+    assert json.loads(out.read_text()) == rows
+    resident, fed, synced, r = rows
+    assert [x["feed"] for x in rows] == ["resident", "shard-fed", "shard-fed+host-sync", "ratio"]
+    for x in (resident, fed, synced):
+        assert x["images_per_s"] > 0 and x["tflops"] > 0 and 0.0 <= x["data_wait_fraction"] <= 1.0
+    assert resident["data_wait_fraction"] == 0.0 and fed["data_wait_fraction"] > 0.0
+    assert r["fed_over_resident"] == pytest.approx(fed["images_per_s"] / resident["images_per_s"])
+    assert r["synced_over_resident"] == pytest.approx(synced["images_per_s"] / resident["images_per_s"])
+
+
+def test_preprocess_bench_ours_vs_naive(tmp_path):
+    from jobs.bench import preprocess
+
+    out = tmp_path / "pre.json"
+    preprocess.main(["--images", "20", "--workers", "1", "--shard-size", "10", "--repeats", "1",
+                     "--cache", str(tmp_path / "images"), "--out", str(out)])
+    naive, ours, summary = json.loads(out.read_text())
+    assert (naive["method"], ours["method"], summary["method"]) == ("naive", "ours", "summary")
+    for x in (naive, ours):
+        assert x["images"] == 20 and x["images_per_s"] > 0 and x["cpu_bound_images_per_s"] > 0 and x["shard_mb"] > 0
+    assert summary["speedup"] == pytest.approx(ours["images_per_s"] / naive["images_per_s"])
+    assert summary["cpu_speedup"] == pytest.approx(ours["cpu_bound_images_per_s"] / naive["cpu_bound_images_per_s"])

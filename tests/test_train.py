@@ -308,6 +308,22 @@ def test_resume_mid_epoch_gives_bit_identical_weights(sample_dataset):
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
+def test_conv_relu_fusion_trains_the_same_weights_under_the_same_keys(sample_dataset, caplog):
+    caplog.set_level("INFO", logger="pipeline.step")
+    runs = []
+    for fuse in (False, True):
+        rec = Recorder()
+        run_worker(one_process_cfg(sample_dataset, **{"run.max_steps": 3, "run.fuse_conv_relu": fuse}), Worker(),
+                   report=rec.report, log=rec.log)
+        runs.append(rec.reported[-1][1]["model"])
+    assert [r.getMessage() for r in caplog.records if "fused" in r.getMessage()] == [
+        "conv + ReLU fused into one op: 8 pairs"]                        # A's eight convs, fused run only
+    plain, fused = runs
+    assert list(plain) == list(fused)
+    for k in plain:
+        torch.testing.assert_close(fused[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_max_steps_on_an_epochs_last_step_validates_that_epoch_before_stopping(sample_dataset):
     """6 steps = exactly one epoch: the epoch is validated and checkpointed as finished, so a resume
     goes on with epoch 2 instead of skipping epoch 1's validation and miscounting epochs."""

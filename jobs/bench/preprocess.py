@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the median is reported")
     p.add_argument("--cache", default=None, help="folder for the generated images (kept between runs)")
-    p.add_argument("--save", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--out", default=None, help="also save the figures as JSON here")
     a = p.parse_args(argv)
     from jobs.bench.common import Report, ratio  # torch comes with it: import after the pools' module loads
     import torch
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> None:
     source = cache
     print(f"# {len(files)} images in {cache} ({time.perf_counter() - t:.0f} s to list or generate); "
           f"mean file {sum(Path(f).stat().st_size for f, _, _ in files) / len(files) / 1e3:.0f} KB")
-    report = Report("preprocess", torch.device("cpu"), workers=a.workers, images=len(files),
+    report = Report("preprocess", torch.device("cpu"), out=a.out, workers=a.workers, images=len(files),
                     shard_size=a.shard_size)
     rates: dict[str, list[float]] = {"naive": [], "ours": []}
     cpu_rates: dict[str, list[float]] = {"naive": [], "ours": []}  # workers x images / CPU seconds
@@ -153,4 +153,4 @@ def main(argv: list[str]) -> None:
           f"{ratio(med['ours'], med['naive']):.2f}x (medians of {a.repeats}, {a.workers} processes each)")
     print(f"# CPU-bound (workers x images / CPU seconds, robust to other load on the machine): ours "
           f"{cpu_med['ours']:.0f}, naive {cpu_med['naive']:.0f}, {ratio(cpu_med['ours'], cpu_med['naive']):.2f}x")
-    report.save(a.save)
+    report.save(a.out)

@@ -31,6 +31,13 @@ VARIANTS = {
                                         cudnn_benchmark=True), True),
     "graphs+cudnn+fused": (StepOptions(amp_dtype=torch.bfloat16, channels_last=True,
                                        compile="reduce-overhead", cudnn_benchmark=True), True),
+    # conv + bias + ReLU as one cuDNN call (model/fused.py)
+    "bf16-cl+convrelu": (StepOptions(amp_dtype=torch.bfloat16, channels_last=True, fuse_conv_relu=True), False),
+    "compile+cudnn+fused+convrelu": (StepOptions(amp_dtype=torch.bfloat16, channels_last=True, compile="default",
+                                                 cudnn_benchmark=True, fuse_conv_relu=True), True),
+    "graphs+cudnn+fused+convrelu": (StepOptions(amp_dtype=torch.bfloat16, channels_last=True,
+                                                compile="reduce-overhead", cudnn_benchmark=True,
+                                                fuse_conv_relu=True), True),
 }
 
 
