@@ -8,6 +8,9 @@
                     batches of 2 x 8 and 3 x 4).
 ``data_config``     factory: ``data_config(root, **overrides)`` -> DataConfig sized for tests
                     (crop 64, S in [64, 128], CPU decode, 2 threads, float32 NCHW).
+``odd_source``      the preprocessing tests' sample with every oddity (tests/odd_sample.py)
+``built``           (out, summary, log) of preprocessing it with shard size 8
+``odd_manifest``    {split: manifest rows} of ``built``
 Treat the session-scoped folders as read-only; copy them (``shutil.copytree``) to break them.
 """
 from __future__ import annotations
@@ -52,3 +55,28 @@ def data_config():
         return DataConfig(**base)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def odd_source(tmp_path_factory) -> Path:
+    from odd_sample import SIZES
+    from preprocessing import synthetic
+
+    return synthetic.generate(tmp_path_factory.mktemp("odd") / "source", classes=4, train_per_class=10,
+                              val_per_class=4, oddities=True, seed=0, size_range=SIZES)
+
+
+@pytest.fixture(scope="session")
+def built(odd_source, tmp_path_factory):
+    from odd_sample import build
+
+    out = tmp_path_factory.mktemp("built") / "out"
+    summary, log = build(odd_source, out)
+    return out, summary, log
+
+
+@pytest.fixture
+def odd_manifest(built):
+    from preprocessing.manifest import read_manifest
+
+    return {s: read_manifest(built[0], s).to_pylist() for s in ("train", "val")}

@@ -117,3 +117,15 @@ def test_preprocess_bench_ours_vs_naive(tmp_path):
         assert x["images"] == 20 and x["images_per_s"] > 0 and x["cpu_bound_images_per_s"] > 0 and x["shard_mb"] > 0
     assert summary["speedup"] == pytest.approx(ours["images_per_s"] / naive["images_per_s"])
     assert summary["cpu_speedup"] == pytest.approx(ours["cpu_bound_images_per_s"] / naive["cpu_bound_images_per_s"])
+
+
+def test_eval_benchmark_reports_images_per_second(capsys):
+    from jobs.bench import eval as bench
+
+    rows = bench.main(["--model", "A", "--width", "0.0625", "--image-size", "32", "--scale", "48", "--batch", "3",
+                       "--classes", "5", "--iters", "1", "--warmup", "0", "--variants", "same,mixed,center"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in printed] == ["same", "mixed", "center"]
+    assert [r["shapes"] for r in rows] == [1, 3, 1]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["device"].startswith("CPU") and r["bench"] == "eval"

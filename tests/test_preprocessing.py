@@ -1,7 +1,8 @@
-"""preprocessing/: layouts, the per-image check, deterministic shards, resume, incremental adds, verify.
+"""preprocessing/: layouts, the per-image check, deterministic shards, errors, the CLI and Ray mode.
 
-One small ILSVRC-shaped sample with every oddity (4 classes, 10 train + 4 val images per class, sides
-96-160 px) is built once per module with shard size 8; tests that break or extend it work on copies.
+One small ILSVRC-shaped sample with every oddity is built once per session (tests/odd_sample.py, fixtures
+in conftest.py); tests that break or extend it work on copies. Reruns, resume and verify are in
+test_preprocessing_rerun.py.
 """
 from __future__ import annotations
 
@@ -20,76 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from odd_sample import SHARD, build, image_files, shard_samples, snapshot
 from preprocessing import synthetic
 from preprocessing.check import check_image, jpeg_structure
 from preprocessing.errors import DataError
 from preprocessing.manifest import load_dataset_info, read_manifest
-from preprocessing.shards import EXTENSIONS, parse_index
-from preprocessing.sources import IMAGE_EXTENSIONS, discover
+from preprocessing.shards import parse_index
+from preprocessing.sources import discover
 from preprocessing.verify import verify
 from preprocessing.writer import preprocess
-
-SHARD = 8
-SIZES = (96, 160)
-
-
-def build(source, out, **kw):
-    lines: list[str] = []
-    kw = {"shard_size": SHARD, "seed": 0, "progress": False, **kw}
-    summary = preprocess(source, out, log=lines.append, **kw)
-    return summary, "\n".join(lines)
-
-
-def snapshot(out: Path) -> dict[str, bytes]:
-    """Every shard, index, manifest and dataset.json of OUT, by relative path."""
-    files = [p for p in out.rglob("*") if p.is_file() and not p.relative_to(out).parts[0].startswith(".")]
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(files)}
-
-
-def mtimes(out: Path, pattern: str = "*.tar") -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in sorted(out.glob(pattern))}
-
-
-def image_files(root: Path, split: str) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in (root / split).rglob("*")
-            if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)}
-
-
-def shard_samples(out: Path, split: str) -> list[dict]:
-    """Every sample of every shard of ``split``, in order: {key, shard, cls, jpg, key_member, lbl}."""
-    info = load_dataset_info(out)
-    samples = []
-    for shard in info["splits"][split]["shards"]:
-        with tarfile.open(out / shard) as tf:
-            members = tf.getmembers()
-            assert [m.name.split(".", 1)[1] for m in members] == list(EXTENSIONS) * (len(members) // 4)
-            for i in range(0, len(members), 4):
-                group = members[i:i + 4]
-                key = group[0].name.split(".")[0]
-                assert all(m.name == f"{key}.{e}" for m, e in zip(group, EXTENSIONS))
-                data = {m.name.split(".", 1)[1]: tf.extractfile(m).read() for m in group}
-                data["key_member"] = data.pop("key")
-                samples.append({**data, "key": key, "shard": shard})
-    return samples
-
-
-@pytest.fixture(scope="module")
-def odd_source(tmp_path_factory) -> Path:
-    return synthetic.generate(tmp_path_factory.mktemp("odd") / "source", classes=4, train_per_class=10,
-                              val_per_class=4, oddities=True, seed=0, size_range=SIZES)
-
-
-@pytest.fixture(scope="module")
-def built(odd_source, tmp_path_factory):
-    out = tmp_path_factory.mktemp("built") / "out"
-    summary, log = build(odd_source, out)
-    return out, summary, log
-
-
-@pytest.fixture
-def odd_manifest(built):
-    out = built[0]
-    return {s: read_manifest(out, s).to_pylist() for s in ("train", "val")}
 
 
 # ---- the synthetic sample -------------------------------------------------------------------------------
@@ -326,130 +266,6 @@ def test_dataset_json_and_colour_statistics(built, odd_manifest):
     np.testing.assert_allclose(st["mean_rgb"], mean, atol=1.0)
     ours = vec.T @ np.diag(val) @ vec
     assert np.abs(ours - cov).max() < 0.05 * np.abs(cov).max()
-
-
-# ---- resume, rerun, incremental adds, workers ---------------------------------------------------------
-
-class Killed(RuntimeError):
-    pass
-
-
-def crash_after(n):
-    def map_fn(fn, jobs):
-        for i, job in enumerate(jobs):
-            if i == n:
-                raise Killed(f"simulated kill after {n} shards")
-            yield fn(job)
-    return map_fn
-
-
-def test_killed_after_two_shards_then_rerun_gives_identical_bytes(built, odd_source, tmp_path):
-    ref = built[0]
-    out = tmp_path / "out"
-    with pytest.raises(Killed):
-        build(odd_source, out, map_fn=crash_after(2))
-    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
-    assert not (out / "dataset.json").exists() and not (out / "train" / "manifest.parquet").exists()
-    done = mtimes(out)
-    # What a kill in the middle of the third shard leaves: a temp file, and (from a non-atomic copy, say)
-    # junk under the final name that no part file vouches for.
-    (out / ".tmp-train-000002.tar.12345.deadbeef").write_bytes(b"half a shard")
-    (out / "train-000002.tar").write_bytes(b"junk")
-    _, log = build(odd_source, out)
-    assert snapshot(out) == snapshot(ref)
-    assert {k: v for k, v in mtimes(out).items() if k in done} == done  # finished shards not rewritten
-    assert not list(out.glob(".tmp-*")) and "temp file" in log
-
-
-def test_rerun_on_unchanged_source_does_nothing(built, odd_source, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(built[0], out)  # copy2: mtimes kept
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    summary, log = build(odd_source, out)
-    assert "nothing to do" in log
-    assert summary["train"]["shards_written"] == summary["val"]["shards_written"] == 0
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
-
-
-def test_workers_do_not_change_the_bytes(built, odd_source, tmp_path):
-    build(odd_source, tmp_path / "w2", workers=2)
-    assert snapshot(tmp_path / "w2") == snapshot(built[0])
-
-
-def test_new_source_files_go_into_new_shards_only(built, odd_source, tmp_path):
-    src, out = tmp_path / "src", tmp_path / "out"
-    shutil.copytree(odd_source, src)
-    shutil.copytree(built[0], out)
-    before, old_tars = snapshot(out), mtimes(out)
-    extra = synthetic.generate(tmp_path / "extra", classes=4, train_per_class=5, val_per_class=0, seed=9,
-                               size_range=SIZES)
-    new = []
-    for p in sorted((extra / "train").rglob("*.JPEG")):
-        dest = src / "train" / p.parent.name / f"{p.parent.name}_{70000 + len(new)}.JPEG"
-        shutil.copy(p, dest)
-        new.append(dest.relative_to(src).as_posix())
-    assert len(new) == 20
-    gone = sorted((src / "train").rglob("*_1.JPEG"))[0]
-    gone.unlink()
-    touched = sorted((src / "train").rglob("*_2.JPEG"))[0]
-    touched.write_bytes(touched.read_bytes() + b"\0")
-    summary, log = build(src, out)
-    assert summary["train"]["added"] == 20 and summary["val"]["added"] == 0
-    assert summary["train"]["removed"] == 1 and summary["train"]["changed"] == 1
-    assert "added 20 images in 3 shards (train-000007..train-000009)" in log
-    assert gone.name in log and touched.name in log
-    after = snapshot(out)
-    for name, data in before.items():
-        if name.endswith((".tar", ".idx")):
-            assert after[name] == data, name  # existing shards untouched, byte for byte
-    assert {k: v for k, v in mtimes(out).items() if k in old_tars} == old_tars
-    rows = read_manifest(out, "train").to_pylist()
-    new_rows = [r for r in rows if r["source"] in new]
-    assert len(rows) == 52 + 20 and len(new_rows) == 20
-    assert {r["shard"] for r in new_rows} == {"train-000007.tar", "train-000008.tar", "train-000009.tar"}
-    assert gone.relative_to(src).as_posix() in {r["source"] for r in rows}  # reported, left in its shard
-    assert verify(out) == []
-    _, log = build(src, out)  # now nothing is new: nothing to do, the removal and change still reported
-    assert "nothing to do" in log and "added" not in log and "changed" in log and "gone" in log
-    assert snapshot(out) == after
-
-
-# ---- verify --------------------------------------------------------------------------------------------
-
-def test_verify_passes_a_sound_dataset(built):
-    assert verify(built[0]) == []
-
-
-def test_verify_catches_a_truncated_shard(built, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(built[0], out)
-    shard = out / "train-000003.tar"
-    data = shard.read_bytes()
-    shard.write_bytes(data[: int(len(data) * 0.6)])
-    problems = verify(out)
-    assert problems and problems[0].shard == "train-000003.tar"
-    keys = [r["key"] for r in read_manifest(out, "train").to_pylist() if r["shard"] == "train-000003.tar"]
-    assert problems[0].key in keys and "truncated" in problems[0].message
-    r = subprocess.run([sys.executable, "-m", "jobs.preprocess", "verify", str(out), "--workers", "1"],
-                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert r.returncode == 1 and "train-000003.tar" in r.stderr and problems[0].key in r.stderr
-
-
-@pytest.mark.parametrize("where", ["jpeg", "header"])
-def test_verify_catches_a_flipped_byte(built, tmp_path, where):
-    out = tmp_path / "out"
-    shutil.copytree(built[0], out)
-    shard = out / "train-000001.tar"
-    sample = parse_index(shard.with_suffix(".idx").read_text())[2]
-    key = sample[0][3].split(".")[0]
-    _, offset, size, _ = sample[1]  # the .jpg member
-    at = offset + size // 2 if where == "jpeg" else offset - 512 + 3  # inside its name in the header
-    data = bytearray(shard.read_bytes())
-    data[at] ^= 0x01
-    shard.write_bytes(bytes(data))
-    problems = verify(out)
-    assert problems and problems[0].shard == "train-000001.tar" and problems[0].key == key
-    assert ("sha256" if where == "jpeg" else "header") in problems[0].message
 
 
 # ---- layouts and errors --------------------------------------------------------------------------------

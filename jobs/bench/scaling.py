@@ -12,7 +12,6 @@ import argparse
 import json
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 import model

@@ -1,0 +1,57 @@
+"""Helpers for the preprocessing tests: the build call and ways to look at what it wrote.
+
+The sample they run on (fixtures ``odd_source``, ``built``, ``odd_manifest`` in conftest.py): 4 classes,
+10 train + 4 val images per class with every oddity, sides 96-160 px, shard size 8, built once per session.
+"""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+from preprocessing.manifest import load_dataset_info
+from preprocessing.shards import EXTENSIONS
+from preprocessing.sources import IMAGE_EXTENSIONS
+from preprocessing.writer import preprocess
+
+SHARD = 8
+SIZES = (96, 160)
+
+
+def build(source, out, **kw):
+    lines: list[str] = []
+    kw = {"shard_size": SHARD, "seed": 0, "progress": False, **kw}
+    summary = preprocess(source, out, log=lines.append, **kw)
+    return summary, "\n".join(lines)
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every shard, index, manifest and dataset.json of OUT, by relative path."""
+    files = [p for p in out.rglob("*") if p.is_file() and not p.relative_to(out).parts[0].startswith(".")]
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(files)}
+
+
+def mtimes(out: Path, pattern: str = "*.tar") -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out.glob(pattern))}
+
+
+def image_files(root: Path, split: str) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in (root / split).rglob("*")
+            if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)}
+
+
+def shard_samples(out: Path, split: str) -> list[dict]:
+    """Every sample of every shard of ``split``, in order: {key, shard, cls, jpg, key_member, lbl}."""
+    info = load_dataset_info(out)
+    samples = []
+    for shard in info["splits"][split]["shards"]:
+        with tarfile.open(out / shard) as tf:
+            members = tf.getmembers()
+            assert [m.name.split(".", 1)[1] for m in members] == list(EXTENSIONS) * (len(members) // 4)
+            for i in range(0, len(members), 4):
+                group = members[i:i + 4]
+                key = group[0].name.split(".")[0]
+                assert all(m.name == f"{key}.{e}" for m, e in zip(group, EXTENSIONS))
+                data = {m.name.split(".", 1)[1]: tf.extractfile(m).read() for m in group}
+                data["key_member"] = data.pop("key")
+                samples.append({**data, "key": key, "shard": shard})
+    return samples

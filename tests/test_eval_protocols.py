@@ -1,0 +1,241 @@
+"""Evaluation arithmetic on tiny nets, no data files: the scoring math, the paper's dense / multi-crop /
+multi-scale protocols, flips, ensembles, mixed image sizes, exactly-once bookkeeping, FC7 features.
+The jobs that run them on shards are in test_evaluate.py."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import model
+from pipeline import evaluate as E
+from pipeline import scoring as S
+
+CLASSES = 10
+
+
+def tiny(name="A", crop=32, seed=0, classes=CLASSES):
+    torch.manual_seed(seed)
+    return model.build(name, num_classes=classes, width=1 / 16, image_size=crop, init="glorot").eval()
+
+
+def images(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, h, w, generator=g) * 60 for h, w in shapes]
+
+
+# --------------------------------------------------------------------------------- pure scoring math
+
+def test_test_scales_follow_the_paper():
+    assert S.test_scales(256, 256) == [224, 256, 288]
+    assert S.test_scales(384, 384) == [352, 384, 416]
+    assert S.test_scales(256, 512) == [256, 384, 512]
+    with pytest.raises(ValueError, match="smin"):
+        S.test_scales(512, 256)
+
+
+def test_crop_grid_is_exactly_the_5x5_grid_corners_included():
+    boxes = S.crop_grid(256, 341, 224)
+    assert len(boxes) == 25 and len(set(boxes)) == 25
+    tops = sorted({t for t, _ in boxes})
+    lefts = sorted({l for _, l in boxes})
+    assert tops == [0, 8, 16, 24, 32]            # slack 32: even steps of 8
+    assert lefts == [0, 29, 59, 88, 117]         # slack 117: steps of 29.25, mirrored, middle 58.5 up
+    assert boxes == [(t, l) for t in tops for l in lefts]  # row-major, every (row, column) pair
+    for corner in [(0, 0), (0, 117), (32, 0), (32, 117)]:
+        assert corner in boxes
+    # Every crop lies inside the image, the corner ones touch its borders.
+    assert all(0 <= t <= 256 - 224 and 0 <= l <= 341 - 224 for t, l in boxes)
+    # The grid is its own mirror image (what a flipped image needs), but for the middle column of an
+    # odd slack (117): no whole-pixel crop is centred, it sits where the centre crop does.
+    mirrored = [117 - l for l in reversed(lefts)]
+    assert mirrored[:2] == lefts[:2] and mirrored[3:] == lefts[3:]
+    assert (tops[2], lefts[2]) == S.center_box(256, 341, 224) == (16, 59)
+    assert tops == [32 - t for t in reversed(tops)]
+    assert S.crop_grid(224, 224, 224) == [(0, 0)] * 25
+    assert S.crop_grid(300, 300, 100, n=3) == [(t, l) for t in (0, 100, 200) for l in (0, 100, 200)]
+    with pytest.raises(ValueError, match="does not fit"):
+        S.crop_grid(200, 300, 224)
+
+
+def test_crops_are_the_pixels_at_the_grid_positions():
+    h, w, c = 40, 57, 32
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    img = torch.stack([yy, xx, yy * 0]).float()[None]            # channel 0 = row, 1 = column
+    boxes = S.crop_grid(h, w, c)
+    crops = E.crops_of(img, boxes, c)
+    assert crops.shape == (25, 3, c, c)
+    for crop, (t, l) in zip(crops, boxes):
+        assert (crop[0, 0, 0].item(), crop[1, 0, 0].item()) == (t, l)
+        assert (crop[0, -1, -1].item(), crop[1, -1, -1].item()) == (t + c - 1, l + c - 1)
+    assert crops[-1, 0, -1, -1] == h - 1 and crops[-1, 1, -1, -1] == w - 1  # bottom-right corner
+
+
+def test_pooling_softmax_and_averages():
+    m = torch.randn(2, CLASSES, 3, 4)
+    torch.testing.assert_close(S.pool_score_map(m), m.mean(dim=(2, 3)))
+    p = S.dense_posteriors(m)
+    torch.testing.assert_close(p.sum(1), torch.ones(2))
+    a, b = torch.softmax(torch.randn(4, 5), 1), torch.softmax(torch.randn(4, 5), 1)
+    torch.testing.assert_close(S.average_posteriors([a, b]), S.average_posteriors([b, a]))
+    torch.testing.assert_close(S.average_posteriors([a, a]), a)
+    torch.testing.assert_close(S.group_mean(torch.cat([a, b], 1).reshape(8, 5), 2), (a + b) / 2)
+    with pytest.raises(ValueError, match="different shapes"):
+        S.average_posteriors([a, b[:2]])
+
+
+def test_topk_errors_and_per_class_accuracy():
+    p = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5], [0.3, 0.3, 0.4]])
+    labels = torch.tensor([1, 2, 2, 0])
+    top = S.topk(p, 2)
+    assert top.tolist() == [[1, 2], [0, 2], [2, 1], [2, 0]]     # ties broken by the lower index
+    assert S.topk_errors(top, labels, ks=(1, 2)) == {1: 0.5, 2: 0.0}
+    acc = S.per_class_accuracy(top[:, 0], labels, 4)
+    assert acc[:3].tolist() == [0.0, 1.0, 0.5] and math.isnan(acc[3])  # class 3: no images
+    t = S.Tally(4).add(top, labels)
+    assert (t.n, t.top1_wrong, t.top5_wrong) == (4, 2, 0)
+    merged = S.Tally(4).add(top[:2], labels[:2]).merge(S.Tally(4).add(top[2:], labels[2:]))
+    assert (merged.n, merged.top1_wrong) == (4, 2)
+    torch.testing.assert_close(merged.per_class_accuracy()[:3], acc[:3])
+
+
+# ------------------------------------------------------------------------ protocols on tiny nets
+
+@pytest.mark.parametrize("name,crop", [("A", 224), ("C", 64), ("A-LRN", 32)])
+def test_dense_on_the_training_crop_equals_the_plain_forward(name, crop):
+    net = tiny(name, crop)
+    imgs = images([(crop, crop)] * 3)
+    for flip in (False, True):
+        p = E.Protocol(modes=("dense", "center"), scales=(crop,), crop=crop, flip=flip)
+        out = E.posteriors_at_scale([net], imgs, p)
+        with torch.no_grad():
+            logits = net(torch.stack(imgs))
+            if flip:
+                plain = (torch.softmax(logits, 1) + torch.softmax(net(torch.stack(imgs).flip(3)), 1)) / 2
+            else:
+                plain = torch.softmax(logits, 1)
+        assert plain.max() - plain.min() > 1e-3  # the net is not constant: the check can fail
+        torch.testing.assert_close(out["dense"], plain, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["center"], plain, atol=1e-5, rtol=0)
+
+
+def test_multicrop_is_the_mean_of_50_crop_posteriors():
+    net = tiny()
+    (img,) = images([(48, 72)])
+    p = E.Protocol(modes=("multicrop",), scales=(48,), crop=32)
+    got = E.posteriors_at_scale([net], [img], p)["multicrop"]
+    crops = [img[:, t:t + 32, l:l + 32] for t, l in S.crop_grid(48, 72, 32)]
+    views = torch.stack(crops + [c.flip(2) for c in crops])
+    assert views.shape[0] == 50
+    with torch.no_grad():
+        want = torch.softmax(net(views), 1).mean(0, keepdim=True)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["dense", "multicrop", "center", "both"])
+def test_flip_averaging_is_symmetric(mode):
+    net = tiny()
+    # 72 - 32 = 40: an even slack, so the 5x5 grid and the centre crop are their own mirror images.
+    imgs = images([(48, 72), (40, 40), (48, 72)], seed=1)
+    p = E.Protocol(modes=(mode,), scales=(40,), crop=32)
+    a = E.posteriors_at_scale([net], imgs, p)[mode]
+    b = E.posteriors_at_scale([net], [im.flip(2) for im in imgs], p)[mode]
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    nf = E.Protocol(modes=(mode,), scales=(40,), crop=32, flip=False)
+    c = E.posteriors_at_scale([net], imgs, nf)[mode]
+    d = E.posteriors_at_scale([net], [im.flip(2) for im in imgs], nf)[mode]
+    assert (c - d).abs().max() > 1e-4  # without the flip average the two differ: the test has teeth
+
+
+def test_an_ensemble_of_a_model_with_itself_equals_the_model():
+    net = tiny()
+    imgs = images([(40, 56), (56, 40), (40, 56)])
+    p = E.Protocol(modes=("both", "center"), scales=(40,), crop=32)
+    one = E.posteriors_at_scale([net], imgs, p)
+    two = E.posteriors_at_scale([net, net], imgs, p)
+    for m in ("center", "dense", "multicrop", "both"):
+        torch.testing.assert_close(one[m], two[m], atol=1e-6, rtol=0)
+    other = tiny(seed=1)
+    mixed = E.posteriors_at_scale([net, other], imgs, p)["dense"]
+    torch.testing.assert_close(mixed, (one["dense"] + E.posteriors_at_scale([other], imgs, p)["dense"]) / 2)
+
+
+def test_images_of_different_sizes_give_what_each_gives_alone():
+    net = tiny()
+    imgs = images([(40, 56), (56, 40), (40, 64), (40, 56)])
+    p = E.Protocol(modes=("both",), scales=(40,), crop=32)
+    batch = E.posteriors_at_scale([net], imgs, p)
+    assert E.shape_groups(imgs) == {(40, 56): [0, 3], (56, 40): [1], (40, 64): [2]}
+    for i, im in enumerate(imgs):
+        alone = E.posteriors_at_scale([net], [im], p)
+        for m in ("dense", "multicrop", "both"):
+            torch.testing.assert_close(batch[m][i], alone[m][0], atol=1e-6, rtol=0)
+
+
+def test_protocol_rejects_unknown_modes_and_small_scales():
+    with pytest.raises(ValueError, match="Only center, dense, multicrop, both"):
+        E.Protocol(modes=("sparse",))
+    with pytest.raises(ValueError, match=">= the crop"):
+        E.Protocol(scales=(200,), crop=224)
+    p = E.Protocol(modes=("both",), scales=(256, 384), crop=224)
+    assert p.computed == ("dense", "multicrop") and p.reported == ("dense", "multicrop", "both")
+    assert E.rows(p)[:3] == [("dense", "256"), ("dense", "384"), ("dense", "256,384")]
+
+
+def fake_share(keys, shapes_at, labels):
+    """A batches_at(Q) for evaluate_share: images of the given shape per Q, in 2 batches."""
+    def batches_at(q):
+        imgs = images([shapes_at(q)] * len(keys), seed=q)
+        half = len(keys) // 2
+        for sl in (slice(0, half), slice(half, None)):
+            yield keys[sl], torch.tensor(labels[sl]), imgs[sl]
+    return batches_at
+
+
+def test_evaluate_share_multiscale_rows_are_the_mean_over_scales():
+    net = tiny()
+    keys = [f"k{i}" for i in range(5)]
+    labels = [i % CLASSES for i in range(5)]
+    p = E.Protocol(modes=("dense",), scales=(32, 40), crop=32)
+    seen = []
+    res = E.evaluate_share([net], fake_share(keys, lambda q: (q, q + 8), labels), p, keep_posteriors=True,
+                           progress=seen.append)
+    assert sum(seen) == 5 * 2
+    assert res.keys == sorted(keys) and res.labels.tolist() == labels
+    assert set(res.top) == {("dense", "32"), ("dense", "40"), ("dense", "32,40")}
+    per_q = [E.posteriors_at_scale([net], images([(q, q + 8)] * 5, seed=q), p)["dense"] for q in (32, 40)]
+    mean = (per_q[0] + per_q[1]) / 2
+    torch.testing.assert_close(res.posteriors["dense"].float(), mean, atol=1e-3, rtol=0)
+    assert res.top[("dense", "32,40")].tolist() == S.topk(mean, 5).tolist()
+    assert res.top[("dense", "32")].tolist() == S.topk(per_q[0], 5).tolist()
+
+
+def test_evaluate_share_rejects_a_key_seen_twice():
+    net = tiny()
+    p = E.Protocol(modes=("center",), scales=(32,), crop=32)
+    with pytest.raises(E.DuplicateKeyError, match="came twice"):
+        E.evaluate_share([net], fake_share(["a", "b", "a", "c"], lambda q: (q, q), [0, 1, 0, 2]), p)
+
+
+def test_check_exactly_once_names_duplicates_and_missing_keys():
+    def share(keys):
+        return E.ShareResult(keys, torch.zeros(len(keys), dtype=torch.long), {})
+    E.check_exactly_once([share(["a", "b"]), share(["c"])], {"a", "b", "c"})
+    with pytest.raises(E.DuplicateKeyError, match=r"1 duplicated \['b'\], 1 missing \['c'\]"):
+        E.check_exactly_once([share(["a", "b"]), share(["b"])], {"a", "b", "c"})
+    with pytest.raises(E.DuplicateKeyError, match=r"1 unexpected \['z'\]"):
+        E.check_exactly_once([share(["a", "b", "c", "z"])], {"a", "b", "c"})
+
+
+def test_penultimate_features_are_the_dense_fc7_activations():
+    net = tiny(crop=32)
+    imgs = images([(32, 32), (32, 32)])
+    f = E.penultimate_features(net, imgs, flip=False)
+    assert f.shape == (2, net.classifier[3].out_features)
+    with torch.no_grad():
+        x = net.avgpool(net.features(torch.stack(imgs))).flatten(1)
+        want = net.classifier[4](net.classifier[3](net.classifier[1](net.classifier[0](x))))
+    torch.testing.assert_close(f, want, atol=1e-5, rtol=0)
+    n = E.l2_normalise(E.penultimate_features(net, images([(40, 56)]), flip=True))
+    torch.testing.assert_close(n.norm(dim=1), torch.ones(1))
