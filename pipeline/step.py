@@ -53,6 +53,7 @@ def prepare(net: nn.Module, opts: StepOptions) -> nn.Module:
     if opts.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if opts.compile:
+        log.info("torch.compile, mode %s", opts.compile)
         return torch.compile(net, mode=opts.compile)
     return net
 
