@@ -39,7 +39,8 @@ step loader 90 "$PY" -m jobs.bench loader --work "$work" --device "$loader_dev" 
   --batch-size "$loader_batch" --steps "$loader_steps" "${sample[@]}" "${crop[@]}" --out "$out/loader.json"
 [ "$dev" = cuda ] && step check 45 "$PY" benchmarks/gpu_check.py "$work/shards" 0
 step train 300 "$PY" -m jobs.bench train "${net[@]}" "${step_sizes[@]}" --variants "$variants" \
-  --reference "${REFERENCE:-$([ "$dev" = cuda ] && echo compile || echo fp32)}" --device "$dev" --out "$out/train.json"
+  --reference "${REFERENCE:-$([ "$dev" = cuda ] && echo compile || echo fp32)}" --device "$dev" --out "$out/train.json" \
+  --profile "$out/profile"
 step e2e 100 "$PY" -m jobs.bench e2e --work "$work" "${net[@]}" --batch "$e2e_batch" "${crop[@]}" \
   --variant "$e2e_variant" --device "$dev" --threads "$threads" --steps "$steps" "${sample[@]}" --out "$out/e2e.json"
 step eval 40 "$PY" -m jobs.bench eval "${eval_args[@]}" --device "$dev" --out "$out/eval.json"

@@ -24,6 +24,36 @@ def test_train_bench_figures_and_ratios(tmp_path, capsys):
     assert json.loads(out.read_text()) == rows
 
 
+def test_profile_writes_the_costliest_ops_and_shares_that_add_up(tmp_path):
+    rows = train.main(TINY + ["--variants", "fp32", "--reference", "fp32", "--profile", str(tmp_path)])
+    shares = [rows[0][f"time_share_{k}"] for k in train.KINDS]
+    assert sum(shares) == pytest.approx(1.0) and rows[0]["time_share_conv"] > 0   # a VGG is mostly convs
+    top = json.loads((tmp_path / "fp32.json").read_text())["top"]
+    assert top and [t["share"] for t in top] == sorted((t["share"] for t in top), reverse=True)
+    assert any(t["kind"] == "conv" for t in top)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv"),
+    ("cudnn::engines_precompiled::nchwToNhwcKernel", "conv"),
+    ("aten::convolution_backward", "conv"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm>", "gemm"),
+    ("triton_poi_fused_relu_threshold_backward_3", "generated"),
+    ("cpp_fused_relu_0", "generated"),
+    ("void at::native::(anonymous namespace)::max_pool_forward_nhwc", "other"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+])
+def test_kernel_kinds(name, kind):
+    assert train.kernel_kind(name) == kind
+
+
+def test_time_shares_without_time_are_null():
+    assert set(train.time_shares({}).values()) == {None}
+    assert train.time_shares({"triton_a": 1.0, "gemm_b": 3.0}) == {
+        "time_share_conv": 0.0, "time_share_gemm": 0.75, "time_share_generated": 0.25, "time_share_other": 0.0}
+
+
 def test_forward_flops_of_vgg16_is_the_papers_15_5_gmac():
     import model
     assert train.forward_flops(model.build("D"), 224) == 2 * 15_470_264_320

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
 from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, ratio,
-                                reset_peak_memory, time_it)
+                                reset_peak_memory, sync, time_it)
 from pipeline.step import StepOptions, prepare, sgd, train_step
 
 # name -> (step options, fused SGD). "compile" is the reference the goal is measured against.
@@ -59,6 +61,58 @@ def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float
     return 2 * n**3 / seconds / 1e12
 
 
+KINDS = ("conv", "gemm", "generated", "other")
+
+
+def kernel_kind(name: str) -> str:
+    """Which kind of work a kernel (or, on a CPU, an aten op) does, from its name: cuDNN convolution,
+    cuBLAS/CUTLASS matrix multiply, Inductor-generated (elementwise, reductions, pooling), other.
+    A heuristic on kernel names: the JSON that ``--profile`` writes lists the names it judged."""
+    n = name.lower()
+    if any(w in n for w in ("conv", "cudnn", "implicit_gemm", "fprop", "dgrad", "wgrad")):
+        return "conv"
+    if "gemm" in n or "cutlass" in n or "cublas" in n or "addmm" in n or n.startswith("aten::mm"):
+        return "gemm"
+    if n.startswith("triton") or n.startswith("cpp_fused") or "graph_" in n:
+        return "generated"
+    return "other"
+
+
+def time_shares(times: dict[str, float]) -> dict[str, float | None]:
+    """{kernel name: self time} -> share of the total per kind (None when nothing was timed)."""
+    total = sum(times.values())
+    shares = dict.fromkeys(KINDS, 0.0)
+    for name, t in times.items():
+        shares[kernel_kind(name)] += t
+    return {f"time_share_{k}": (v / total if total else None) for k, v in shares.items()}
+
+
+def profile_step(step, device: torch.device, path: Path, steps: int = 3) -> dict[str, float | None]:
+    """Run ``step`` under torch.profiler; write the 40 costliest kernels (aten ops on a CPU) to
+    ``path`` and return the time shares by kind."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    events = prof.key_averages()
+    if gpu:   # the kernels themselves, not the CPU ops that launched them
+        times = {e.key: e.self_device_time_total for e in events if e.device_type != DeviceType.CPU}
+    else:
+        times = {e.key: e.self_cpu_time_total for e in events}
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:40]
+    total = sum(times.values()) or 1.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"steps": steps, "total_us": total, "top": [
+        {"name": k, "us_per_step": v / steps, "share": v / total, "kind": kernel_kind(k)} for k, v in top]},
+        indent=1) + "\n")
+    return time_shares(times)
+
+
 def measure(name: str, args, device: torch.device, flops_per_image: int, peak: float, report: Report):
     opts, fused = VARIANTS[name]
     torch.manual_seed(0)
@@ -70,17 +124,23 @@ def measure(name: str, args, device: torch.device, flops_per_image: int, peak: f
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, args.classes, (args.batch,), device=device)
     reset_peak_memory(device)
-    seconds = time_it(lambda: train_step(call, opt, images, labels, opts.amp_dtype), device,
-                      warmup=args.warmup, iters=args.iters)
+    def step():
+        train_step(call, opt, images, labels, opts.amp_dtype)
+
+    seconds = time_it(step, device, warmup=args.warmup, iters=args.iters)
     ips = args.batch / seconds
     tflops = 3 * flops_per_image * ips / 1e12
+    shares = profile_step(step, device, Path(args.profile) / f"{name}.json") if args.profile else {}
     row = report.add(variant=name, images_per_s=ips, tflops=tflops, peak_fraction=ratio(tflops, peak),
-                     peak_mem_gib=peak_memory_gib(device))
-    del net, call, opt, images, labels
+                     peak_mem_gib=peak_memory_gib(device), **shares)
+    return row
+
+
+def free(device: torch.device) -> None:
+    """Give the last variant's memory back, so the next one starts from the same state."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row
 
 
 def parse(argv):
@@ -98,6 +158,9 @@ def parse(argv):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="", help="also write the figures as a JSON list here")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="after timing, profile 3 more steps of each variant: DIR/<variant>.json lists the "
+                        "costliest kernels, and the rows get each kind's share of the time")
     return p.parse_args(argv)
 
 
@@ -110,11 +173,15 @@ def main(argv: list[str]) -> list[dict]:
     peak = matmul_tflops(device)
     report = Report("train", device, out=args.out, model=args.model, batch=args.batch, image_size=args.image_size,
                     width=args.width, gflops_per_image_fwd=flops / 1e9, matmul_peak_tflops=peak)
-    rows = {n: measure(n, args, device, flops, peak, report) for n in names}
+    rows = {}
+    for n in names:
+        rows[n] = measure(n, args, device, flops, peak, report)
+        free(device)
     add_ratios(rows, args.reference, "vs_reference")
     for r in rows.values():
         r["reference"] = args.reference
-    print(report.table(["variant", "images_per_s", "tflops", "peak_fraction", "vs_reference", "peak_mem_gib"]))
+    print(report.table(["variant", "images_per_s", "tflops", "peak_fraction", "vs_reference", "peak_mem_gib",
+                        *(f"time_share_{k}" for k in KINDS)]))
     report.save(args.out)
     return report.rows
 
