@@ -47,10 +47,10 @@ def fused_vs_plain(device: torch.device) -> dict:
             "fused_grad_rel_diff": max(rel(q.grad, p.grad) for p, q in zip(plain.parameters(), fused.parameters()))}
 
 
-def sync_free(loader: TrainLoader, device_id: int, steps: int = 3) -> str:
+def sync_free(loader: TrainLoader, device_id: int, fuse: bool, steps: int = 3) -> str:
     """'' when batches and steps ran with no host sync, else the error torch raised."""
     device = torch.device("cuda", device_id)
-    opts = StepOptions(amp_dtype=torch.bfloat16, channels_last=True)
+    opts = StepOptions(amp_dtype=torch.bfloat16, channels_last=True, fuse_conv_relu=fuse)
     net = prepare(model.build("A", num_classes=1000, width=0.25, image_size=224).to(device), opts)
     opt = sgd(net, lr=1e-3, fused=True)
     it = iter(loader)
@@ -89,16 +89,18 @@ def main(root: str, device_id: int) -> int:
     torch.cuda.synchronize()
     intact = torch.equal(held.images, copy)
     finite = bool(torch.isfinite(later.images.float()).all())
-    sync_error = sync_free(loader, device_id)
+    sync_error = sync_free(loader, device_id, fuse=False)
+    fused_sync_error = sync_free(loader, device_id, fuse=True)
     fused = fused_vs_plain(torch.device("cuda", device_id))
     result = {"check": "gpu", "val_images": n, "center_mean_abs_diff": worst_mean, "center_max_abs_diff": worst_max,
               "held_batch_intact": intact, "train_dtype": str(later.images.dtype),
               "train_channels_last": later.images.is_contiguous(memory_format=torch.channels_last),
               "train_finite": finite, "train_shape": list(later.images.shape),
-              "labels_on_gpu": later.labels.is_cuda, "host_sync_in_step": sync_error, **fused}
+              "labels_on_gpu": later.labels.is_cuda, "host_sync_in_step": sync_error,
+              "host_sync_in_fused_step": fused_sync_error, **fused}
     print(json.dumps(result))
     ok = (n > 0 and worst_mean < 2.0 and intact and finite and result["train_channels_last"]
-          and later.labels.is_cuda and not sync_error and fused.get("fused_logits_rel_diff", 1) < 0.02
+          and later.labels.is_cuda and not sync_error and not fused_sync_error and fused.get("fused_logits_rel_diff", 1) < 0.02
           and fused.get("fused_grad_rel_diff", 1) < 0.05)
     return 0 if ok else 1
 

@@ -17,9 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _format(x: Tensor) -> torch.memory_format:
-    """The layout the output gets (forced, so the real op and the fake one always agree)."""
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def _channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The layout the output gets: channels_last if the input or the weight is, as for conv2d (an NCHW
+    batch into a channels_last net must not turn every later layer NCHW). Forced on the output, so
+    the real op and the fake one always agree."""
+    cl = _channels_last(x) or _channels_last(weight)
     return torch.channels_last if cl else torch.contiguous_format
 
 
@@ -28,9 +34,10 @@ def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor
     """relu(conv2d(x, weight, bias, stride 1, ``padding``)); x, weight and bias of one dtype."""
     if x.is_cuda:
         out = torch.cudnn_convolution_relu(x, weight, bias, [1, 1], [padding, padding], [1, 1], 1)
-    else:
-        out = F.relu(F.conv2d(x, weight, bias, padding=padding))
-    return out.contiguous(memory_format=_format(x))
+    else:   # as the cuDNN op: no autocast inside, the dtypes are the caller's
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.relu(F.conv2d(x, weight, bias, padding=padding))
+    return out.contiguous(memory_format=_format(x, weight))
 
 
 @conv2d_relu.register_fake
@@ -38,7 +45,7 @@ def _(x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor:
     n, _, h, w = x.shape
     k_h, k_w = weight.shape[2:]
     shape = (n, weight.shape[0], h + 2 * padding - k_h + 1, w + 2 * padding - k_w + 1)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_format(x, weight))
 
 
 def _setup_context(ctx, inputs, output):
@@ -69,7 +76,8 @@ class Conv2dReLU(nn.Conv2d):
         kind = x.device.type
         if torch.is_autocast_enabled(kind):       # a custom op gets no autocast: cast as conv2d would
             dtype = torch.get_autocast_dtype(kind)
-            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+            x, weight, bias = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                               for t in (x, weight, bias))
         return conv2d_relu(x, weight, bias, self.padding[0])
 
 

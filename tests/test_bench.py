@@ -40,6 +40,9 @@ def test_profile_writes_the_costliest_ops_and_shares_that_add_up(tmp_path):
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
     ("cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm>", "gemm"),
     ("triton_poi_fused_relu_threshold_backward_3", "generated"),
+    ("triton_poi_fused_convolution_relu_3", "generated"),               # Inductor's bias + ReLU after cuDNN
+    ("triton_red_fused_convolution_backward_threshold_backward_7", "generated"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNT", "gemm"),
     ("cpp_fused_relu_0", "generated"),
     ("void at::native::(anonymous namespace)::max_pool_forward_nhwc", "other"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
@@ -57,6 +60,12 @@ def test_time_shares_without_time_are_null():
 def test_forward_flops_of_vgg16_is_the_papers_15_5_gmac():
     import model
     assert train.forward_flops(model.build("D"), 224) == 2 * 15_470_264_320
+
+
+def test_zero_timed_iterations_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        train.main(TINY[:-2] + ["--iters", "0"])
+    assert "--iters: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_unknown_variant_is_an_error():

@@ -32,6 +32,29 @@ def test_op_registration_fake_and_autograd(channels_last):
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def test_channels_last_weights_keep_an_nchw_batch_channels_last_as_conv2d_does():
+    conv = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8)                                   # NCHW batch, channels_last net
+    fused = conv2d_relu(x, conv.weight, conv.bias, 1)
+    assert conv(x).is_contiguous(memory_format=torch.channels_last)
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(conv2d_relu, (x, conv.weight, conv.bias, 1))
+
+
+def test_autocast_runs_the_fused_conv_in_bf16_like_conv2d():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    fused = copy.deepcopy(conv)
+    fused.__class__ = Conv2dReLU
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = torch.relu(conv(x)), fused(x)
+    assert want.dtype == got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):             # autocast leaves float64 alone
+        assert fused.double()(x.double()).dtype == torch.float64
+
+
 def test_fused_net_matches_the_plain_one_in_values_and_gradients():
     torch.manual_seed(0)
     # C: 1x1 convs too. Kaiming init and no dropout, so the logits depend on every layer; the

@@ -1,6 +1,7 @@
 """What every benchmark shares: timing with device syncs, one JSON line per figure, a table, ratios."""
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import platform
@@ -9,6 +10,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+
+def positive(text: str) -> int:
+    """argparse type for counts of timed iterations: a rate over zero iterations means nothing."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def device_name(device: torch.device) -> str:

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 import model
-from jobs.bench.common import Report, forever, peak_memory_gib, ratio, reset_peak_memory, sync, time_it
+from jobs.bench.common import (Report, forever, peak_memory_gib, positive, ratio, reset_peak_memory, sync,
+                               time_it)
 from jobs.bench.loader import make_sample
 from jobs.bench.train import VARIANTS, forward_flops, matmul_tflops
 from pipeline.config import DataConfig
@@ -44,7 +45,7 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--prefetch", type=int, default=3)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=positive, default=30)
     p.add_argument("--classes", type=int, default=10, help="synthetic sample: classes")
     p.add_argument("--per-class", type=int, default=100, help="synthetic sample: train images per class")
     p.add_argument("--size", default="300,500", help="synthetic sample: min,max image side (px)")

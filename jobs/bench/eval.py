@@ -19,7 +19,8 @@ import argparse
 import torch
 
 import model
-from jobs.bench.common import Report, add_ratios, peak_memory_gib, pick_variants, reset_peak_memory, time_it
+from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, positive, reset_peak_memory,
+                               time_it)
 from pipeline.evaluate import Protocol, posteriors_at_scale
 
 VARIANTS = ("same", "mixed", "multicrop", "center")
@@ -76,7 +77,7 @@ def parse(argv):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=gpu)
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune (per new shape)")
     p.add_argument("--warmup", type=int, default=2 if gpu else 1)
-    p.add_argument("--iters", type=int, default=5 if gpu else 2)
+    p.add_argument("--iters", type=positive, default=5 if gpu else 2)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--out", default="", help="also write the figures as a JSON list here")

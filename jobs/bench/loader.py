@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.bench.common import Report, forever, ratio, sync
+from jobs.bench.common import Report, forever, positive, ratio, sync
 
 
 def parse(argv):
@@ -40,7 +40,7 @@ def parse(argv):
     p.add_argument("--prefetch", type=int, default=2, help="DALI prefetch queue depth")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: --threads)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20, help="timed batches per pipeline")
+    p.add_argument("--steps", type=positive, default=20, help="timed batches per pipeline")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--scale-min", type=int, default=256)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
-from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, ratio,
+from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, positive, ratio,
                                 reset_peak_memory, sync, time_it)
 from pipeline.step import StepOptions, prepare, sgd, train_step
 
@@ -69,12 +69,12 @@ def kernel_kind(name: str) -> str:
     cuBLAS/CUTLASS matrix multiply, Inductor-generated (elementwise, reductions, pooling), other.
     A heuristic on kernel names: the JSON that ``--profile`` writes lists the names it judged."""
     n = name.lower()
+    if n.startswith(("triton", "cpp_fused")):   # first: Inductor names them after the ops they fuse,
+        return "generated"                       # e.g. triton_poi_fused_convolution_relu_3 (bias + ReLU)
     if any(w in n for w in ("conv", "cudnn", "implicit_gemm", "fprop", "dgrad", "wgrad")):
         return "conv"
-    if "gemm" in n or "cutlass" in n or "cublas" in n or "addmm" in n or n.startswith("aten::mm"):
+    if any(w in n for w in ("gemm", "cutlass", "cublas", "nvjet", "addmm")) or n.startswith("aten::mm"):
         return "gemm"
-    if n.startswith("triton") or n.startswith("cpp_fused") or "graph_" in n:
-        return "generated"
     return "other"
 
 
@@ -155,7 +155,7 @@ def parse(argv):
                    help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--reference", default="compile", help="the variant every ratio is taken against")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=positive, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="", help="also write the figures as a JSON list here")
     p.add_argument("--profile", default="", metavar="DIR",
