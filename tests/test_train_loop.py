@@ -94,17 +94,19 @@ def test_resume_mid_epoch_gives_bit_identical_weights(sample_dataset):
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
-def three_steps(dataset, **over) -> dict:
-    """Weights after 3 steps, without dropout (compiled code draws its masks from another generator)."""
+def trained_weights(dataset, steps: int = 3, **over) -> dict:
+    """Weights after ``steps`` steps, without dropout (compiled code draws its masks from another
+    generator)."""
     rec = Recorder()
-    run_worker(one_process_cfg(dataset, **{"run.max_steps": 3, "model.dropout": 0.0, **over}), Worker(),
+    run_worker(one_process_cfg(dataset, **{"run.max_steps": steps, "model.dropout": 0.0, **over}), Worker(),
                report=rec.report, log=rec.log)
     return rec.reported[-1][1]["model"]
 
 
 @pytest.fixture(scope="module")
 def plain_weights(sample_dataset):
-    return three_steps(sample_dataset)
+    """The plain run's weights after 1 and after 3 steps."""
+    return trained_weights(sample_dataset, 1), trained_weights(sample_dataset, 3)
 
 
 @pytest.mark.parametrize("option, message", [
@@ -113,12 +115,18 @@ def plain_weights(sample_dataset):
 ])
 def test_step_options_train_the_same_weights_under_the_same_keys(sample_dataset, plain_weights, caplog, option,
                                                                  message):
+    """Measured against how far steps 2 and 3 move each tensor: a variant that skipped them, or took a
+    different step, would be as far off as that; rounding differences are far smaller (< 1e-4 of it
+    measured here)."""
     caplog.set_level("INFO", logger="pipeline.step")
-    weights = three_steps(sample_dataset, **{option: True})
+    weights = trained_weights(sample_dataset, 3, **{option: True})
     assert message in [r.getMessage() for r in caplog.records]
-    assert list(weights) == list(plain_weights)                           # no _orig_mod. or other prefix
-    for k in plain_weights:
-        torch.testing.assert_close(weights[k], plain_weights[k], rtol=1e-4, atol=1e-5, msg=k)
+    one, three = plain_weights
+    assert list(weights) == list(three)                                   # no _orig_mod. or other prefix
+    for k in three:
+        moved = (three[k] - one[k]).norm()
+        assert moved > 0, k
+        assert (weights[k] - three[k]).norm() < 0.01 * moved, k
 
 
 def test_max_steps_on_an_epochs_last_step_validates_that_epoch_before_stopping(sample_dataset):
