@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install bench clean
+.PHONY: test demo install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -85,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate.main(["--run", summary["run_folder"], "--mode", "center,dense", "--scales", "single",
                              "--workers", str(cfg.run.workers), "--out", str(out / "eval" / name),
                              "--tracking-uri", f"sqlite:///{db}", "--quiet"])
-        best = min(r["top-1 err %"] for r in res["rows"]) / 100
+        best = min(res["rows"], key=lambda r: r["top-1 err %"])
         print(f"[4/5] evaluated in {time.perf_counter() - t:.0f} s")
 
-    top1 = best if best is not None else m["val/top1_err"]
-    print(f"\n[5/5] done in {time.perf_counter() - start:.0f} s. Validation top-1 error {top1:.1%} "
-          f"(chance {chance:.0%}).")
+    top1, how = (best["top-1 err %"] / 100, f"best checkpoint, {best['mode']} at Q = {best['test Q']}") if best \
+        else (m["val/top1_err"], "last epoch, centre crop")
+    print(f"\n[5/5] done in {time.perf_counter() - start:.0f} s. Validation top-1 error {top1:.1%} ({how}; "
+          f"chance {chance:.0%}).")
     print(f"Checkpoints: {summary['run_folder']}")
     print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n"
           f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000\n"

@@ -327,4 +327,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from jobs import cli
+
+    sys.exit(cli.run(main))

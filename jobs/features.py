@@ -98,4 +98,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from jobs import cli
+
+    sys.exit(cli.run(main))

@@ -15,6 +15,7 @@ import os
 import sys
 
 from preprocessing.errors import DataError
+from preprocessing.manifest import load_dataset_info
 from preprocessing.verify import verify
 from preprocessing.writer import preprocess
 
@@ -23,8 +24,12 @@ def ray_map(address: str | None):
     """A ``map_fn`` for ``preprocessing.writer.preprocess``: one Ray task per shard, results as they finish."""
     import ray  # RAY: the only Ray in preprocessing, at the edge
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        pass
+    elif address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, include_dashboard=False)
+    else:   # a new local Ray, its node address on the loopback, as jobs.train and jobs.evaluate start
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
 
     def map_fn(fn, jobs):
         task = ray.remote(num_cpus=1, max_retries=3)(fn)  # RAY: a retried task rewrites the same bytes
@@ -81,7 +86,7 @@ def _verify(argv: list[str]) -> int:
     p.add_argument("--no-decode", action="store_true", help="skip the full decode (sha256 still checked)")
     a = p.parse_args(argv)
     try:
-        problems = verify(a.out, workers=a.workers, decode=not a.no_decode)
+        problems = verify(a.out, workers=a.workers, decode=not a.no_decode, progress=True)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -92,7 +97,11 @@ def _verify(argv: list[str]) -> int:
         if len(problems) > 10:
             print(f"  ... {len(problems) - 10} more", file=sys.stderr)
         return 1
-    print(f"ok: every shard of {a.out} matches its manifest")
+    splits = load_dataset_info(a.out)["splits"]
+    checks = "tar headers, DALI index, labels, sha256" + ("" if a.no_decode else ", full JPEG decode")
+    print(f"ok: {sum(len(s['shards']) for s in splits.values())} shards holding "
+          f"{sum(s['num_samples'] for s in splits.values()):,} images ({', '.join(splits)}) match their "
+          f"manifest: {checks}")
     return 0
 
 

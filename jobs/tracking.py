@@ -92,10 +92,20 @@ def read_run_id(run_folder: str) -> str:
 
 
 def write_run_id(run_folder: str, run_id: str) -> None:
+    """Atomically: a crash mid-write must not leave an empty id, which would start a second run."""
     fs, root = _fs(run_folder)
     fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root.rstrip('/')}/{RUN_ID_FILE}") as f:
+    path = f"{root.rstrip('/')}/{RUN_ID_FILE}"
+    if "://" in run_folder:                 # an object store: one PUT is atomic already
+        with fs.open_output_stream(path) as f:
+            f.write(run_id.encode() + b"\n")
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
         f.write(run_id.encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the tracker
@@ -357,3 +367,8 @@ def save_text(text: str, name: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix="vgg-artifact-")) / name
     path.write_text(text)
     return path
+
+
+if __name__ == "__main__":
+    raise SystemExit("jobs.tracking is a library of jobs.train and jobs.evaluate, not an entry point: "
+                     "python -m jobs.train --help")

@@ -1,6 +1,7 @@
 """Train a VGG with Ray Train: ``python -m jobs.train --config jobs/configs/<experiment>.yaml [--set a.b=c]``.
 
-The same command runs on a laptop (a local Ray on 127.0.0.1), on a cluster it is submitted to
+The same command runs on a laptop (a local Ray, no dashboard, its node address 127.0.0.1; README
+"Security" says what still listens beyond the loopback), on a cluster it is submitted to
 (``ray job submit --address ... --working-dir . -- python -m jobs.train ...``: Ray sets RAY_ADDRESS),
 or against a running cluster (``RAY_ADDRESS=host:6379 python -m jobs.train ...``).
 
@@ -259,7 +260,7 @@ def connect_ray(cfg: config_lib.Config) -> None:
     else:
         cpus = max(os.cpu_count() or 1, cfg.run.workers * cfg.run.cpus_per_worker)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
 
 
 def final_weights(folder: str) -> Path | None:
@@ -361,4 +362,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs import cli
+
+    sys.exit(cli.run(main))

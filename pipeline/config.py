@@ -176,7 +176,10 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     raw: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides:

@@ -276,8 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-side", type=int, default=640, help="largest image side in pixels")
     p.add_argument("--workers", type=int, default=1, help="processes drawing images (same bytes for any)")
     a = p.parse_args(argv)
-    root = generate(a.out, a.classes, a.train_per_class, a.val_per_class, a.oddities, a.seed,
-                    (a.min_side, a.max_side), a.workers)
+    try:
+        root = generate(a.out, a.classes, a.train_per_class, a.val_per_class, a.oddities, a.seed,
+                        (a.min_side, a.max_side), a.workers)
+    except DataError as e:
+        p.error(str(e))
     n = sum(1 for f in root.rglob("*.JPEG"))
     print(f"wrote {n} images to {root} ({a.classes} classes, seed {a.seed})")
 

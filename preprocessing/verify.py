@@ -28,8 +28,11 @@ class Problem(NamedTuple):
         return f"{self.split}: {where + ': ' if where else ''}{self.message}"
 
 
-def verify(out, workers: int = 1, decode: bool = True) -> list[Problem]:
-    """Every problem found, in shard order (at most the first one per shard); [] when OUT is sound."""
+def verify(out, workers: int = 1, decode: bool = True, progress: bool = False) -> list[Problem]:
+    """Every problem found, in shard order (at most the first one per shard); [] when OUT is sound.
+    ``progress``: a bar over the stored images, shard by shard."""
+    from tqdm import tqdm
+
     out = Path(out)
     info = mf.load_dataset_info(out)
     problems, jobs = [], []
@@ -42,12 +45,22 @@ def verify(out, workers: int = 1, decode: bool = True) -> list[Problem]:
                 by_shard.setdefault(r["shard"], []).append(r)
         for shard in s["shards"]:
             jobs.append((str(out), split, shard, by_shard.get(shard, []), decode))
-    if workers > 1 and len(jobs) > 1:
-        with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            found = list(pool.imap(_verify_job, jobs))  # imap keeps shard order: "first" is stable
-    else:
-        found = [_verify_job(j) for j in jobs]
+    bar = tqdm(total=sum(len(j[3]) for j in jobs), unit="img", disable=not progress, dynamic_ncols=True)
+    with bar:
+        if workers > 1 and len(jobs) > 1:
+            with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                # imap keeps shard order: "first" is stable
+                found = [_counted(p, j, bar) for p, j in zip(pool.imap(_verify_job, jobs), jobs)]
+        else:
+            found = [_counted(_verify_job(j), j, bar) for j in jobs]
     return problems + [p for p in found if p is not None]
+
+
+def _counted(problem: Problem | None, job, bar) -> Problem | None:
+    bar.update(len(job[3]))
+    if problem is not None:
+        bar.set_postfix_str(f"problem in {job[2]}")
+    return problem
 
 
 def _check_manifest(split: str, s: dict, rows: list[dict]) -> list[Problem]:

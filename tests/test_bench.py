@@ -168,3 +168,6 @@ def test_eval_benchmark_reports_images_per_second(capsys):
     assert [r["shapes"] for r in rows] == [1, 3, 1]
     for r in rows:
         assert r["images_per_s"] > 0 and r["device"].startswith("CPU") and r["bench"] == "eval"
+        assert r["images_per_s"] == pytest.approx(3 / r["seconds_per_batch"])
+        assert r["vs_same"] == pytest.approx(r["images_per_s"] / rows[0]["images_per_s"])
+    assert [r["mode"] for r in rows] == ["dense", "dense", "center"] and rows[0]["image_shape"] == "48x64"

@@ -271,7 +271,7 @@ def test_dataset_json_and_colour_statistics(built, odd_manifest):
 # ---- layouts and errors --------------------------------------------------------------------------------
 
 def test_val_labels_from_the_devkit_ground_truth(tmp_path):
-    scipy_io = pytest.importorskip("scipy.io")
+    import scipy.io as scipy_io
     root = synthetic.generate(tmp_path / "s", classes=3, train_per_class=1, val_per_class=3,
                               size_range=(32, 48))
     csv_labels = {r.source: r.label for r in discover(root).splits["val"]}
@@ -392,7 +392,7 @@ def test_cli_runs_end_to_end_and_reports_per_split(odd_source, tmp_path):
 
 
 def test_ray_tasks_write_the_same_bytes(built, odd_source, tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray
     from jobs.preprocess import ray_map
 
     import tempfile

@@ -2,6 +2,7 @@
 and ``verify`` on sound and broken datasets. All on copies of the session's sample (conftest.py)."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -102,8 +103,14 @@ def test_new_source_files_go_into_new_shards_only(built, odd_source, tmp_path):
 
 # ---- verify --------------------------------------------------------------------------------------------
 
-def test_verify_passes_a_sound_dataset(built):
+def test_verify_passes_a_sound_dataset_and_says_what_it_checked(built):
     assert verify(built[0]) == []
+    r = subprocess.run([sys.executable, "-m", "jobs.preprocess", "verify", str(built[0]), "--workers", "2"],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    splits = json.loads((built[0] / "dataset.json").read_text())["splits"]
+    shards, images = sum(len(s["shards"]) for s in splits.values()), sum(s["num_samples"] for s in splits.values())
+    assert r.returncode == 0 and f"ok: {shards} shards holding {images} images (train, val)" in r.stdout
+    assert "full JPEG decode" in r.stdout and f"{images}/{images}" in r.stderr     # the progress bar's end
 
 
 def test_verify_catches_a_truncated_shard(built, tmp_path):

@@ -209,6 +209,22 @@ def test_cli_help_names_the_options():
     assert out.returncode == 0 and "--config" in out.stdout and "--set" in out.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.nam=A"], "error: unknown config key 'model.nam'; allowed: name, "),
+    (["--config", "/nonexistent/A.yaml"], "error: [Errno 2] No such file or directory: '/nonexistent/A.yaml'"),
+    (["--config", "BAD"], "error: BAD: not valid YAML"),
+])
+def test_a_users_mistake_is_one_line_and_status_2_not_a_traceback(tmp_path, args, message, capsys):
+    from jobs import cli, train
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [\n")
+    args = [str(bad) if a == "BAD" else a for a in args]
+    assert cli.run(train.main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.replace("BAD", str(bad))) and "Traceback" not in err
+
+
 def test_init_from_resolves_run_names_paths_and_mlflow_runs(sample_dataset, tmp_path):
     from jobs import train
 
@@ -233,3 +249,21 @@ def test_init_from_resolves_run_names_paths_and_mlflow_runs(sample_dataset, tmp_
     cfg, tags = train.resolve(config.load(None, base[:-1] + [f"tracking.uri={uri}",
                                                              f"model.init_from=runs:/{run.info.run_id}"]))
     assert cfg.model.init_from == str(storage / "A-256") and tags["parent_run_id"] == run.info.run_id
+
+
+def test_run_id_file_is_replaced_atomically(tmp_path, monkeypatch):
+    folder = str(tmp_path / "runs" / "A")
+    tracking.write_run_id(folder, "a" * 32)
+    assert tracking.read_run_id(folder) == "a" * 32
+
+    def crash(*args):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        tracking.write_run_id(folder, "b" * 32)
+    assert tracking.read_run_id(folder) == "a" * 32          # the old id, whole, never an empty file
+    monkeypatch.undo()
+    tracking.write_run_id(folder, "b" * 32)
+    assert tracking.read_run_id(folder) == "b" * 32
+

@@ -15,7 +15,9 @@ BENCHES = {
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
         lines = "\n".join(f"  {k:<11} {v}" for k, v in BENCHES.items())
-        print(f"usage: python -m jobs.bench <name> [--help | options]\n\nbenchmarks:\n{lines}")
+        unknown = f"unknown benchmark {argv[0]!r}\n\n" if argv and argv[0] not in ("-h", "--help") else ""
+        print(f"{unknown}usage: python -m jobs.bench <name> [--help | options]\n\nbenchmarks:\n{lines}",
+              file=sys.stderr if unknown else sys.stdout)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     importlib.import_module(f"jobs.bench.{argv[0]}").main(argv[1:])
 

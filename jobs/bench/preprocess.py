@@ -97,7 +97,8 @@ def ours(pool, source: Path, out: Path, workers: int, shard_size: int) -> float:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench preprocess", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.bench preprocess", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=5000, help="sample images (>= 5000 for the README figure)")
     p.add_argument("--workers", type=int, default=2, help="processes, for both methods")
     p.add_argument("--shard-size", type=int, default=500)
