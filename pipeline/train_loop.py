@@ -91,6 +91,23 @@ class Window:
         return cls(torch.zeros((), device=device), torch.zeros(2, device=device))
 
 
+CONSOLE_EVERY_S = 30.0       # a progress line in the worker's log at most this often (and at an epoch's start)
+
+
+class Throttle:
+    """``due()`` is True the first time, then once ``every`` seconds have passed since it last was."""
+
+    def __init__(self, every: float):
+        self.every, self.last = every, None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self.last is None or now - self.last >= self.every:
+            self.last = now
+            return True
+        return False
+
+
 def misses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(2,) count of top-1 and top-5 misses in a batch, on the device (no sync)."""
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices        # (N, 5)
@@ -113,6 +130,7 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: Tr
     the reduction, a CPU-GPU sync point once per ``log_every`` steps)."""
     net.train()
     w = Window.new(worker.device)
+    console = Throttle(CONSOLE_EVERY_S)
     batches = iter(loader)
     done = 0
     while max_batches is None or done < max_batches:
@@ -141,6 +159,10 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: Tr
                 log({"train/loss": sums[0] / n, "train/top1_err": sums[1] / n, "train/top5_err": sums[2] / n,
                      "lr": optimizer.param_groups[0]["lr"], "train/images_per_s": n / seconds,
                      "train/data_wait_frac": w.data_s / seconds}, step * global_batch)
+                if console.due():
+                    log_.info("epoch %d, step %d/%d: train loss %.4f, top-1 err %.3f, %.0f img/s, data wait %.0f%%",
+                              loader.epoch + 1, loader.step, len(loader), sums[0] / n, sums[1] / n, n / seconds,
+                              100 * w.data_s / seconds)
             w = Window.new(worker.device)
     return step
 

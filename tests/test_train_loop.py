@@ -45,10 +45,14 @@ class Recorder:
         self.reported.append((dict(metrics), state, best))
 
 
-def test_loop_trains_validates_and_checkpoints_in_one_process(sample_dataset):
+def test_loop_trains_validates_and_checkpoints_in_one_process(sample_dataset, caplog):
+    caplog.set_level("INFO", logger="pipeline.train_loop")
     cfg = one_process_cfg(sample_dataset, **{"run.checkpoint_every_steps": 4})
     rec = Recorder()
     result = run_worker(cfg, Worker(), report=rec.report, log=rec.log, run_id=lambda: "run-x")
+    # A progress line in the log at the first log point of each stretch, then at most every 30 s.
+    progress = [m.split(":")[0] for m in (r.getMessage() for r in caplog.records) if ", step " in m]
+    assert progress[0] == "epoch 1, step 2/6" and "epoch 2, step 2/6" in progress and len(progress) <= 6
     # 48 images / batch 8 = 6 steps per epoch; step checkpoints at 4 and 8 (12 is an epoch's end).
     assert [m["step"] for m, _, _ in rec.reported] == [4, 6, 8, 12]
     assert [m["epoch"] for m, _, _ in rec.reported] == [0, 1, 1, 2]
@@ -267,3 +271,16 @@ def test_run_id_file_is_replaced_atomically(tmp_path, monkeypatch):
     tracking.write_run_id(folder, "b" * 32)
     assert tracking.read_run_id(folder) == "b" * 32
 
+
+
+def test_throttle_is_due_first_then_once_per_interval(monkeypatch):
+    from pipeline import train_loop
+
+    now = [100.0]
+    monkeypatch.setattr(train_loop.time, "monotonic", lambda: now[0])
+    t = train_loop.Throttle(30.0)
+    seen = []
+    for step in range(8):
+        seen.append(t.due())
+        now[0] += 10.0
+    assert seen == [True, False, False, True, False, False, True, False]
