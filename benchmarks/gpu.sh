@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU figure of the README in one call: loader, training-step variants, shard-fed vs resident,
-# dense evaluation. Usage (DALI carried as ../shared/gpu/README.md says):
+# Every GPU figure of the README in one call: correctness checks first (gpu_check.py), then the
+# loader, training-step variants (each profiled: OUT/profile/), shard-fed vs resident (and with a host
+# sync per step), dense evaluation; OUT/results.json gathers them all for benchmarks/results/.
+# Usage (DALI carried as ../shared/gpu/README.md says):
 #   source /tmp/dl/unpack.sh && bash benchmarks/gpu.sh "$OUT"
 # SMALL=1 runs the same script on a CPU with tiny sizes, to check it before spending GPU time.
 set -uo pipefail
@@ -37,11 +39,29 @@ fi
 
 step loader 90 "$PY" -m jobs.bench loader --work "$work" --device "$loader_dev" --threads "$threads" \
   --batch-size "$loader_batch" --steps "$loader_steps" "${sample[@]}" "${crop[@]}" --out "$out/loader.json"
-[ "$dev" = cuda ] && step check 45 "$PY" benchmarks/gpu_check.py "$work/shards" 0
+[ "$dev" = cuda ] && step check 60 "$PY" benchmarks/gpu_check.py "$work/shards" 0
 step train 300 "$PY" -m jobs.bench train "${net[@]}" "${step_sizes[@]}" --variants "$variants" \
   --reference "${REFERENCE:-$([ "$dev" = cuda ] && echo compile || echo fp32)}" --device "$dev" --out "$out/train.json" \
   --profile "$out/profile"
 step e2e 100 "$PY" -m jobs.bench e2e --work "$work" "${net[@]}" --batch "$e2e_batch" "${crop[@]}" \
   --variant "$e2e_variant" --device "$dev" --threads "$threads" --steps "$steps" "${sample[@]}" --out "$out/e2e.json"
 step eval 40 "$PY" -m jobs.bench eval "${eval_args[@]}" --device "$dev" --out "$out/eval.json"
+# One file to commit as benchmarks/results/<gpu>-<date>.json: every figure, the device, the check.
+"$PY" - "$out" <<'EOF_PY' | tee -a "$log"
+import json, re, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+figures = [row for name in ("loader", "train", "e2e", "eval") if (out / f"{name}.json").is_file()
+           for row in json.loads((out / f"{name}.json").read_text())]
+log = (out / "log.txt").read_text()
+check = [json.loads(line) for line in log.splitlines() if line.startswith('{"check"')]
+gpu = (out / "gpu.txt").read_text().splitlines()[1:] if (out / "gpu.txt").is_file() else []
+status = re.findall(r"=== check exit (\d+)", log)
+result = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu[0] if gpu else "none (SMALL=1 run on a CPU)",
+          "script": "benchmarks/gpu.sh", "check": check[-1] if check else None,
+          "check_passed": status[-1] == "0" if status else None, "figures": figures}
+(out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+print(f"results.json: {len(figures)} figures; check: "
+      f"{'not run' if not status else 'passed' if status[-1] == '0' else 'FAILED, see log.txt'}")
+EOF_PY
 echo "done $(date +%T)" | tee -a "$log"
