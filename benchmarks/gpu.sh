@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU figure of the README in one call: correctness checks first (gpu_check.py), then the
-# loader, training-step variants (each profiled: OUT/profile/), shard-fed vs resident (and with a host
-# sync per step), dense evaluation; OUT/results.json gathers them all for benchmarks/results/.
+# Every GPU figure of the README in one call: the loader (which makes the sample), correctness checks
+# (gpu_check.py) before any step is timed, training-step variants (each profiled: OUT/profile/),
+# shard-fed vs resident (and with a host sync per step), dense evaluation; OUT/results.json gathers
+# them all for benchmarks/results/.
 # Usage (DALI carried as ../shared/gpu/README.md says):
 #   source /tmp/dl/unpack.sh && bash benchmarks/gpu.sh "$OUT"
 # SMALL=1 runs the same script on a CPU with tiny sizes, to check it before spending GPU time.
