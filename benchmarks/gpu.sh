@@ -59,7 +59,7 @@ check = [json.loads(line) for line in log.splitlines() if line.startswith('{"che
 gpu = (out / "gpu.txt").read_text().splitlines()[1:] if (out / "gpu.txt").is_file() else []
 status = re.findall(r"=== check exit (\d+)", log)
 result = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu[0] if gpu else "none (SMALL=1 run on a CPU)",
-          "script": "benchmarks/gpu.sh", "check": check[-1] if check else None,
+          "script": "benchmarks/gpu.sh", "check": {k: v for c in check for k, v in c.items()} or None,
           "check_passed": status[-1] == "0" if status else None, "figures": figures}
 (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
 print(f"results.json: {len(figures)} figures; check: "

@@ -8,7 +8,8 @@
    (torch's sync debug mode raises on any synchronising call): one such wait per step drains the
    GPU's queue, and the shard-fed step loses the launch-ahead the resident step enjoys.
 4. cuDNN's fused conv + bias + ReLU (model/fused.py) gives the unfused net's outputs and gradients in
-   bf16 channels_last, up to bf16 rounding.
+   bf16 channels_last, up to bf16 rounding, and NaN left in the memory its output reuses never
+   reaches the output (PyTorch passes that buffer to cuDNN as an input scaled by 0).
 Prints one JSON line; exits non-zero on a failed check.
 """
 import copy
@@ -18,7 +19,7 @@ import sys
 import torch
 
 import model
-from model.fused import fuse_conv_relu
+from model.fused import conv2d_relu, fuse_conv_relu
 from pipeline.config import DataConfig
 from pipeline.loader import EvalLoader, TrainLoader
 from pipeline.step import StepOptions, prepare, sgd, train_step
@@ -45,6 +46,27 @@ def fused_vs_plain(device: torch.device) -> dict:
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     return {"fused_logits_rel_diff": rel(outs[1], outs[0]),
             "fused_grad_rel_diff": max(rel(q.grad, p.grad) for p, q in zip(plain.parameters(), fused.parameters()))}
+
+
+def nan_garbage_ignored(device: torch.device, tries: int = 3) -> dict:
+    """Run the fused op into a freed block of NaNs (the caching allocator hands the same block back
+    for the same size): its output must stay finite."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device, torch.bfloat16).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 64, 56, 56, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    want = torch.relu(conv(x)).float()
+    reused, worst = 0, 0.0
+    with torch.no_grad():
+        for _ in range(tries):
+            junk = torch.full_like(want, float("nan"), dtype=torch.bfloat16, memory_format=torch.channels_last)
+            ptr = junk.data_ptr()
+            del junk
+            out = conv2d_relu(x, conv.weight, conv.bias, 1)
+            reused += out.data_ptr() == ptr
+            if not torch.isfinite(out).all():
+                return {"fused_nan_leak": True, "fused_nan_block_reused": reused}
+            worst = max(worst, ((out.float() - want).norm() / want.norm()).item())
+    return {"fused_nan_leak": False, "fused_nan_block_reused": reused, "fused_nan_rel_diff": worst}
 
 
 def sync_free(loader: TrainLoader, device_id: int, fuse: bool, steps: int = 3) -> str:
@@ -92,6 +114,7 @@ def main(root: str, device_id: int) -> int:
     sync_error = sync_free(loader, device_id, fuse=False)
     fused_sync_error = sync_free(loader, device_id, fuse=True)
     fused = fused_vs_plain(torch.device("cuda", device_id))
+    fused.update(nan_garbage_ignored(torch.device("cuda", device_id)))
     result = {"check": "gpu", "val_images": n, "center_mean_abs_diff": worst_mean, "center_max_abs_diff": worst_max,
               "held_batch_intact": intact, "train_dtype": str(later.images.dtype),
               "train_channels_last": later.images.is_contiguous(memory_format=torch.channels_last),
@@ -99,9 +122,13 @@ def main(root: str, device_id: int) -> int:
               "labels_on_gpu": later.labels.is_cuda, "host_sync_in_step": sync_error,
               "host_sync_in_fused_step": fused_sync_error, **fused}
     print(json.dumps(result))
-    ok = (n > 0 and worst_mean < 2.0 and intact and finite and result["train_channels_last"]
-          and later.labels.is_cuda and not sync_error and not fused_sync_error and fused.get("fused_logits_rel_diff", 1) < 0.02
-          and fused.get("fused_grad_rel_diff", 1) < 0.05)
+    pipeline_ok = (n > 0 and worst_mean < 2.0 and intact and finite and result["train_channels_last"]
+                   and later.labels.is_cuda and not sync_error)
+    fused_ok = (not fused_sync_error and fused.get("fused_logits_rel_diff", 1) < 0.02
+                and fused.get("fused_grad_rel_diff", 1) < 0.05 and fused.get("fused_nan_leak") is False
+                and fused.get("fused_nan_block_reused", 0) > 0)      # else the NaN check proved nothing
+    print(json.dumps({"check": "verdict", "pipeline_ok": pipeline_ok, "fused_conv_relu_ok": fused_ok}))
+    ok = pipeline_ok and fused_ok
     return 0 if ok else 1
 
 
