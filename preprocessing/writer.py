@@ -113,6 +113,9 @@ def preprocess(source, out, splits=None, shard_size=1000, seed: int = 0, max_sid
         log(f"{split}: {c['inputs']} inputs -> {c['stored']} stored ({c['kept']} kept, {c['converted']} "
             f"converted, {c['resized']} resized), {c['quarantined']} quarantined; {c['shards']} shards, "
             f"{c['shards_written']} written this run")
+        if c["quarantined"]:
+            log(f"{split}: the quarantined files and why: rows with status 'quarantined' in "
+                f"{mf.manifest_path(out, split)}")
     if up_to_date:
         log(f"nothing to do: {out} already holds every image of {layout.root}")
     return summary

@@ -384,6 +384,7 @@ def test_cli_runs_end_to_end_and_reports_per_split(odd_source, tmp_path):
                        capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr
     assert "val: 18 inputs -> 17 stored" in r.stdout and "1 quarantined" in r.stdout
+    assert f"the quarantined files and why: rows with status 'quarantined' in {out}/val/manifest.parquet" in r.stdout
     r = subprocess.run([sys.executable, "-m", "jobs.preprocess", str(odd_source), str(out), "--workers", "1",
                         "--shard-size", "17", "--split", "val", "--no-progress"],
                        capture_output=True, text=True, cwd=Path(__file__).parents[1])
