@@ -10,7 +10,8 @@
 4. cuDNN's fused conv + bias + ReLU (model/fused.py) gives the unfused net's outputs and gradients in
    bf16 channels_last, up to bf16 rounding, and NaN left in the memory its output reuses never
    reaches the output (PyTorch passes that buffer to cuDNN as an input scaled by 0).
-Prints one JSON line; exits non-zero on a failed check.
+Prints the figures as one JSON line, then the verdicts (pipeline, fused op) as another; exits non-zero
+when either fails.
 """
 import copy
 import json
@@ -76,15 +77,15 @@ def sync_free(loader: TrainLoader, device_id: int, fuse: bool, steps: int = 3) -
     net = prepare(model.build("A", num_classes=1000, width=0.25, image_size=224).to(device), opts)
     opt = sgd(net, lr=1e-3, fused=True)
     it = iter(loader)
-    batch = next(it)
-    train_step(net, opt, batch.images, batch.labels, opts.amp_dtype)   # lazy state: allowed to sync
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
     try:
+        batch = next(it)
+        train_step(net, opt, batch.images, batch.labels, opts.amp_dtype)   # lazy state: allowed to sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
         for _ in range(steps):
             batch = next(it)
             train_step(net, opt, batch.images, batch.labels, opts.amp_dtype)
-    except RuntimeError as e:
+    except RuntimeError as e:          # a sync (or the fused op failing outright): say which
         return str(e).splitlines()[0]
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -105,11 +106,11 @@ def main(root: str, device_id: int) -> int:
     loader = TrainLoader(train_cfg, 64, 0, 1, device_id=device_id)
     it = iter(loader)
     held = next(it)
-    copy = held.images.clone()
+    snapshot = held.images.clone()
     for _ in range(3):
         later = next(it)
     torch.cuda.synchronize()
-    intact = torch.equal(held.images, copy)
+    intact = torch.equal(held.images, snapshot)
     finite = bool(torch.isfinite(later.images.float()).all())
     sync_error = sync_free(loader, device_id, fuse=False)
     fused_sync_error = sync_free(loader, device_id, fuse=True)
