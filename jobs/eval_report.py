@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import torch
 
 from pipeline import config as config_lib
+from preprocessing.shards import atomic_write
 from pipeline import evaluate as E
 
 COLUMNS = ("config", "train S", "test Q", "mode", "top-1 err %", "top-5 err %", "images")
@@ -71,9 +72,7 @@ def write(out: Path, rows: list[dict], per_class: dict, classes: list[dict], cou
              "results.md": markdown(rows), "per_class.csv": pc}
     paths = []
     for name, text in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        atomic_write(out / name, text.encode())
         paths.append(out / name)
     return paths
 

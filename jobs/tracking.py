@@ -23,6 +23,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
+from preprocessing.shards import atomic_write
+
 log = logging.getLogger("jobs.tracking")
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -100,12 +102,7 @@ def write_run_id(run_folder: str, run_id: str) -> None:
         with fs.open_output_stream(path) as f:
             f.write(run_id.encode() + b"\n")
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(run_id.encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(Path(path), run_id.encode() + b"\n")
 
 
 # ---------------------------------------------------------------- the tracker
@@ -249,9 +246,10 @@ class Tracker:
     def _sender(self) -> None:
         while not self._stop.is_set():
             try:
-                self._pending.extend(self._queue.get(timeout=1.0))
+                new = self._queue.get(timeout=1.0)
             except queue.Empty:
-                pass  # a second without new metrics: still retry what is buffered
+                new = []  # a second without new metrics: still retry what is buffered
+            self._pending.extend(new)
             if len(self._pending) == MAX_BUFFERED and not self._warned:
                 self._warned = True
                 log.warning("MLflow: %d metric values buffered while %s is unreachable; the oldest are "

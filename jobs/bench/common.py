@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from preprocessing.shards import atomic_write
+
 
 def positive(text: str) -> int:
     """argparse type for counts of timed iterations: a rate over zero iterations means nothing."""
@@ -105,9 +107,7 @@ class Report:
     def save(self, path: str | None) -> None:
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(path).with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.rows, indent=1) + "\n")
-            tmp.replace(path)
+            atomic_write(Path(path), (json.dumps(self.rows, indent=1) + "\n").encode())
 
 
 def _fmt(v) -> str:

@@ -19,6 +19,7 @@ import model
 from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, positive, ratio,
                                 reset_peak_memory, sync, time_it)
 from pipeline.step import StepOptions, prepare, sgd, train_step
+from preprocessing.shards import atomic_write
 
 # name -> (step options, fused SGD). "compile" is the reference the goal is measured against.
 VARIANTS = {
@@ -107,9 +108,9 @@ def profile_step(step, device: torch.device, path: Path, steps: int = 3) -> dict
     top = sorted(times.items(), key=lambda kv: -kv[1])[:40]
     total = sum(times.values()) or 1.0
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"steps": steps, "total_us": total, "top": [
+    atomic_write(path, (json.dumps({"steps": steps, "total_us": total, "top": [
         {"name": k, "us_per_step": v / steps, "share": v / total, "kind": kernel_kind(k)} for k, v in top]},
-        indent=1) + "\n")
+        indent=1) + "\n").encode())
     return time_shares(times)
 
 
@@ -182,7 +183,7 @@ def main(argv: list[str]) -> list[dict]:
         r["reference"] = args.reference
     print(report.table(["variant", "images_per_s", "tflops", "peak_fraction", "vs_reference", "peak_mem_gib",
                         *(f"time_share_{k}" for k in KINDS)]))
-    report.save(args.out)
+    report.save(args.out)   # again: the ratios were filled in after the rows were saved
     return report.rows
 
 
