@@ -82,22 +82,25 @@ def main(argv: list[str]) -> list[dict]:
     def resident():
         train_step(call, opt, resident_x, resident_y, opts.amp_dtype)
 
+    waited = 0.0                       # host seconds blocked on the loader
+
+    def fed_step(wait_for_gpu: bool) -> None:
+        nonlocal waited
+        t = time.perf_counter()
+        batch = next(feed)
+        waited += time.perf_counter() - t
+        train_step(call, opt, batch.images, batch.labels, opts.amp_dtype)
+        if wait_for_gpu:
+            sync(device)
+
     def fed(wait_for_gpu: bool) -> tuple[float, float]:
         """(seconds per step, share of the wall time the host spent blocked on the loader)."""
+        nonlocal waited
+        for _ in range(args.warmup):   # here, not time_it's warmup: the wait is counted after it
+            fed_step(wait_for_gpu)
         waited = 0.0
-        for i in range(args.warmup + args.steps):
-            if i == args.warmup:
-                sync(device)
-                waited, start = 0.0, time.perf_counter()
-            t = time.perf_counter()
-            batch = next(feed)
-            waited += time.perf_counter() - t
-            train_step(call, opt, batch.images, batch.labels, opts.amp_dtype)
-            if wait_for_gpu:
-                sync(device)
-        sync(device)
-        elapsed = time.perf_counter() - start
-        return elapsed / args.steps, waited / elapsed
+        seconds = time_it(lambda: fed_step(wait_for_gpu), device, warmup=0, iters=args.steps)
+        return seconds, waited / (seconds * args.steps)
 
     flops = forward_flops(model.build(args.model, num_classes=classes, width=args.width,
                                       image_size=args.crop), args.crop)
@@ -120,7 +123,6 @@ def main(argv: list[str]) -> list[dict]:
                synced_over_resident=ratio(rows[2]["images_per_s"], rows[0]["images_per_s"]))
     print(report.table(["feed", "images_per_s", "tflops", "peak_fraction", "data_wait_fraction",
                         "fed_over_resident", "synced_over_resident"]))
-    report.save(args.out)
     return report.rows
 
 

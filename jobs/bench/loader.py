@@ -172,7 +172,7 @@ def main(argv: list[str]) -> None:
         work = Path(args.work) if args.work else Path(tmp := tempfile.mkdtemp(prefix="bench-loader-"))
         source, root = make_sample(work, args.classes, args.per_class, (lo, hi))
         source = Path(args.source) if args.source else source / "train"
-    report = Report("loader", device, batch_size=args.batch_size, crop=args.crop,
+    report = Report("loader", device, out=args.out, batch_size=args.batch_size, crop=args.crop,
                     scale=[args.scale_min, args.scale_max], dtype=args.dtype, layout=args.layout)
     dali, dali_cpu, steps = bench_dali(args, root, device)
     report.add(pipeline="dali", decode=args.decode, hw_decoder_load=args.hw_decoder_load, threads=args.threads, steps_per_epoch=steps,
@@ -188,6 +188,5 @@ def main(argv: list[str]) -> None:
                    dali_over_torchvision_per_cpu_s=ratio(dali_cpu, tv_cpu))
     print(report.table(["pipeline", "decode", "threads", "workers", "images_per_s", "images_per_cpu_s",
                         "dali_over_torchvision", "dali_over_torchvision_per_cpu_s"]))
-    report.save(args.out)
     if tmp:
         print(f"# sample kept in {tmp} (pass --work {tmp} to reuse it)")

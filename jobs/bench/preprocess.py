@@ -154,4 +154,3 @@ def main(argv: list[str]) -> None:
           f"{ratio(med['ours'], med['naive']):.2f}x (medians of {a.repeats}, {a.workers} processes each)")
     print(f"# CPU-bound (workers x images / CPU seconds, robust to other load on the machine): ours "
           f"{cpu_med['ours']:.0f}, naive {cpu_med['naive']:.0f}, {ratio(cpu_med['ours'], cpu_med['naive']):.2f}x")
-    report.save(a.out)
