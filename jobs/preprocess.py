@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 
-from preprocessing.errors import DataError
 from preprocessing.manifest import load_dataset_info
 from preprocessing.verify import verify
 from preprocessing.writer import preprocess
@@ -24,12 +23,11 @@ def ray_map(address: str | None):
     """A ``map_fn`` for ``preprocessing.writer.preprocess``: one Ray task per shard, results as they finish."""
     import ray  # RAY: the only Ray in preprocessing, at the edge
 
-    if ray.is_initialized():
-        pass
-    elif address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, include_dashboard=False)
-    else:   # a new local Ray, its node address on the loopback, as jobs.train and jobs.evaluate start
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    if not ray.is_initialized():
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, include_dashboard=False)
+        else:   # a new local Ray, its node address on the loopback, as jobs.train and jobs.evaluate start
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
 
     def map_fn(fn, jobs):
         task = ray.remote(num_cpus=1, max_retries=3)(fn)  # RAY: a retried task rewrites the same bytes
@@ -68,12 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     shard_size = int(a.shard_size) if a.shard_size.isdigit() else a.shard_size
     map_fn = ray_map(a.address) if (a.ray or a.address) else None
-    try:
-        preprocess(a.source, a.out, splits=a.splits, shard_size=shard_size, seed=a.seed,
-                   max_side=a.max_side, workers=a.workers, progress=not a.no_progress, map_fn=map_fn)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    preprocess(a.source, a.out, splits=a.splits, shard_size=shard_size, seed=a.seed,
+               max_side=a.max_side, workers=a.workers, progress=not a.no_progress, map_fn=map_fn)
     return 0
 
 
@@ -85,11 +79,7 @@ def _verify(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-decode", action="store_true", help="skip the full decode (sha256 still checked)")
     a = p.parse_args(argv)
-    try:
-        problems = verify(a.out, workers=a.workers, decode=not a.no_decode, progress=True)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    problems = verify(a.out, workers=a.workers, decode=not a.no_decode, progress=True)
     if problems:
         print(f"FAILED: {problems[0]}", file=sys.stderr)
         for q in problems[1:10]:
@@ -106,4 +96,6 @@ def _verify(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs import cli
+
+    sys.exit(cli.run(main))
