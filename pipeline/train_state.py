@@ -1,0 +1,82 @@
+"""What a training checkpoint holds and how every data-parallel rank contributes to it: the progress
+(epoch, step, schedule, metrics), each rank's RNG state, data position and parameter digest, gathered
+and written once by rank 0 (``pipeline.checkpoint`` writes the file). Used by pipeline/train_loop.py."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline import checkpoint as ckpt
+from pipeline import config as config_lib
+from pipeline.schedule import Plateau
+
+if TYPE_CHECKING:
+    from pipeline.loader import TrainLoader
+    from pipeline.train_loop import Report, Worker
+
+def param_digest(net: nn.Module) -> str:
+    """sha256 of every parameter's bytes: equal on all ranks iff the replicas are identical."""
+    h = hashlib.sha256()
+    for name, p in ckpt.unwrap(net).state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (a few KB per rank: RNG and data state)."""
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@dataclass
+class Progress:
+    """Where training is; everything here goes into the checkpoint."""
+    epoch: int = 0                        # epochs completed
+    step: int = 0                         # optimizer steps completed
+    schedule: Plateau | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def save(net: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, prog: Progress, *,
+         cfg: config_lib.Config, worker: Worker, global_batch: int, report: Report,
+         run_id: Callable[[], str], fingerprint: str, best: bool = False) -> None:
+    """Gather every rank's RNG and data position, write ``checkpoint.pt`` on rank 0, and report it
+    (every rank calls ``report``; rank 0 with the folder)."""
+    mine = {"rng": ckpt.rng_state(), "data": loader.state(), "node": worker.node,
+            "param_digest": param_digest(net)}
+    workers = gather(mine, worker.world_size)
+    metrics = {**prog.metrics, "epoch": prog.epoch, "step": prog.step, "images_seen": prog.step * global_batch}
+    if worker.rank != 0:
+        report(metrics, None, False)
+        return
+    folder = tempfile.mkdtemp(prefix="vgg-ckpt-")
+    try:
+        ckpt.save_checkpoint({
+            "format": ckpt.FORMAT,
+            "model": ckpt.unwrap(net).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": prog.schedule.to_dict(),
+            "epoch": prog.epoch, "step": prog.step, "step_in_epoch": loader.step % len(loader),
+            "images_seen": prog.step * global_batch,
+            "workers": workers,
+            "config": config_lib.dump(cfg),
+            "num_classes": cfg.model.num_classes,
+            "mlflow_run_id": run_id(),
+            "dataset_fingerprint": fingerprint,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        }, Path(folder) / ckpt.FILENAME)
+        report(metrics, folder, best)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
