@@ -1,7 +1,6 @@
 """DDP on two processes over gloo: the bf16 gradient-compression hook, and the training loop under
 torch.compile and conv-ReLU fusion (what the paper configs run on GPUs, here on the CPU)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,12 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.ddp import apply_grad_compression
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services import free_port
 
 
 def _worker(rank, port, mode, queue):
@@ -33,7 +27,7 @@ def _worker(rank, port, mode, queue):
 
 def _grads(mode):
     queue = mp.get_context("spawn").Manager().Queue()
-    mp.spawn(_worker, args=(_free_port(), mode, queue), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), mode, queue), nprocs=2)
     return dict(queue.get() for _ in range(2))
 
 
@@ -57,30 +51,27 @@ def test_unknown_mode_names_the_setting():
 
 def _train(rank, port, dataset, over, queue):
     from pipeline import checkpoint as ckpt
-    from pipeline import config
     from pipeline.train_loop import Worker, run_worker
+    from tiny import tiny_config
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    sets = {"data.root": dataset, "data.crop_size": 32, "data.scale_min": 32, "data.scale_max": 64,
-            "data.decode": "cpu", "data.threads": 1, "data.shuffle_buffer": 64, "model.width": 0.0625,
-            "model.init": "kaiming", "model.num_classes": 4, "model.dropout": 0.0, "run.workers": 2,
-            "run.global_batch_size": 16, "run.max_steps": 2, **over}
+    cfg = tiny_config(dataset, **{"model.num_classes": 4, "model.dropout": 0.0, "run.workers": 2,
+                                  "run.global_batch_size": 16, "run.max_steps": 2, **over})
 
     def report(metrics, folder, best):
         if folder:
             state = ckpt.load_checkpoint(folder)
             queue.put((state["model"], [w["param_digest"] for w in state["workers"]]))
 
-    run_worker(config.load(None, [f"{k}={v}" for k, v in sets.items()]), Worker(rank=rank, world_size=2),
-               report=report, log=lambda metrics, step: None)
+    run_worker(cfg, Worker(rank=rank, world_size=2), report=report, log=lambda metrics, step: None)
     dist.destroy_process_group()
 
 
 def _two_process_weights(dataset, **over):
     queue = mp.get_context("spawn").Manager().Queue()
-    mp.spawn(_train, args=(_free_port(), str(dataset), over, queue), nprocs=2)
+    mp.spawn(_train, args=(free_port(), str(dataset), over, queue), nprocs=2)
     return queue.get()
 
 

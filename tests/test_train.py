@@ -26,6 +26,7 @@ import pytest
 from jobs import tracking
 from pipeline import checkpoint as ckpt
 from services import BIN, MlflowServer, free_port, stop_group, wait_for
+from tiny import tiny_sets
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_TEMP_ROOT = Path("/tmp/ray-train-tests")
@@ -107,13 +108,11 @@ def learnable_dataset(tmp_path_factory) -> Path:
 def small(dataset: Path, storage: Path, name: str, uri: str, **over) -> list[str]:
     """--set overrides for a few seconds of training: net A at width 1/16 on 32 px crops, 2 workers,
     global batch 16 (3 steps per epoch on the 48-image sample), every step logged."""
-    sets = {"data.root": dataset, "data.crop_size": 32, "data.scale_min": 32, "data.scale_max": 64,
-            "data.decode": "cpu", "data.threads": 1, "data.shuffle_buffer": 64,
-            "model.name": "A", "model.width": 0.0625, "model.init": "kaiming", "model.num_classes": 0,
-            "run.workers": 2, "run.global_batch_size": 16, "run.storage_path": storage, "run.name": name,
-            "run.log_every_steps": 1, "run.keep_last": 2, "schedule.epochs": 2, "schedule.patience": 100,
-            "tracking.uri": uri, "tracking.experiment": name, "tracking.retry_s": 1.0,
-            "tracking.system_metrics": False, **over}
+    sets = tiny_sets(dataset, **{
+        "model.name": "A", "model.num_classes": 0, "run.workers": 2, "run.global_batch_size": 16,
+        "run.storage_path": storage, "run.name": name, "run.log_every_steps": 1, "run.keep_last": 2,
+        "schedule.epochs": 2, "schedule.patience": 100, "tracking.uri": uri, "tracking.experiment": name,
+        "tracking.retry_s": 1.0, "tracking.system_metrics": False, **over})
     out = []
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]

@@ -17,6 +17,7 @@ from jobs import tracking
 from pipeline import checkpoint as ckpt
 from pipeline import config
 from pipeline.train_loop import Worker, run_worker
+from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,11 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------------
 
 def one_process_cfg(dataset, **over) -> config.Config:
-    sets = {"data.root": dataset, "data.crop_size": 32, "data.scale_min": 32, "data.scale_max": 64,
-            "data.decode": "cpu", "data.threads": 1, "data.shuffle_buffer": 64, "model.width": 0.0625,
-            "model.init": "kaiming", "model.num_classes": 4, "run.workers": 1, "run.global_batch_size": 8,
-            "run.log_every_steps": 2, "schedule.epochs": 2, **over}
-    return config.load(None, [f"{k}={v}" for k, v in sets.items()])
+    return tiny_config(dataset, **{"model.num_classes": 4, "run.workers": 1, "run.global_batch_size": 8,
+                                   "run.log_every_steps": 2, "schedule.epochs": 2, **over})
 
 
 class Recorder:

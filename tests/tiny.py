@@ -1,0 +1,17 @@
+"""The training setup the tests share: net A at width 1/16 on 32 px crops of a sample dataset, decoded
+on the CPU by one DALI thread. Each test adds what it is about (workers, batch, epochs, ...)."""
+from __future__ import annotations
+
+from pipeline import config
+
+TINY = {"data.crop_size": 32, "data.scale_min": 32, "data.scale_max": 64, "data.decode": "cpu",
+        "data.threads": 1, "data.shuffle_buffer": 64, "model.width": 0.0625, "model.init": "kaiming"}
+
+
+def tiny_sets(dataset, **over) -> dict:
+    """``section.key -> value`` overrides: TINY on ``dataset``, then ``over``."""
+    return {"data.root": dataset, **TINY, **over}
+
+
+def tiny_config(dataset, **over) -> config.Config:
+    return config.load(None, [f"{k}={v}" for k, v in tiny_sets(dataset, **over).items()])
