@@ -17,8 +17,9 @@ A checkpoint file (``checkpoint.pt``) holds::
     dataset_fingerprint  str, dataset.json's fingerprint
     metrics           the last reported metrics (floats)
 
-Writes go to a temporary name in the same folder, are fsynced, then renamed over the target, so a
-crash mid-write leaves the previous file whole. Loading uses ``torch.load(weights_only=True)``.
+``pack`` builds that dict and is the one place its keys are listed in code; ``weights_only`` keeps
+what evaluation needs. Writes go through ``storage.files`` (atomic: a crash mid-write leaves the
+previous file whole). Loading uses ``torch.load(weights_only=True)``.
 
 Where a checkpoint can be named (``init_from``, the evaluation job): a ``checkpoint.pt`` file, a Ray
 checkpoint folder holding one, or a run folder ``<storage>/<name>`` (its ``best/`` checkpoint, else
@@ -27,7 +28,6 @@ its latest ``checkpoint_*``); local paths or pyarrow/fsspec URIs such as ``s3://
 from __future__ import annotations
 
 import io
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -39,15 +39,31 @@ from torch import nn
 
 import model
 from pipeline import config as config_lib
+from pipeline import faults
+from storage import files
 
 FORMAT = 1
 FILENAME = "checkpoint.pt"
 BEST = "best"               # <run folder>/best/checkpoint.pt: the best validation top-1 error so far
 PREFIX = "checkpoint_"      # <run folder>/checkpoint_<step>/checkpoint.pt: the last K, Ray-managed
-# Test knob: when set, save_checkpoint writes half of the temporary file and kills the process, the
-# way a node dies mid-write. Used by tests/test_checkpoint.py; never set it otherwise.
-CRASH_ENV = "VGG_TEST_CRASH_DURING_SAVE"
-CRASH_EXIT = 17
+KEYS = ("model", "optimizer", "schedule", "epoch", "step", "step_in_epoch", "images_seen", "workers", "config",
+        "num_classes", "mlflow_run_id", "dataset_fingerprint", "metrics")
+# What a finished model needs: no optimizer state, schedule or data positions.
+WEIGHT_KEYS = ("model", "config", "num_classes", "epoch", "step", "images_seen", "mlflow_run_id",
+               "dataset_fingerprint", "metrics")
+
+
+def pack(**fields: Any) -> dict[str, Any]:
+    """The checkpoint dict of the module docstring; every one of ``KEYS`` must be given, no other."""
+    if set(fields) != set(KEYS):
+        missing, extra = sorted(set(KEYS) - set(fields)), sorted(set(fields) - set(KEYS))
+        raise TypeError(f"checkpoint fields: missing {missing}, unknown {extra}")
+    return {"format": FORMAT, **fields}
+
+
+def weights_only(state: dict[str, Any]) -> dict[str, Any]:
+    """A loaded checkpoint reduced to ``WEIGHT_KEYS`` (still a checkpoint ``load_checkpoint`` reads)."""
+    return {"format": FORMAT, **{k: state[k] for k in WEIGHT_KEYS if k in state}}
 
 
 # ---------------------------------------------------------------- RNG state as tensors and lists
@@ -80,35 +96,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- save / load
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: temporary name, fsync, rename, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        if os.environ.get(CRASH_ENV):
-            f.truncate(f.tell() // 2)
-            os.fsync(f.fileno())
-            os._exit(CRASH_EXIT)
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself is durable only once the folder's entry is
-    finally:
-        os.close(fd)
-    return path
-
-
-def _filesystem(location: str):
-    """(pyarrow filesystem, path within it) for a local path or a URI such as s3://bucket/key."""
-    import pyarrow.fs
-
-    if "://" in location:
-        return pyarrow.fs.FileSystem.from_uri(location)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(location)
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> str:
+    """Write ``state`` to ``path`` (a local path or a URI), atomically."""
+    with files.AtomicFile(path) as f:
+        torch.save(state, f.file)
+        faults.during_write(f.file)
+    return str(path)
 
 
 def resolve(location: str | Path, which: str = "best") -> str:
@@ -120,7 +113,7 @@ def resolve(location: str | Path, which: str = "best") -> str:
     if which not in ("best", "latest"):
         raise ValueError(f"Invalid which={which!r}. Only best and latest are supported.")
     location = str(location)
-    fs, root = _filesystem(location)
+    fs, root = files.filesystem(location)
     join = (lambda *parts: "/".join(p.rstrip("/") for p in parts))
     info = fs.get_file_info(root)
     if info.type == pyarrow.fs.FileType.File:
@@ -147,7 +140,7 @@ def step_folders(run_folder: str | Path) -> list[str]:
     import pyarrow.fs
 
     location = str(run_folder)
-    fs, root = _filesystem(location)
+    fs, root = files.filesystem(location)
     if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
         return []
     names = sorted((e.base_name for e in fs.get_file_info(pyarrow.fs.FileSelector(root))
@@ -173,13 +166,8 @@ def load_checkpoint(location: str | Path, which: str = "best") -> dict[str, Any]
     """Load a checkpoint dict (tensors on the CPU) from a file, a checkpoint folder or a run folder
     (see ``resolve``); never unpickles code (``weights_only=True``)."""
     path = resolve(location, which)
-    if "://" in path:
-        fs, p = _filesystem(path)
-        with fs.open_input_file(p) as f:
-            buffer = io.BytesIO(f.read())
-        state = torch.load(buffer, map_location="cpu", weights_only=True)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    source = io.BytesIO(files.read_bytes(path)) if files.is_uri(path) else path
+    state = torch.load(source, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not a checkpoint of format {FORMAT} "
                          f"(got format {state.get('format') if isinstance(state, dict) else type(state)})")

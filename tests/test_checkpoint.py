@@ -14,6 +14,7 @@ import torch
 import model
 from pipeline import checkpoint as ckpt
 from pipeline import config
+from pipeline import faults
 
 
 def make_state(cfg=None, seed=0, step=1):
@@ -126,9 +127,9 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path)
         ckpt.save_checkpoint(make_state(step=2), {str(target)!r})
         print("not reached")
     """)
-    env = {**os.environ, ckpt.CRASH_ENV: "1"}
+    env = {**os.environ, faults.CRASH_ENV: "1"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == ckpt.CRASH_EXIT, proc.stderr
+    assert proc.returncode == faults.CRASH_EXIT, proc.stderr
     assert "not reached" not in proc.stdout
     partial = list(target.parent.glob(".checkpoint.pt.tmp-*"))
     assert len(partial) == 1 and 0 < partial[0].stat().st_size < len(before) * 2

@@ -1,0 +1,37 @@
+"""Fault injection for the tests, and only for them: each hook is called from one line of production
+code and does nothing unless its ``VGG_TEST_*`` variable is set (tests/test_train.py,
+tests/test_checkpoint.py set them in the processes they start). Never set them otherwise."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+EXIT_AT_ENV = "VGG_TEST_EXIT_AT"           # "<rank>:<step>:<marker file>": that rank dies after that step, once
+STEP_DELAY_ENV = "VGG_TEST_STEP_DELAY_S"   # seconds added to every step, to time outside events
+CRASH_ENV = "VGG_TEST_CRASH_DURING_SAVE"   # any value: a checkpoint write dies halfway
+CRASH_EXIT = 17
+
+
+def after_step(rank: int, step: int) -> None:
+    """Slow the step down, or end the process the way a dying node does (``os._exit``: no cleanup),
+    once: the marker file records that it happened, so the retried worker carries on."""
+    if os.environ.get(STEP_DELAY_ENV):
+        time.sleep(float(os.environ[STEP_DELAY_ENV]))
+    spec = os.environ.get(EXIT_AT_ENV)
+    if not spec:
+        return
+    r, s, marker = spec.split(":", 2)
+    if int(r) == rank and int(s) == step and not os.path.exists(marker):
+        Path(marker).write_text(f"rank {rank} exited at step {step}\n")
+        os._exit(1)
+
+
+def during_write(f: BinaryIO) -> None:
+    """Cut the file being written to half its length, make that durable, and die mid-write."""
+    if os.environ.get(CRASH_ENV):
+        f.flush()
+        f.truncate(f.tell() // 2)
+        os.fsync(f.fileno())
+        os._exit(CRASH_EXIT)

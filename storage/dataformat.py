@@ -1,0 +1,157 @@
+"""The preprocessed dataset's on-disk format (docs/data-format.md), defined once for its writer
+(preprocessing/) and its readers (pipeline/, jobs/, ``jobs.preprocess verify``).
+
+    <root>/dataset.json                 classes, splits and their shards, colour statistics, format
+    <root>/<split>-NNNNNN.tar           WebDataset shards (ustar)
+    <root>/<split>-NNNNNN.idx           DALI's wds2idx index of each shard
+    <root>/<split>/manifest.parquet     one row per input file, whatever happened to it
+
+Every error here is a ``DataError`` whose message names the file at fault.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.files import atomic_write, write_if_changed
+
+FORMAT = 1                       # dataset.json "format"
+DATASET_JSON = "dataset.json"
+MANIFEST = "manifest.parquet"
+INDEX_VERSION = "v1.2"           # the wds2idx format DALI's fn.readers.webdataset reads
+STATUSES = ("kept", "converted", "resized", "quarantined")
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source", pa.string()), ("label", pa.int32()), ("wnid", pa.string()),
+    ("shard", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("width", pa.int32()),
+    ("height", pa.int32()), ("bytes", pa.int64()), ("sha256", pa.string()),
+])
+MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+
+# A sample's index components: (extension, data offset, size, member name).
+Component = tuple[str, int, int, str]
+
+
+class DataError(ValueError):
+    """A source, dataset folder or option that cannot be used; the message names the file or setting."""
+
+
+# ---------------------------------------------------------------- dataset.json
+
+def info_path(root: str | os.PathLike) -> Path:
+    return Path(root) / DATASET_JSON
+
+
+def read_info(root: str | os.PathLike) -> dict:
+    """The parsed ``<root>/dataset.json``, checked to be a format this version reads."""
+    path = info_path(root)
+    if not path.is_file():
+        raise DataError(f"{path}: not found; is {root} a folder written by `python -m jobs.preprocess`?")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        got = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise DataError(f"{path}: format {got!r}; this version reads format {FORMAT}")
+    return info
+
+
+def write_info(root: str | os.PathLike, info: dict) -> bool:
+    """Write dataset.json (atomically, only when it changes); True if it wrote."""
+    return write_if_changed(info_path(root), (json.dumps(info, indent=1) + "\n").encode())
+
+
+# ---------------------------------------------------------------- manifest.parquet
+
+def manifest_path(root: str | os.PathLike, split: str) -> Path:
+    return Path(root) / split / MANIFEST
+
+
+def manifest_bytes(rows: list[dict]) -> bytes:
+    """Parquet bytes of manifest rows (dicts with ``MANIFEST_COLUMNS``), deterministic for the same rows."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def write_manifest(root: str | os.PathLike, split: str, rows: list[dict]) -> bool:
+    path = manifest_path(root, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_if_changed(path, manifest_bytes(rows))
+
+
+def read_manifest(root: str | os.PathLike, split: str, columns: list[str] | None = None) -> pa.Table:
+    """The manifest of ``split`` (all columns, or ``columns``), in shard order."""
+    path = manifest_path(root, split)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest of split {split!r} not found")
+    return pq.read_table(path, columns=columns)
+
+
+# ---------------------------------------------------------------- DALI index files
+
+def index_text(lines: list[str]) -> str:
+    """An index file's text from its per-sample lines (``<ext> <offset> <size> <name>`` groups)."""
+    return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+
+
+def write_index(idx: str | os.PathLike, lines: list[str]) -> int:
+    """Write an index atomically; returns its sample count."""
+    atomic_write(idx, index_text(lines).encode("ascii"))
+    return len(lines)
+
+
+def parse_index(text: str, name: str = "index") -> list[list[Component]]:
+    """Index text -> per sample, its components. ``name`` (the file) goes into every error."""
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise DataError(f"{name}: header {lines[0] if lines else ''!r} is not '{INDEX_VERSION} <samples>'")
+    if int(head[1]) != len(lines) - 1:
+        raise DataError(f"{name}: says {head[1]} samples but has {len(lines) - 1} lines")
+    out = []
+    for line in lines[1:]:
+        f = line.split(" ")
+        if len(f) % 4 or not all(x.isdigit() for x in f[1::4] + f[2::4]):
+            raise DataError(f"{name}: line {line!r} is not groups of '<ext> <offset> <size> <name>'")
+        out.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
+    return out
+
+
+def index_count(idx: str | os.PathLike) -> int:
+    """The sample count in an index file's header line, without reading the rest."""
+    with open(idx) as f:
+        head = f.readline().split()
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise DataError(f"{idx}: not a DALI webdataset index (expected '{INDEX_VERSION} <count>' "
+                        f"on the first line, got {' '.join(head)!r}); delete it to rebuild")
+    return int(head[1])
+
+
+def scan_index_lines(tar: str | os.PathLike) -> list[str]:
+    """The index lines of an existing tar, as DALI's ``wds2idx`` writes them: a sample's members are
+    consecutive regular files sharing the name up to the first dot; hidden files are skipped."""
+    samples: list[list[Component]] = []
+    last = None
+    try:
+        with tarfile.open(tar, "r:") as tf:
+            for m in tf:
+                base_dir = m.name.rfind("/") + 1
+                dot = m.name.find(".", base_dir)
+                if not m.isreg() or dot < 0 or dot == base_dir:
+                    continue
+                base, component = m.name[:dot], (m.name[dot + 1:], m.offset_data, m.size, m.name)
+                if base != last:
+                    samples.append([])
+                    last = base
+                samples[-1].append(component)
+    except tarfile.TarError as e:
+        raise DataError(f"{tar}: not a readable tar ({e})") from e
+    if not samples:
+        raise DataError(f"{tar}: holds no samples")
+    return [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in sample) for sample in samples]
