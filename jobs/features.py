@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import logging
 import os
 import sys
@@ -22,24 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.evaluate import loader_batches, parse_scales, resolve_member, run_ranks
+from jobs._ranks import check_workers, parse_scales, pass_options, prepare_rank, resolve_member, run_ranks
 from pipeline import dataset
 from pipeline import evaluate as E
+from storage.files import atomic_write
 
 
 def features_rank(net, data, scales, flip, batch_size, use_gpu, threads, rank, world, progress):
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-    if use_gpu:
-        net = net.to(memory_format=torch.channels_last)
-    batches_at = loader_batches(data, batch_size, rank, world, 0 if use_gpu else None)
+    (net,), device, batches_at = prepare_rank([net], data, batch_size, rank, world, use_gpu, threads)
     return E.features_share(net, batches_at, scales, flip, device,
                             amp_dtype=torch.bfloat16 if use_gpu else None, progress=progress)
 
 
 def write_parquet(path: Path, keys: list[str], labels: torch.Tensor, feats: torch.Tensor) -> None:
-    """Atomically (temporary name, then rename) write key, label, feature."""
+    """Write key, label, feature, atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -48,34 +45,24 @@ def write_parquet(path: Path, keys: list[str], labels: torch.Tensor, feats: torc
     table = pa.table({"key": pa.array(keys, pa.string()),
                       "label": pa.array(labels.numpy().astype(np.int32), pa.int32()),
                       "feature": pa.FixedSizeListArray.from_arrays(flat, d)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jobs.features", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m jobs.features", description=__doc__, parents=[pass_options()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="MLflow run id or checkpoint file/folder")
     p.add_argument("--out", required=True, help="the parquet file to write")
-    p.add_argument("--data", default="", help="dataset root (default: the run's data.root)")
-    p.add_argument("--split", default="", help="split (default: the run's data.val_split)")
-    p.add_argument("--scales", default="auto", help="auto | single | 256,384,512")
-    p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--no-ray", action="store_true", help="run the workers' shares one by one in this process")
-    p.add_argument("--gpu", action="store_true")
-    p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tracking-uri", default="", help="for an MLflow run id (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    check_workers(args.workers)
     member = resolve_member(args.run, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
     cfg = member.cfg
     data = dataclasses.replace(cfg.data, root=args.data or cfg.data.root, val_split=args.split or cfg.data.val_split,
@@ -98,6 +85,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from jobs import cli
+    from jobs import _cli
 
-    sys.exit(cli.run(main))
+    sys.exit(_cli.run(main))

@@ -14,20 +14,17 @@ import argparse
 import os
 import sys
 
-from preprocessing.manifest import load_dataset_info
+from jobs import _ray
 from preprocessing.verify import verify
 from preprocessing.writer import preprocess
+from storage.dataformat import read_info
 
 
 def ray_map(address: str | None):
     """A ``map_fn`` for ``preprocessing.writer.preprocess``: one Ray task per shard, results as they finish."""
     import ray  # RAY: the only Ray in preprocessing, at the edge
 
-    if not ray.is_initialized():
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address, include_dashboard=False)
-        else:   # a new local Ray, its node address on the loopback, as jobs.train and jobs.evaluate start
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    _ray.connect(address=address)
 
     def map_fn(fn, jobs):
         task = ray.remote(num_cpus=1, max_retries=3)(fn)  # RAY: a retried task rewrites the same bytes
@@ -87,7 +84,7 @@ def _verify(argv: list[str]) -> int:
         if len(problems) > 10:
             print(f"  ... {len(problems) - 10} more", file=sys.stderr)
         return 1
-    splits = load_dataset_info(a.out)["splits"]
+    splits = read_info(a.out)["splits"]
     checks = "tar headers, DALI index, labels, sha256" + ("" if a.no_decode else ", full JPEG decode")
     print(f"ok: {sum(len(s['shards']) for s in splits.values())} shards holding "
           f"{sum(s['num_samples'] for s in splits.values()):,} images ({', '.join(splits)}) match their "
@@ -96,6 +93,6 @@ def _verify(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from jobs import cli
+    from jobs import _cli
 
-    sys.exit(cli.run(main))
+    sys.exit(_cli.run(main))

@@ -22,20 +22,17 @@ import argparse
 import dataclasses
 import logging
 import os
-import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
-from jobs import tracking
+from jobs import _ray, _tracking
+from jobs._train_worker import train_loop_per_worker
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
 from pipeline import dataset
+from storage import files
 
 log = logging.getLogger("jobs.train")
 # Environment forwarded from the driver to the Ray workers: the tests' fault knobs and MLflow client
@@ -48,10 +45,6 @@ FORWARD_PREFIXES = ("VGG_", "MLFLOW_HTTP_", "MLFLOW_SYSTEM_METRICS_", "MLFLOW_TR
 # ---------------------------------------------------------------------------------------------------
 # Resolving the config: everything a worker needs, concrete
 # ---------------------------------------------------------------------------------------------------
-
-def is_uri(location: str) -> bool:
-    return "://" in location
-
 
 def run_folder(cfg: config_lib.Config) -> str:
     return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
@@ -66,8 +59,8 @@ def resolve(cfg: config_lib.Config) -> tuple[config_lib.Config, dict[str, str]]:
     if cfg.model.num_classes and cfg.model.num_classes != classes:
         raise config_lib.ConfigError(f"model.num_classes {cfg.model.num_classes} but {data.root}/dataset.json "
                                      f"has {classes} classes (0 reads it from there)")
-    storage = cfg.run.storage_path if is_uri(cfg.run.storage_path) else str(Path(cfg.run.storage_path).resolve())
-    uri = tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else cfg.tracking.uri
+    storage = cfg.run.storage_path if files.is_uri(cfg.run.storage_path) else str(Path(cfg.run.storage_path).resolve())
+    uri = _tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else cfg.tracking.uri
     cfg = dataclasses.replace(cfg, data=data, run=dataclasses.replace(cfg.run, storage_path=storage),
                               tracking=dataclasses.replace(cfg.tracking, uri=uri))
     tags = {"dataset_fingerprint": info.get("fingerprint", ""), "run_folder": run_folder(cfg)}
@@ -97,137 +90,20 @@ def resolve_init_from(cfg: config_lib.Config) -> tuple[str, str]:
         location = tags.get("checkpoint") or tags.get("run_folder")
         if not location:
             raise FileNotFoundError(f"model.init_from {spec}: the run has no 'checkpoint' or 'run_folder' tag")
-    elif is_uri(spec) or os.path.isabs(spec) or os.path.exists(spec):
-        location = spec if is_uri(spec) else str(Path(spec).resolve())
+    elif files.is_uri(spec) or os.path.isabs(spec) or os.path.exists(spec):
+        location = spec if files.is_uri(spec) else str(Path(spec).resolve())
     else:  # a run name in the same storage
         location = f"{cfg.run.storage_path.rstrip('/')}/{spec}"
     file = ckpt.resolve(location, "best")       # raises FileNotFoundError naming what it looked for
     if not parent:
         for folder in (location, file.rsplit("/", 1)[0], file.rsplit("/", 2)[0]):
             try:
-                parent = tracking.read_run_id(folder)
+                parent = _tracking.read_run_id(folder)
             except OSError:
                 parent = ""
             if parent:
                 break
     return location, parent
-
-
-# ---------------------------------------------------------------------------------------------------
-# The Ray Train worker: pipeline.train_loop.run_worker with Ray's report / get_checkpoint / prepare_model
-# ---------------------------------------------------------------------------------------------------
-
-def upload(local_file: str | Path, destination: str) -> None:
-    """Copy a file into storage: atomically on a local filesystem (temp name + rename); on object
-    stores a single PUT is atomic already."""
-    if is_uri(destination):
-        import pyarrow.fs
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(destination)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with open(local_file, "rb") as src, fs.open_output_stream(path) as dst:
-            shutil.copyfileobj(src, dst, 16 << 20)
-        return
-    dest = Path(destination)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.copyfile(local_file, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-
-
-def resume_state(folder: str, checkpoint, rank: int, world: int) -> dict[str, Any] | None:
-    """The checkpoint to resume from: the newest complete one in the run folder. That is Ray's
-    latest registered one (``checkpoint``, which lives there) or newer: Ray registers a reported
-    checkpoint some time after its files land, so a driver killed in between would otherwise lose
-    it. Rank 0 chooses; every rank loads the same file."""
-    import torch.distributed as dist
-
-    if rank == 0:
-        state = ckpt.latest_loadable(folder)
-        if state is None and checkpoint is not None:
-            with checkpoint.as_directory() as local:
-                state = ckpt.load_checkpoint(local)
-        if world > 1:
-            dist.broadcast_object_list([state["path"] if state is not None else None], src=0)
-        return state
-    box = [None]
-    dist.broadcast_object_list(box, src=0)
-    return ckpt.load_checkpoint(box[0]) if box[0] else None
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray                                                     # RAY
-    import ray.train                                               # RAY
-    import ray.train.torch                                         # RAY
-
-    from pipeline.train_loop import Worker, run_worker
-
-    # Ours at INFO; everything else that logs through the root logger (Ray Train prints a line per
-    # report there) at WARNING.
-    logging.getLogger().setLevel(logging.WARNING)
-    for name in ("pipeline", "jobs"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    cfg = config_lib.from_dict(config_lib.Config, yaml.safe_load(loop_config["config"]))
-    context = ray.train.get_context()                              # RAY
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()                          # RAY: the local GPU, not the rank
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    node = ray.get_runtime_context().get_node_id()                 # RAY: recorded in checkpoints
-    worker = Worker(rank, world, device, node=f"{socket.gethostname()}/{node[:12]}")
-
-    resume = resume_state(loop_config["run_folder"], ray.train.get_checkpoint(), rank, world)   # RAY
-
-    tracker = None
-    if rank == 0:
-        tracker = tracking.Tracker(
-            cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, loop_config["run_folder"],
-            run_id=loop_config["run_id"] or (resume or {}).get("mlflow_run_id", ""),
-            params=tracking.params_from(config_lib.flatten(cfg)), tags=loop_config["tags"],
-            system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s,
-            enabled=cfg.tracking.enabled, node_id=None)
-        tracker.connect()
-
-    def report(metrics: dict[str, float], folder: str | None, best: bool) -> None:
-        if folder is not None and best:
-            upload(Path(folder) / ckpt.FILENAME, f"{loop_config['run_folder']}/{ckpt.BEST}/{ckpt.FILENAME}")
-        ray.train.report(                                          # RAY: every rank, rank 0 with the files
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None,
-            checkpoint_dir_name=f"{ckpt.PREFIX}{int(metrics['step']):010d}")
-
-    def log_metrics(metrics: dict[str, float], step: int) -> None:
-        if tracker is not None:
-            tracker.log_metrics(metrics, step)
-
-    try:
-        result = run_worker(cfg, worker, report=report, log=log_metrics, resume=resume,
-                            run_id=lambda: tracker.run_id if tracker else "",
-                            wrap=lambda net, w: ray.train.torch.prepare_model(net))  # RAY: DDP
-        if tracker is not None and result.tally is not None:
-            classes = dataset.read_info(cfg.data.root).get("classes", [])
-            tracker.log_dict(per_class_table(result.tally, classes), f"eval/val_{cfg.data.val_mode}_per_class.json")
-    finally:
-        if tracker is not None:
-            tracker.close()
-
-
-def per_class_table(tally, classes: list[dict]) -> dict[str, list]:
-    """Columns of the final validation's per-class top-1 accuracy (MLflow shows it as a table)."""
-    acc = tally.per_class_accuracy().tolist()
-    names = {c.get("index"): c for c in classes}
-    return {"index": list(range(len(acc))),
-            "wnid": [names.get(i, {}).get("wnid", "") for i in range(len(acc))],
-            "name": [names.get(i, {}).get("name", "") for i in range(len(acc))],
-            "images": tally.class_total.tolist(),
-            "top1_acc": [None if a != a else round(a, 6) for a in acc]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,25 +120,6 @@ def scaling_config(cfg: config_lib.Config):
                          placement_strategy=cfg.run.placement_strategy)
 
 
-def connect_ray(cfg: config_lib.Config) -> None:
-    """RAY_ADDRESS (set by ``ray job submit``, or by hand) names a running cluster; otherwise a local
-    Ray just for this command, without the dashboard. (Ray's GCS and raylet listen on the node's
-    address whatever one asks; Ray >= 2.59 protects a local cluster with a generated token.)"""
-    import ray                                                     # RAY
-
-    if ray.is_initialized():
-        return
-    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
-    runtime_env = {"env_vars": forwarded} if forwarded else None
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-    else:
-        cpus = max(os.cpu_count() or 1, cfg.run.workers * cfg.run.cpus_per_worker)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env,
-                 logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
-
-
 def final_weights(folder: str) -> Path | None:
     """The best checkpoint's weights without the optimizer, as a file to log: loadable with
     ``pipeline.checkpoint.model_from_checkpoint``."""
@@ -270,10 +127,8 @@ def final_weights(folder: str) -> Path | None:
         state = ckpt.load_checkpoint(folder, "best")
     except FileNotFoundError:
         return None
-    keep = ("format", "model", "config", "num_classes", "epoch", "step", "images_seen", "mlflow_run_id",
-            "dataset_fingerprint", "metrics")
     path = Path(tempfile.mkdtemp(prefix="vgg-weights-")) / ckpt.FILENAME
-    ckpt.save_checkpoint({k: state[k] for k in keep if k in state}, path)
+    ckpt.save_checkpoint(ckpt.weights_only(state), path)
     return path
 
 
@@ -284,22 +139,23 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
 
     cfg, tags = resolve(cfg)
     folder = run_folder(cfg)
-    tags = {"git_commit": tracking.git_commit(Path(__file__).parent), **tags}
+    tags = {"git_commit": _tracking.git_commit(Path(__file__).parent), **tags}
     tags["mlflow.source.git.commit"] = tags["git_commit"]
-    tracker = tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, folder,
-                               params=tracking.params_from(config_lib.flatten(cfg)), tags=tags,
+    tracker = _tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, folder,
+                               params=_tracking.params_from(config_lib.flatten(cfg)), tags=tags,
                                retry_s=cfg.tracking.retry_s, enabled=cfg.tracking.enabled)
     run_id = ""
     if cfg.tracking.enabled:
         # Reachable: the run (found through the id file, or created). Unreachable: the id a previous
         # attempt left, so the workers log into that run once the server is back.
-        run_id = tracker.connect() or tracking.read_run_id(folder) or _run_id_from_latest_checkpoint(folder)
+        run_id = tracker.connect() or _tracking.read_run_id(folder) or _run_id_from_latest_checkpoint(folder)
         tracker.run_id = run_id
         if tracker.connect():
             tracker.log_text(config_lib.dump(cfg), "config.yaml")
-    connect_ray(cfg)
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+    _ray.connect(cfg.run.workers * cfg.run.cpus_per_worker, {"env_vars": forwarded} if forwarded else None)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop_per_worker,                                     # RAY: runs on every worker
         train_loop_config={"config": config_lib.dump(cfg), "run_id": run_id, "run_folder": folder, "tags": tags},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
@@ -362,6 +218,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jobs import cli
+    from jobs import _cli
 
-    sys.exit(cli.run(main))
+    sys.exit(_cli.run(main))

@@ -28,6 +28,7 @@ its latest ``checkpoint_*``); local paths or pyarrow/fsspec URIs such as ``s3://
 from __future__ import annotations
 
 import io
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,11 @@ KEYS = ("model", "optimizer", "schedule", "epoch", "step", "step_in_epoch", "ima
 # What a finished model needs: no optimizer state, schedule or data positions.
 WEIGHT_KEYS = ("model", "config", "num_classes", "epoch", "step", "images_seen", "mlflow_run_id",
                "dataset_fingerprint", "metrics")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a whole checkpoint of this format (truncated, another format, not one at
+    all); the message names it."""
 
 
 def pack(**fields: Any) -> dict[str, Any]:
@@ -157,7 +163,7 @@ def latest_loadable(run_folder: str | Path) -> dict[str, Any] | None:
     for folder in step_folders(run_folder):
         try:
             return load_checkpoint(folder)
-        except Exception as e:  # a truncated zip raises RuntimeError, EOFError, UnpicklingError...
+        except CheckpointError as e:
             logging.getLogger(__name__).warning("skipping unreadable checkpoint %s: %s", folder, e)
     return None
 
@@ -167,9 +173,12 @@ def load_checkpoint(location: str | Path, which: str = "best") -> dict[str, Any]
     (see ``resolve``); never unpickles code (``weights_only=True``)."""
     path = resolve(location, which)
     source = io.BytesIO(files.read_bytes(path)) if files.is_uri(path) else path
-    state = torch.load(source, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a cut-short zip raises any of these
+        raise CheckpointError(f"{path}: not a readable checkpoint, damaged or cut short ({e})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a checkpoint of format {FORMAT} "
+        raise CheckpointError(f"{path}: not a checkpoint of format {FORMAT} "
                          f"(got format {state.get('format') if isinstance(state, dict) else type(state)})")
     state["path"] = path
     return state

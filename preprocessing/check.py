@@ -77,48 +77,67 @@ def check_image(data: bytes, max_side: int | None = None) -> Checked:
         return quarantine(f"undecodable header: {type(e).__name__}: {e}")
     if w <= 0 or h <= 0:
         return quarantine(f"undecodable: empty image size {w}x{h}", max(w, 0), max(h, 0))
+    reasons, orient = _needed_changes(im, data)
+    too_big = max_side is not None and max(w, h) > max_side
+    turned = orient.orientation not in (None, 1)
+    if not reasons and not too_big and (not turned or orient.orientation_at is not None):
+        return _keep(im, data, orient)
+    if turned:
+        reasons.append(f"EXIF orientation {orient.orientation} dropped (pixels kept as stored)")
+    return _reencode(im, reasons, max_side if too_big else None)
 
-    reasons = []
-    orientation = orientation_at = None
-    byte_order = "<"
-    if im.format == "JPEG":
-        info = jpeg_structure(data)
-        if info.sof not in _BASELINE_SOF:
-            kind = _SOF_NAMES.get(info.sof, "unknown-frame") if info.sof is not None else "frameless"
-            reasons.append(f"{kind} JPEG -> baseline")
-        if im.mode != "RGB":
-            reasons.append(f"{_MODE_NAMES.get(im.mode, im.mode)} JPEG -> RGB")
-        orientation, orientation_at = info.orientation, info.orientation_at
-        byte_order = info.byte_order
-        if orientation is None and "exif" in im.info:  # EXIF our parser could not read: ask PIL
-            try:
-                orientation = im.getexif().get(0x0112)
-            except DECODE_ERRORS:
-                orientation = None  # unreadable EXIF: no reader can find an orientation in it either
-    else:
+
+@dataclass
+class _Orientation:
+    orientation: int | None = None      # EXIF orientation tag, None when absent
+    orientation_at: int | None = None   # its byte offset in the file, when our parser found it
+    byte_order: str = "<"
+
+
+def _needed_changes(im: Image.Image, data: bytes) -> tuple[list[str], _Orientation]:
+    """(why the bytes cannot be kept as they are, the EXIF orientation and where it is)."""
+    reasons, orient = [], _Orientation()
+    if im.format != "JPEG":
         mode = _MODE_NAMES.get(im.mode, im.mode)
         reasons.append(f"{im.format} {mode if im.mode != 'RGB' else 'RGB'} -> RGB JPEG")
-    too_big = max_side is not None and max(w, h) > max_side
-    turned = orientation not in (None, 1)
-
-    if not reasons and not too_big and (not turned or orientation_at is not None):
+        return reasons, orient
+    info = jpeg_structure(data)
+    if info.sof not in _BASELINE_SOF:
+        kind = _SOF_NAMES.get(info.sof, "unknown-frame") if info.sof is not None else "frameless"
+        reasons.append(f"{kind} JPEG -> baseline")
+    if im.mode != "RGB":
+        reasons.append(f"{_MODE_NAMES.get(im.mode, im.mode)} JPEG -> RGB")
+    orient = _Orientation(info.orientation, info.orientation_at, info.byte_order)
+    if orient.orientation is None and "exif" in im.info:  # EXIF our parser could not read: ask PIL
         try:
-            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # 1/8-scale IDCT; every coefficient still decoded
-            im.load()
-        except DECODE_ERRORS as e:
-            return quarantine(f"undecodable: {type(e).__name__}: {e}", w, h)
-        pixels = np.asarray(im)
-        if not turned:
-            return Checked("kept", "", data, w, h, pixels)
-        patched = bytearray(data)
-        struct.pack_into(byte_order + "H", patched, orientation_at, 1)
-        return Checked("converted", f"EXIF orientation {orientation} reset to 1 (pixels kept as stored)",
-                       bytes(patched), w, h, pixels)
+            orient.orientation = im.getexif().get(0x0112)
+        except DECODE_ERRORS:
+            orient.orientation = None  # unreadable EXIF: no reader can find an orientation in it either
+    return reasons, orient
 
-    if turned:
-        reasons.append(f"EXIF orientation {orientation} dropped (pixels kept as stored)")
+
+def _keep(im: Image.Image, data: bytes, orient: _Orientation) -> Checked:
+    """The original bytes, once every coefficient decoded; an EXIF rotation reset to 1 in place."""
+    w, h = im.size
     try:
-        if too_big and im.format == "JPEG":
+        im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # 1/8-scale IDCT; every coefficient still decoded
+        im.load()
+    except DECODE_ERRORS as e:
+        return quarantine(f"undecodable: {type(e).__name__}: {e}", w, h)
+    pixels = np.asarray(im)
+    if orient.orientation in (None, 1):
+        return Checked("kept", "", data, w, h, pixels)
+    patched = bytearray(data)
+    struct.pack_into(orient.byte_order + "H", patched, orient.orientation_at, 1)
+    return Checked("converted", f"EXIF orientation {orient.orientation} reset to 1 (pixels kept as stored)",
+                   bytes(patched), w, h, pixels)
+
+
+def _reencode(im: Image.Image, reasons: list[str], max_side: int | None) -> Checked:
+    """A baseline RGB JPEG re-encoded from the decoded pixels, resized to ``max_side`` when given."""
+    w, h = im.size
+    try:
+        if max_side and im.format == "JPEG":
             scale = max_side / max(w, h)
             im.draft(None, (max(1, int(w * scale)), max(1, int(h * scale))))  # decode at >= the target
         im.load()
@@ -126,7 +145,7 @@ def check_image(data: bytes, max_side: int | None = None) -> Checked:
     except DECODE_ERRORS as e:
         return quarantine(f"undecodable: {type(e).__name__}: {e}", w, h)
     status = "converted"
-    if too_big:
+    if max_side:
         scale = max_side / max(w, h)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)

@@ -1,4 +1,5 @@
-"""``<split>/manifest.parquet``, ``dataset.json`` and the train split's colour statistics.
+"""What goes into ``manifest.parquet`` and ``dataset.json`` (their format: ``storage.dataformat``):
+the dataset fingerprint, status counts and the train split's colour statistics.
 
 Colour statistics (the paper's mean subtraction and AlexNet's PCA colour shift): for every stored train
 image, the exact integer sums of its RGB values and of their pairwise products over its 1/8-scale pixels
@@ -12,25 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from preprocessing.errors import DataError
-from preprocessing.shards import write_if_changed
-
-FORMAT = 1
-DATASET_JSON = "dataset.json"
-MANIFEST = "manifest.parquet"
-STATUSES = ("kept", "converted", "resized", "quarantined")
-SCHEMA = pa.schema([
-    ("key", pa.string()), ("source", pa.string()), ("label", pa.int32()), ("wnid", pa.string()),
-    ("shard", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("width", pa.int32()),
-    ("height", pa.int32()), ("bytes", pa.int64()), ("sha256", pa.string()),
-])
-COLUMNS = tuple(SCHEMA.names)
+from storage import dataformat as fmt
 
 
 def tool_version() -> str:
@@ -40,50 +26,12 @@ def tool_version() -> str:
         return "0.1.0"
 
 
-def manifest_path(out, split: str) -> Path:
-    return Path(out) / split / MANIFEST
-
-
-def manifest_bytes(rows: list[dict]) -> bytes:
-    """Parquet bytes of manifest rows (dicts with ``COLUMNS``), deterministic for the same rows."""
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
-
-
-def write_manifest(out, split: str, rows: list[dict]) -> bool:
-    path = manifest_path(out, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_if_changed(path, manifest_bytes(rows))
-
-
-def read_manifest(out, split: str) -> pa.Table:
-    """The manifest of ``split``: one row per input file, in shard order (docs/data-format.md)."""
-    path = manifest_path(out, split)
-    if not path.is_file():
-        raise DataError(f"no manifest for split {split!r}: {path} does not exist")
-    return pq.read_table(path)
-
-
-def load_dataset_info(out) -> dict:
-    """The parsed ``OUT/dataset.json``."""
-    path = Path(out) / DATASET_JSON
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: {out} is not a preprocessed dataset "
-                        "(run python -m jobs.preprocess SOURCE OUT first)")
-    info = json.loads(path.read_text())
-    if info.get("format") != FORMAT:
-        raise DataError(f"{path} has format {info.get('format')!r}; this version reads format {FORMAT}")
-    return info
-
-
 def fingerprint(manifests: dict[str, list[dict]]) -> str:
     """sha256 over the manifest rows of every split, each split's rows sorted by key."""
     h = hashlib.sha256()
     for split in sorted(manifests):
         for row in sorted(manifests[split], key=lambda r: r["key"]):
-            h.update(json.dumps([split] + [row[c] for c in COLUMNS]).encode() + b"\n")
+            h.update(json.dumps([split] + [row[c] for c in fmt.MANIFEST_COLUMNS]).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -96,7 +44,7 @@ def source_fingerprint(plan_rows: list[dict]) -> str:
 
 
 def counts(rows: list[dict]) -> dict[str, int]:
-    c = dict.fromkeys(STATUSES, 0)
+    c = dict.fromkeys(fmt.STATUSES, 0)
     for r in rows:
         c[r["status"]] += 1
     return c
@@ -157,7 +105,7 @@ class Moments:
 
 def dataset_info(classes, seed: int, options: dict, splits: dict, manifests: dict, stats) -> dict:
     return {
-        "format": FORMAT,
+        "format": fmt.FORMAT,
         "tool_version": tool_version(),
         "seed": seed,
         "options": options,
@@ -166,7 +114,3 @@ def dataset_info(classes, seed: int, options: dict, splits: dict, manifests: dic
         "splits": splits,
         "stats": stats,
     }
-
-
-def write_dataset_info(out, info: dict) -> bool:
-    return write_if_changed(Path(out) / DATASET_JSON, (json.dumps(info, indent=1) + "\n").encode())

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preprocessing.errors import DataError
+from storage.dataformat import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff",
                     ".webp")
@@ -92,36 +92,39 @@ def discover(source, splits: tuple[str, ...] | list[str] | None = None) -> Layou
     classes = [ClassInfo(i, w, names.get(w, w)) for i, w in enumerate(wnids)]
     index = {c.wnid: c.index for c in classes}
 
-    out: dict[str, list[Input]] = {}
-    for split, d in split_dirs.items():
-        folders = _class_folders(d)
-        loose, ignored = _files_in(d, recursive=False)
-        if folders and loose:
-            raise DataError(f"unknown layout in {d}: it holds both {len(loose)} images and "
-                            f"{len(folders)} class folders; expected one or the other")
-        if folders:
-            rows = []
-            for wnid in sorted(folders):
-                files, ign = _files_in(d / wnid, recursive=True)
-                ignored += ign
-                rows += [_input(root, f, wnid, index.get(wnid, -1)) for f in files]
-            notes.append(f"{split}: {len(rows)} images in {len(folders)} class folders of {d}")
-        elif loose:
-            labels, origin = _flat_labels(root, d, split, loose)
-            if not any(f.stem in labels for f in loose):
-                raise DataError(f"{split} folder without labels: {origin} labels none of the {len(loose)} "
-                                f"images in {d} (expected names like ILSVRC2012_val_00000001.JPEG)")
-            rows = [_input(root, f, labels.get(f.stem, ""), index.get(labels.get(f.stem, ""), -1))
-                    for f in loose]
-            notes.append(f"{split}: {len(rows)} images in {d}, labels from {origin}")
-        else:
-            raise DataError(f"no images in {d}: expected class folders (<wnid>/*.JPEG) or, for val, "
-                            f"ILSVRC2012_val_*.JPEG files with {LOC_VAL_SOLUTION}")
-        if ignored:
-            notes.append(f"{split}: ignored {ignored} files without an image extension "
-                         f"({', '.join(IMAGE_EXTENSIONS)})")
-        out[split] = _unique_keys(rows, split)
+    out = {split: _split_inputs(root, split, d, index, notes) for split, d in split_dirs.items()}
     return Layout(root, classes, out, notes)
+
+
+def _split_inputs(root: Path, split: str, d: Path, index: dict[str, int], notes: list[str]) -> list[Input]:
+    """One split's inputs: class folders of ``d``, or images directly in it labelled from a file."""
+    folders = _class_folders(d)
+    loose, ignored = _files_in(d, recursive=False)
+    if folders and loose:
+        raise DataError(f"unknown layout in {d}: it holds both {len(loose)} images and "
+                        f"{len(folders)} class folders; expected one or the other")
+    if folders:
+        rows = []
+        for wnid in sorted(folders):
+            files, ign = _files_in(d / wnid, recursive=True)
+            ignored += ign
+            rows += [_input(root, f, wnid, index.get(wnid, -1)) for f in files]
+        notes.append(f"{split}: {len(rows)} images in {len(folders)} class folders of {d}")
+    elif loose:
+        labels, origin = _flat_labels(root, d, split, loose)
+        if not any(f.stem in labels for f in loose):
+            raise DataError(f"{split} folder without labels: {origin} labels none of the {len(loose)} "
+                            f"images in {d} (expected names like ILSVRC2012_val_00000001.JPEG)")
+        rows = [_input(root, f, labels.get(f.stem, ""), index.get(labels.get(f.stem, ""), -1))
+                for f in loose]
+        notes.append(f"{split}: {len(rows)} images in {d}, labels from {origin}")
+    else:
+        raise DataError(f"no images in {d}: expected class folders (<wnid>/*.JPEG) or, for val, "
+                        f"ILSVRC2012_val_*.JPEG files with {LOC_VAL_SOLUTION}")
+    if ignored:
+        notes.append(f"{split}: ignored {ignored} files without an image extension "
+                     f"({', '.join(IMAGE_EXTENSIONS)})")
+    return _unique_keys(rows, split)
 
 
 def _split_dirs(root: Path, splits) -> dict[str, Path]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from preprocessing.errors import DataError
+from storage.dataformat import DataError
 
 # The ten most distinct kinds come first: ``--classes 10`` uses them.
 KINDS = ("disc", "square", "triangle", "ring", "cross", "hstripes", "vstripes", "checker", "dots",

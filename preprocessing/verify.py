@@ -14,7 +14,8 @@ from PIL import Image
 
 from preprocessing import manifest as mf
 from preprocessing.check import DECODE_ERRORS, jpeg_structure
-from preprocessing.shards import BLOCK, EXTENSIONS, parse_index
+from preprocessing.shards import BLOCK, EXTENSIONS
+from storage import dataformat as fmt
 
 
 class Problem(NamedTuple):
@@ -34,10 +35,10 @@ def verify(out, workers: int = 1, decode: bool = True, progress: bool = False) -
     from tqdm import tqdm
 
     out = Path(out)
-    info = mf.load_dataset_info(out)
+    info = fmt.read_info(out)
     problems, jobs = [], []
     for split, s in info["splits"].items():
-        rows = mf.read_manifest(out, split).to_pylist()
+        rows = fmt.read_manifest(out, split).to_pylist()
         problems += _check_manifest(split, s, rows)
         by_shard: dict[str, list[dict]] = {}
         for r in rows:
@@ -104,7 +105,7 @@ def _verify_shard(out: Path, split: str, shard: str, rows: list[dict], decode: b
     if not tar.is_file():
         return bad(rows[0]["key"], f"shard file {tar} is missing")
     try:
-        index = parse_index(idx.read_text(encoding="ascii"))
+        index = fmt.parse_index(idx.read_text(encoding="ascii"), idx.name)
     except (OSError, ValueError) as e:
         return bad("", f"index {idx.name} is unreadable or invalid: {e}")
     if len(index) != len(rows):
@@ -113,49 +114,58 @@ def _verify_shard(out: Path, split: str, shard: str, rows: list[dict], decode: b
     with open(tar, "rb") as f:
         pos = 0
         for row, entry in zip(rows, index):
-            key, label = row["key"], row["label"]
-            names = [f"{key}.{e}" for e in EXTENSIONS]
-            if [c[3] for c in entry] != names or [c[0] for c in entry] != list(EXTENSIONS):
-                return bad(key, f"index entry lists {[c[3] for c in entry]}, expected {names}")
-            content = {}
-            for ext, name, (_, ioff, isize, _) in zip(EXTENSIONS, names, entry):
-                head = f.read(BLOCK)
-                if len(head) < BLOCK:
-                    return bad(key, f"truncated: the shard ends at byte {size}, in the header of {name}")
-                try:
-                    member = tarfile.TarInfo.frombuf(head, "ascii", "strict")
-                except tarfile.HeaderError as e:
-                    return bad(key, f"bad tar header for {name} at byte {pos}: {e}")
-                if member.name != name or not member.isreg():
-                    return bad(key, f"member at byte {pos} is {member.name!r}, expected {name!r}")
-                if ioff != pos + BLOCK or isize != member.size:
-                    return bad(key, f"index says {name} is at {ioff} ({isize} bytes), the tar has it at "
-                                    f"{pos + BLOCK} ({member.size} bytes)")
-                data = f.read(member.size)
-                if len(data) < member.size:
-                    return bad(key, f"truncated: the shard ends at byte {size}, inside {name}")
-                f.read(-member.size % BLOCK)
-                pos += BLOCK + member.size + (-member.size % BLOCK)
-                content[ext] = data
-            if content["cls"] != str(label).encode() or content["lbl"] != struct.pack("<i", label):
-                return bad(key, f"label members cls={content['cls']!r} lbl={content['lbl']!r}, manifest "
-                                f"label {label}")
-            if content["key"] != key.encode():
-                return bad(key, f"key member is {content['key']!r}")
-            jpg = content["jpg"]
-            if len(jpg) != row["bytes"] or hashlib.sha256(jpg).hexdigest() != row["sha256"]:
-                return bad(key, f"sha256 of {key}.jpg differs from the manifest (bytes {len(jpg)} vs "
-                                f"{row['bytes']})")
-            if decode:
-                why = _decode_problem(jpg, row)
-                if why:
-                    return bad(key, why)
+            content, pos = _read_sample(f, row["key"], entry, pos, size)
+            why = content if isinstance(content, str) else _sample_problem(row, content, decode)
+            if why:
+                return bad(row["key"], why)
         rest = f.read()
     if len(rest) < 2 * BLOCK:
         return bad(rows[-1]["key"], "truncated: the end-of-archive blocks after the last sample are missing")
     if rest.strip(b"\0"):
         return bad("", f"data after the last manifest sample (byte {pos}): a sample not in the manifest?")
     return None
+
+
+def _read_sample(f, key: str, entry: list, pos: int, size: int) -> tuple[dict[str, bytes] | str, int]:
+    """({extension: bytes} of the sample's members read at ``pos``, or what is wrong; the next position),
+    checking each tar header against the index ``entry``."""
+    names = [f"{key}.{e}" for e in EXTENSIONS]
+    if [c[3] for c in entry] != names or [c[0] for c in entry] != list(EXTENSIONS):
+        return f"index entry lists {[c[3] for c in entry]}, expected {names}", pos
+    content = {}
+    for ext, name, (_, ioff, isize, _) in zip(EXTENSIONS, names, entry):
+        head = f.read(BLOCK)
+        if len(head) < BLOCK:
+            return f"truncated: the shard ends at byte {size}, in the header of {name}", pos
+        try:
+            member = tarfile.TarInfo.frombuf(head, "ascii", "strict")
+        except tarfile.HeaderError as e:
+            return f"bad tar header for {name} at byte {pos}: {e}", pos
+        if member.name != name or not member.isreg():
+            return f"member at byte {pos} is {member.name!r}, expected {name!r}", pos
+        if ioff != pos + BLOCK or isize != member.size:
+            return (f"index says {name} is at {ioff} ({isize} bytes), the tar has it at {pos + BLOCK} "
+                    f"({member.size} bytes)"), pos
+        data = f.read(member.size)
+        if len(data) < member.size:
+            return f"truncated: the shard ends at byte {size}, inside {name}", pos
+        f.read(-member.size % BLOCK)
+        pos += BLOCK + member.size + (-member.size % BLOCK)
+        content[ext] = data
+    return content, pos
+
+
+def _sample_problem(row: dict, content: dict[str, bytes], decode: bool) -> str | None:
+    """What is wrong with a sample's members against its manifest row, or None."""
+    key, label = row["key"], row["label"]
+    if content["cls"] != str(label).encode() or content["lbl"] != struct.pack("<i", label):
+        return f"label members cls={content['cls']!r} lbl={content['lbl']!r}, manifest label {label}"
+    if content["key"] != key.encode():
+        return f"key member is {content['key']!r}"
+    jpg = content["jpg"]
+    if len(jpg) != row["bytes"] or hashlib.sha256(jpg).hexdigest() != row["sha256"]:
+        return f"sha256 of {key}.jpg differs from the manifest (bytes {len(jpg)} vs {row['bytes']})"
+    return _decode_problem(jpg, row) if decode else None
 
 
 def _decode_problem(jpg: bytes, row: dict) -> str | None:

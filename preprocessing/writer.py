@@ -27,9 +27,11 @@ import pyarrow.parquet as pq
 
 from preprocessing import manifest as mf
 from preprocessing.check import check_image, quarantine
-from preprocessing.errors import DataError
-from preprocessing.shards import ShardWriter, atomic_write, remove_stale_temps
+from preprocessing.shards import ShardWriter
 from preprocessing.sources import Input, Layout, discover
+from storage import dataformat as fmt
+from storage.dataformat import DataError
+from storage.files import atomic_write, remove_stale_temps
 
 STATE_DIR = ".preprocess"
 STATE = "state.json"
@@ -97,12 +99,12 @@ def preprocess(source, out, splits=None, shard_size=1000, seed: int = 0, max_sid
     all_splits = sorted(p.name[: -len(".plan.parquet")] for p in state_dir.glob("*.plan.parquet"))
     # Removed and changed files are reported, never acted on: they do not make OUT out of date.
     up_to_date = (not jobs and not any(c["added"] for c in changes.values())
-                  and (out / mf.DATASET_JSON).is_file()
-                  and all(mf.manifest_path(out, s).is_file() for s in all_splits))
+                  and (out / fmt.DATASET_JSON).is_file()
+                  and all(fmt.manifest_path(out, s).is_file() for s in all_splits))
     written = _run(jobs, workers, progress, map_fn)
     if not up_to_date:
         _assemble(out, layout, seed, options, all_splits)
-    info = mf.load_dataset_info(out)
+    info = fmt.read_info(out)
     summary = {}
     for split in layout.splits:
         s = info["splits"][split]
@@ -115,7 +117,7 @@ def preprocess(source, out, splits=None, shard_size=1000, seed: int = 0, max_sid
             f"{c['shards_written']} written this run")
         if c["quarantined"]:
             log(f"{split}: the quarantined files and why: rows with status 'quarantined' in "
-                f"{mf.manifest_path(out, split)}")
+                f"{fmt.manifest_path(out, split)}")
     if up_to_date:
         log(f"nothing to do: {out} already holds every image of {layout.root}")
     return summary
@@ -125,7 +127,7 @@ def _check_state(out: Path, layout: Layout, seed: int, options: dict, log) -> No
     """Refuse an OUT that holds a different dataset (other classes, seed or options) or foreign files."""
     state_file = out / STATE_DIR / STATE
     classes = [[c.index, c.wnid, c.name] for c in layout.classes]
-    want = {"format": mf.FORMAT, "seed": seed, "options": options, "classes": classes}
+    want = {"format": fmt.FORMAT, "seed": seed, "options": options, "classes": classes}
     if state_file.is_file():
         have = json.loads(state_file.read_text())
         diffs = [k for k in want if have.get(k) != want[k]]
@@ -141,7 +143,7 @@ def _check_state(out: Path, layout: Layout, seed: int, options: dict, log) -> No
     if out.exists():
         foreign = [p.name for p in out.iterdir() if not p.name.startswith(".tmp-") and p.name != STATE_DIR]
         if foreign:
-            hint = " (it has a dataset.json but no .preprocess state)" if mf.DATASET_JSON in foreign else ""
+            hint = " (it has a dataset.json but no .preprocess state)" if fmt.DATASET_JSON in foreign else ""
             raise DataError(f"{out} is not empty and was not written by this tool{hint}: it holds "
                             f"{', '.join(sorted(foreign)[:5])}; use an empty or new OUT folder")
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
@@ -322,7 +324,7 @@ def process_shard(job: ShardJob) -> dict:
             rows.append(row)
         if stored:
             tar_bytes, index = tw.commit()
-            atomic_write(out / f"{job.shard}.idx", index.encode("ascii"))
+            fmt.write_index(out / f"{job.shard}.idx", index)
         else:
             tar_bytes = 0  # every input quarantined: no tar (DALI rejects an empty one)
     # Part file: a header line (what _done reads), then the manifest rows and colour sums.
@@ -349,12 +351,12 @@ def _assemble(out: Path, layout: Layout, seed: int, options: dict, splits: list[
                 shards.append(f"{shard}.tar")
             if split == "train":
                 moments.merge(part["moments"])
-        mf.write_manifest(out, split, rows)
+        fmt.write_manifest(out, split, rows)
         manifests[split] = rows
         c = mf.counts(rows)
         split_info[split] = {"shards": shards, "num_samples": len(rows) - c["quarantined"],
                              "inputs": len(rows), "counts": c,
                              "source_fingerprint": mf.source_fingerprint(plan)}
     info = mf.dataset_info(layout.classes, seed, options, split_info, manifests, moments.stats())
-    mf.write_dataset_info(out, info)
+    fmt.write_info(out, info)
 

@@ -77,6 +77,6 @@ def built(odd_source, tmp_path_factory):
 
 @pytest.fixture
 def odd_manifest(built):
-    from preprocessing.manifest import read_manifest
+    from storage.dataformat import read_manifest
 
     return {s: read_manifest(built[0], s).to_pylist() for s in ("train", "val")}

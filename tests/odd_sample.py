@@ -8,7 +8,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from preprocessing.manifest import load_dataset_info
+from storage.dataformat import read_info
 from preprocessing.shards import EXTENSIONS
 from preprocessing.sources import IMAGE_EXTENSIONS
 from preprocessing.writer import preprocess
@@ -41,7 +41,7 @@ def image_files(root: Path, split: str) -> set[str]:
 
 def shard_samples(out: Path, split: str) -> list[dict]:
     """Every sample of every shard of ``split``, in order: {key, shard, cls, jpg, key_member, lbl}."""
-    info = load_dataset_info(out)
+    info = read_info(out)
     samples = []
     for shard in info["splits"][split]["shards"]:
         with tarfile.open(out / shard) as tf:

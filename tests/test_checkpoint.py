@@ -15,6 +15,7 @@ import model
 from pipeline import checkpoint as ckpt
 from pipeline import config
 from pipeline import faults
+from storage import files
 
 
 def make_state(cfg=None, seed=0, step=1):
@@ -97,8 +98,9 @@ class Evil:
 def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"format": 1, "model": {}, "x": Evil()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint.pt") as refused:
         ckpt.load_checkpoint(path)
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)   # torch's weights_only refusal
 
 
 def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
@@ -131,7 +133,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == faults.CRASH_EXIT, proc.stderr
     assert "not reached" not in proc.stdout
-    partial = list(target.parent.glob(".checkpoint.pt.tmp-*"))
+    partial = list(target.parent.glob(f"{files.TMP_PREFIX}checkpoint.pt.*"))
     assert len(partial) == 1 and 0 < partial[0].stat().st_size < len(before) * 2
     with pytest.raises(Exception):
         torch.load(partial[0], weights_only=True)  # the half-written file is garbage...

@@ -70,7 +70,7 @@ def test_exactly_once_on_1_2_3_workers_and_the_same_figures(trained, sample_data
 
 
 def test_a_broken_sharding_is_caught_before_any_figure(trained, tmp_path, monkeypatch):
-    from jobs import evaluate as J
+    from jobs import _ranks as J
 
     real = J.loader_batches
 

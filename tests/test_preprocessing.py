@@ -24,10 +24,8 @@ from PIL import Image
 from odd_sample import SHARD, build, image_files, shard_samples, snapshot
 from preprocessing import synthetic
 from preprocessing.check import check_image, jpeg_structure
-from preprocessing.errors import DataError
-from preprocessing.manifest import load_dataset_info, read_manifest
-from preprocessing.shards import parse_index
 from preprocessing.verify import verify
+from storage.dataformat import DataError, parse_index, read_info, read_manifest
 
 
 # ---- the synthetic sample -------------------------------------------------------------------------------
@@ -68,7 +66,7 @@ def test_synthetic_default_sizes_are_realistic(tmp_path):
 
 def test_every_input_is_accounted_for(built, odd_source, odd_manifest):
     out, summary, _ = built
-    info = load_dataset_info(out)
+    info = read_info(out)
     for split in ("train", "val"):
         rows = odd_manifest[split]
         files = image_files(odd_source, split)
@@ -151,7 +149,7 @@ def test_check_image_outcomes_directly():
 
 def test_shards_are_deterministic_ustar_with_valid_indexes(built):
     out = built[0]
-    info = load_dataset_info(out)
+    info = read_info(out)
     for split in ("train", "val"):
         for shard in info["splits"][split]["shards"]:
             with tarfile.open(out / shard) as tf:
@@ -177,7 +175,7 @@ def test_shards_are_deterministic_ustar_with_valid_indexes(built):
 
 def test_samples_are_shuffled_globally_with_the_seed(built, odd_source, odd_manifest, tmp_path):
     out = built[0]
-    info = load_dataset_info(out)
+    info = read_info(out)
     assert info["seed"] == 0 and len(info["splits"]["train"]["shards"]) == 7  # ceil(52 / 8)
     labels = [r["label"] for r in odd_manifest["train"] if r["status"] != "quarantined"]
     assert len(set(labels[:SHARD])) >= 2  # the first shard mixes classes
@@ -192,7 +190,7 @@ def test_webdataset_reads_shards_with_manifest_labels(built, odd_manifest):
     import webdataset as wds
 
     out = built[0]
-    info = load_dataset_info(out)
+    info = read_info(out)
     for split in ("train", "val"):
         rows = {r["key"]: r for r in odd_manifest[split]}
         urls = [str(out / s) for s in info["splits"][split]["shards"]]
@@ -211,7 +209,7 @@ def test_dali_reads_shards_on_cpu_with_manifest_labels(built, odd_manifest):
     from nvidia.dali import fn, pipeline_def, types
 
     out = built[0]
-    info = load_dataset_info(out)
+    info = read_info(out)
     for split in ("train", "val"):
         shards = [str(out / s) for s in info["splits"][split]["shards"]]
 
@@ -245,7 +243,7 @@ def test_dali_reads_shards_on_cpu_with_manifest_labels(built, odd_manifest):
 
 def test_dataset_json_and_colour_statistics(built, odd_manifest):
     out = built[0]
-    info = load_dataset_info(out)
+    info = read_info(out)
     assert [c["wnid"] for c in info["classes"]] == sorted(c["wnid"] for c in info["classes"])
     assert info["classes"][0] == {"index": 0, "wnid": "n01440764", "name": "tench, Tinca tinca"}
     st = info["stats"]

@@ -12,8 +12,7 @@ import pytest
 
 from odd_sample import SIZES, build, mtimes, snapshot
 from preprocessing import synthetic
-from preprocessing.manifest import read_manifest
-from preprocessing.shards import parse_index
+from storage.dataformat import parse_index, read_manifest
 from preprocessing.verify import verify
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from odd_sample import build
 from preprocessing import synthetic
-from preprocessing.errors import DataError
+from storage.dataformat import DataError
 from preprocessing.sources import discover
 from preprocessing.writer import preprocess
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import tracking
+from jobs import _tracking as tracking
 from pipeline import checkpoint as ckpt
 from services import BIN, MlflowServer, free_port, stop_group, wait_for
 from tiny import tiny_sets

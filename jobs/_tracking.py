@@ -16,14 +16,13 @@ import logging
 import os
 import queue
 import subprocess
-import tempfile
 import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from preprocessing.shards import atomic_write
+from storage import files
 
 log = logging.getLogger("jobs.tracking")
 
@@ -73,36 +72,15 @@ def git_commit(cwd: str | Path = ".") -> str:
 
 # ---------------------------------------------------------------- the run id file in Ray storage
 
-def _fs(location: str):
-    import pyarrow.fs
-
-    if "://" in location:
-        return pyarrow.fs.FileSystem.from_uri(location)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(location)
-
-
 def read_run_id(run_folder: str) -> str:
     """The MLflow run id kept in ``<run folder>/mlflow_run_id``, or ""."""
-    import pyarrow.fs
-
-    fs, root = _fs(run_folder)
-    path = f"{root.rstrip('/')}/{RUN_ID_FILE}"
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return ""
-    with fs.open_input_stream(path) as f:
-        return f.read().decode().strip()
+    path = files.join(run_folder, RUN_ID_FILE)
+    return files.read_bytes(path).decode().strip() if files.exists(path) else ""
 
 
 def write_run_id(run_folder: str, run_id: str) -> None:
     """Atomically: a crash mid-write must not leave an empty id, which would start a second run."""
-    fs, root = _fs(run_folder)
-    fs.create_dir(root, recursive=True)
-    path = f"{root.rstrip('/')}/{RUN_ID_FILE}"
-    if "://" in run_folder:                 # an object store: one PUT is atomic already
-        with fs.open_output_stream(path) as f:
-            f.write(run_id.encode() + b"\n")
-        return
-    atomic_write(Path(path), run_id.encode() + b"\n")
+    files.atomic_write(files.join(run_folder, RUN_ID_FILE), run_id.encode() + b"\n")
 
 
 # ---------------------------------------------------------------- the tracker
@@ -358,15 +336,3 @@ def last_steps(client, run) -> dict[str, int]:
     if objs is not None:
         return {m.key: m.step for m in objs}
     return {k: max(m.step for m in client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
-
-
-def save_text(text: str, name: str) -> Path:
-    """A file to log as an artifact, in a fresh temporary folder (kept until the process exits)."""
-    path = Path(tempfile.mkdtemp(prefix="vgg-artifact-")) / name
-    path.write_text(text)
-    return path
-
-
-if __name__ == "__main__":
-    raise SystemExit("jobs.tracking is a library of jobs.train and jobs.evaluate, not an entry point: "
-                     "python -m jobs.train --help")

@@ -11,8 +11,8 @@ from typing import Iterable, Sequence
 import torch
 
 from pipeline import config as config_lib
-from preprocessing.shards import atomic_write
 from pipeline import evaluate as E
+from storage.files import atomic_write
 
 COLUMNS = ("config", "train S", "test Q", "mode", "top-1 err %", "top-5 err %", "images")
 
@@ -116,8 +116,3 @@ def log_child_run(uri: str, parent_run_id: str, rows: list[dict], files: list[Pa
     client.log_table(rid, data={c: [r[c] for r in rows] for c in COLUMNS}, artifact_file="results_table.json")
     client.set_terminated(rid, "FINISHED")
     return rid
-
-
-if __name__ == "__main__":
-    raise SystemExit("jobs.eval_report is a library of jobs.evaluate, not an entry point: "
-                     "python -m jobs.evaluate --help")

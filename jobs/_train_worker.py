@@ -1,0 +1,112 @@
+"""The Ray Train worker of ``jobs.train``: ``pipeline.train_loop.run_worker`` bound to Ray's
+report / get_checkpoint / prepare_model and, on rank 0, to the MLflow tracker. Every Ray line is
+tagged ``# RAY``."""
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from jobs import _tracking
+from pipeline import checkpoint as ckpt
+from pipeline import config as config_lib
+from pipeline import dataset
+from storage import files
+
+
+def resume_state(folder: str, checkpoint, rank: int, world: int) -> dict[str, Any] | None:
+    """The checkpoint to resume from: the newest complete one in the run folder. That is Ray's
+    latest registered one (``checkpoint``, which lives there) or newer: Ray registers a reported
+    checkpoint some time after its files land, so a driver killed in between would otherwise lose
+    it. Rank 0 chooses; every rank loads the same file."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        state = ckpt.latest_loadable(folder)
+        if state is None and checkpoint is not None:
+            with checkpoint.as_directory() as local:
+                state = ckpt.load_checkpoint(local)
+        if world > 1:
+            dist.broadcast_object_list([state["path"] if state is not None else None], src=0)
+        return state
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    return ckpt.load_checkpoint(box[0]) if box[0] else None
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray                                                     # RAY
+    import ray.train                                               # RAY
+    import ray.train.torch                                         # RAY
+
+    from pipeline.train_loop import Worker, run_worker
+
+    # Ours at INFO; everything else that logs through the root logger (Ray Train prints a line per
+    # report there) at WARNING.
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("pipeline", "jobs"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    cfg = config_lib.from_dict(config_lib.Config, yaml.safe_load(loop_config["config"]))
+    context = ray.train.get_context()                              # RAY
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()                          # RAY: the local GPU, not the rank
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    node = ray.get_runtime_context().get_node_id()                 # RAY: recorded in checkpoints
+    worker = Worker(rank, world, device, node=f"{socket.gethostname()}/{node[:12]}")
+
+    resume = resume_state(loop_config["run_folder"], ray.train.get_checkpoint(), rank, world)   # RAY
+
+    tracker = None
+    if rank == 0:
+        tracker = _tracking.Tracker(
+            cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, loop_config["run_folder"],
+            run_id=loop_config["run_id"] or (resume or {}).get("mlflow_run_id", ""),
+            params=_tracking.params_from(config_lib.flatten(cfg)), tags=loop_config["tags"],
+            system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s,
+            enabled=cfg.tracking.enabled, node_id=None)
+        tracker.connect()
+
+    def report(metrics: dict[str, float], folder: str | None, best: bool) -> None:
+        if folder is not None and best:
+            files.atomic_copy(Path(folder) / ckpt.FILENAME, files.join(loop_config["run_folder"], ckpt.BEST,
+                                                                       ckpt.FILENAME))
+        ray.train.report(                                          # RAY: every rank, rank 0 with the files
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None,
+            checkpoint_dir_name=f"{ckpt.PREFIX}{int(metrics['step']):010d}")
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        if tracker is not None:
+            tracker.log_metrics(metrics, step)
+
+    try:
+        result = run_worker(cfg, worker, report=report, log=log_metrics, resume=resume,
+                            run_id=lambda: tracker.run_id if tracker else "",
+                            wrap=lambda net, w: ray.train.torch.prepare_model(net))  # RAY: DDP
+        if tracker is not None and result.tally is not None:
+            classes = dataset.read_info(cfg.data.root).get("classes", [])
+            tracker.log_dict(per_class_table(result.tally, classes), f"eval/val_{cfg.data.val_mode}_per_class.json")
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def per_class_table(tally, classes: list[dict]) -> dict[str, list]:
+    """Columns of the final validation's per-class top-1 accuracy (MLflow shows it as a table)."""
+    acc = tally.per_class_accuracy().tolist()
+    names = {c.get("index"): c for c in classes}
+    return {"index": list(range(len(acc))),
+            "wnid": [names.get(i, {}).get("wnid", "") for i in range(len(acc))],
+            "name": [names.get(i, {}).get("name", "") for i in range(len(acc))],
+            "images": tally.class_total.tolist(),
+            "top1_acc": [None if a != a else round(a, 6) for a in acc]}
