@@ -1,7 +1,7 @@
 """Conv + bias + ReLU as one op (model/fused.py): the same function and gradients as the layers it
 replaces, the same state_dict, and an op torch.compile can trace. On the CPU the op runs conv2d + relu,
 so these tests check the autograd formula, the fake implementation and the module surgery; the cuDNN
-kernel itself is compared with the unfused net by benchmarks/gpu_check.py on a GPU."""
+kernel itself is compared with the unfused net by jobs/bench/gpu_check.py on a GPU."""
 import copy
 
 import pytest

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one call: the loader (which makes the sample), correctness checks
-# (gpu_check.py) before any step is timed, training-step variants (each profiled: OUT/profile/),
+# (jobs/bench/gpu_check.py) before any step is timed, training-step variants (each profiled: OUT/profile/),
 # shard-fed vs resident (and with a host sync per step), dense evaluation; OUT/results.json gathers
 # them all for benchmarks/results/.
 # Usage (DALI carried as ../shared/gpu/README.md says):
-#   source /tmp/dl/unpack.sh && bash benchmarks/gpu.sh "$OUT"
+#   source /tmp/dl/unpack.sh && bash jobs/bench/gpu.sh "$OUT"
 # SMALL=1 runs the same script on a CPU with tiny sizes, to check it before spending GPU time.
 set -uo pipefail
 out=${1:?usage: gpu.sh OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)   # the repository, wherever this is run from
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 work=${WORK:-/tmp/bench-work}
 log="$out/log.txt"
 
@@ -40,7 +41,7 @@ fi
 
 step loader 90 "$PY" -m jobs.bench loader --work "$work" --device "$loader_dev" --threads "$threads" \
   --batch-size "$loader_batch" --steps "$loader_steps" "${sample[@]}" "${crop[@]}" --out "$out/loader.json"
-[ "$dev" = cuda ] && step check 60 "$PY" benchmarks/gpu_check.py "$work/shards" 0
+[ "$dev" = cuda ] && step check 60 "$PY" -m jobs.bench.gpu_check "$work/shards" 0
 step train 300 "$PY" -m jobs.bench train "${net[@]}" "${step_sizes[@]}" --variants "$variants" \
   --reference "${REFERENCE:-$([ "$dev" = cuda ] && echo compile || echo fp32)}" --device "$dev" --out "$out/train.json" \
   --profile "$out/profile"
@@ -59,7 +60,7 @@ check = [json.loads(line) for line in log.splitlines() if line.startswith('{"che
 gpu = (out / "gpu.txt").read_text().splitlines()[1:] if (out / "gpu.txt").is_file() else []
 status = re.findall(r"=== check exit (\d+)", log)
 result = {"date": time.strftime("%Y-%m-%d"), "gpu": gpu[0] if gpu else "none (SMALL=1 run on a CPU)",
-          "script": "benchmarks/gpu.sh", "check": {k: v for c in check for k, v in c.items()} or None,
+          "script": "jobs/bench/gpu.sh", "check": {k: v for c in check for k, v in c.items()} or None,
           "check_passed": status[-1] == "0" if status else None, "figures": figures}
 (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
 print(f"results.json: {len(figures)} figures; check: "

@@ -1,4 +1,5 @@
-"""GPU correctness checks for the DALI pipeline, run by benchmarks/gpu.sh before any timing.
+"""GPU correctness checks for the DALI pipeline, run by jobs/bench/gpu.sh before any timing:
+``python -m jobs.bench.gpu_check SHARDS [DEVICE_ID]``.
 
 1. Center crops decoded by nvJPEG ("mixed") match DALI's CPU-only path key by key (JPEG decoders
    may differ by a few grey levels, nothing more).
@@ -134,4 +135,7 @@ def main(root: str, device_id: int) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m jobs.bench.gpu_check SHARDS [DEVICE_ID]  (SHARDS: a folder written by "
+                 "jobs.preprocess; DEVICE_ID: the CUDA device, default 0)")
     sys.exit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0))

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Follow-up to gpu.sh: does sending more JPEGs to the H100's hardware decoder (NVJPG engines) lift
 # the loader and the shard-fed step? Same sample, same settings, hw_decoder_load swept.
-#   source /tmp/dl/unpack.sh && bash benchmarks/gpu_decoder.sh "$OUT"
+#   source /tmp/dl/unpack.sh && bash jobs/bench/gpu_decoder.sh "$OUT"
 set -uo pipefail
 out=${1:?usage: gpu_decoder.sh OUTDIR}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)   # the repository, wherever this is run from
+export PYTHONUNBUFFERED=1 PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 work=${WORK:-/tmp/bench-work}
 dev=${DEV:-0}; edev=${EDEV:-cuda}
