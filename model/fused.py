@@ -1,13 +1,14 @@
 """Convolution, bias and ReLU as one cuDNN call (``torch.cudnn_convolution_relu``) on the GPU.
 
 Why: torch.compile leaves convolutions to cuDNN and cannot fuse the ReLU into them, so every conv
-output of a VGG is written, read back and written again by a separate bias + ReLU kernel: for D at
-batch 256 in bf16, 3 x 7 GB of activation traffic per step. The fused call writes the output once;
-PyTorch builds it as relu(conv + 0 * z + bias) with z the output buffer itself, so unless cuDNN's
-engine skips the 0 * z term it also reads z once: 7-14 GB saved, some 4-9 % of an H100 step. Whether
-cuDNN's fused kernels are as fast as its plain ones is a measurement, not a given: see the
-``*+convrelu`` variants of ``python -m jobs.bench train``. That z is uninitialised memory is also why
-benchmarks/gpu_check.py fills the buffer with NaN first: 0 * NaN must not reach the output.
+output of a VGG is written, read back and written again by a separate bias + ReLU kernel: three passes
+over every activation (for D at batch 256 in bf16, some 7 GB each) per step. The fused call writes
+the output once; PyTorch builds it as relu(conv + 0 * z + bias) with z the output buffer itself, so
+unless cuDNN's engine skips the 0 * z term it also reads z once: one or two of the three passes saved.
+Whether that makes the step faster, i.e. whether cuDNN's fused kernels are as fast as its plain ones,
+is a measurement, not a given: see the ``*+convrelu`` variants of ``python -m jobs.bench train``. That
+z is uninitialised memory is also why jobs/bench/gpu_check.py fills the buffer with NaN first:
+0 * NaN must not reach the output.
 
 The op is a ``torch.library`` custom op with a fake (shape and strides) implementation and an autograd
 formula, so torch.compile treats it as one opaque kernel. On the CPU it runs conv2d + relu, which is

@@ -102,6 +102,21 @@ def test_overlap_and_bf16_never_slow_a_step_and_efficiency_is_at_most_one():
         assert 0 < row["efficiency_no_overlap"] <= row["efficiency_overlap_bf16"] <= 1
 
 
+def test_scaling_reads_the_newest_committed_rate(tmp_path, capsys):
+    rate, file = scaling.measured_rate("vgg16")                    # benchmarks/results/ in the repository
+    assert rate > 0 and file.endswith(".json")
+    rows = scaling.main([])
+    assert f"{rate:.0f} images/s" in capsys.readouterr().out
+    assert rows == scaling.table(rate, 256, "D")
+    row = {"bench": "train", "model": "D", "variant": scaling.RATE_VARIANT}
+    for date, ips in (("2026-01-02", 200.0), ("2025-12-31", 100.0)):
+        (tmp_path / f"{date}.json").write_text(json.dumps({"date": date, "figures": [{**row, "images_per_s": ips}]}))
+    (tmp_path / "cpu.json").write_text(json.dumps([{"bench": "preprocess", "images_per_s": 1.0}]))
+    assert scaling.measured_rate("D", results=tmp_path) == (200.0, "2026-01-02.json")
+    with pytest.raises(SystemExit, match="no train-bench figure for net E.*pass --images-per-s"):
+        scaling.measured_rate("E", results=tmp_path)
+
+
 # --- the benches that read shards: one tiny synthetic sample for all of them --------------------------
 
 SAMPLE = ["--classes", "2", "--per-class", "8", "--size", "48,64"]

@@ -4,13 +4,15 @@ A pure model, no GPU needed: ring all-reduce moves 2(n-1)/n of the gradient byte
 slowest link; DDP launches a bucket's all-reduce when backward has produced all of its gradients
 (last layer first) and runs buckets one after another on one communication stream. Backward time is
 spread over layers in proportion to their FLOPs. ``python -m jobs.bench scaling`` prints the table
-that docs/scaling.md explains.
+that docs/scaling.md explains. One GPU's step rate is an input: ``--images-per-s``, or by default the
+newest figure measured for that net and step variant in the committed benchmarks/results/*.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -100,16 +102,45 @@ def table(images_per_s: float, global_batch: int, name: str = "D") -> list[dict]
     return rows
 
 
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RATE_VARIANT = "compile+cudnn+fused"     # the step the shard-fed bench (e2e) times as well
+
+
+def measured_rate(name: str, variant: str = RATE_VARIANT, results: Path = RESULTS) -> tuple[float, str]:
+    """(images/s, file) of the newest committed ``jobs.bench train`` figure for net ``name`` and
+    ``variant`` in ``results``: the newest by the file's date, then by file name."""
+    name = model.canonical_name(name)
+    found = []
+    for path in sorted(results.glob("*.json")):
+        data = json.loads(path.read_text())
+        rows = data.get("figures", []) if isinstance(data, dict) else data
+        date = data.get("date", "") if isinstance(data, dict) else ""
+        found += [(date, path.name, row["images_per_s"]) for row in rows
+                  if row.get("bench") == "train" and row.get("model") == name and row.get("variant") == variant]
+    if not found:
+        raise SystemExit(f"no train-bench figure for net {name}, variant {variant!r} in {results}; "
+                         "pass --images-per-s")
+    _, file, rate = max(found)
+    return rate, file
+
+
 def main(argv: list[str]) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m jobs.bench scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images-per-s", type=float, default=4654.0,
-                   help="one GPU's training-step rate (default: H100, compiled D, batch 256, measured "
-                        "in benchmarks/results/h100-2026-11-26.json)")
+    p.add_argument("--images-per-s", type=float, default=None,
+                   help="one GPU's training-step rate, images/s; default: the newest figure for "
+                        f"--model and --variant committed in {RESULTS.parent.name}/{RESULTS.name}/*.json "
+                        "(written by jobs/bench/gpu.sh)")
+    p.add_argument("--variant", default=RATE_VARIANT,
+                   help=f"the train-bench variant whose committed rate is the default (default: {RATE_VARIANT})")
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--model", default="D")
     args = p.parse_args(argv)
-    rows = table(args.images_per_s, args.global_batch, args.model)
+    rate = args.images_per_s
+    if rate is None:
+        rate, file = measured_rate(args.model, args.variant)
+        print(f"# one GPU: {rate:.0f} images/s ({args.variant}, {RESULTS.parent.name}/{RESULTS.name}/{file})")
+    rows = table(rate, args.global_batch, args.model)
     for r in rows:
         print(json.dumps(r))
     cols = ["topology", "per_gpu_batch", "compute_ms", "allreduce_ms_fp32", "efficiency_no_overlap",
