@@ -37,12 +37,6 @@ def pca_matrix(stats: Stats, std: float) -> np.ndarray:
     return (std * vec * val[:, None]).T                      # (3 channels, 3 axes)
 
 
-def pca_offset(alpha, stats: Stats) -> np.ndarray:
-    """RGB offset (3,) added to every pixel: ``sum_i alpha_i * sqrt(lambda_i) * p_i``."""
-    alpha = np.asarray(alpha, dtype=np.float64)
-    return pca_matrix(stats, 1.0) @ alpha
-
-
 def mean_rgb(stats: Stats, subtract: bool) -> np.ndarray:
     """The (3,) vector subtracted from every pixel: dataset.json's training mean, or zeros."""
     return np.asarray(stats.mean_rgb if subtract else (0.0, 0.0, 0.0), dtype=np.float32)
@@ -153,8 +147,8 @@ def train_augment(jpegs, cfg, stats: Stats, backend: str):
 
     "Rescale the shorter side to S, then take a random crop" is computed as one resampling of the
     crop's window in the source image (a region-of-interest resize straight to crop x crop): the same
-    pixels up to rounding, the same antialiasing (it depends only on the scale), and on a CPU 2.3x
-    faster than resizing the whole image to S first (measured on 300-500 px JPEGs, S in [256, 512]).
+    pixels up to rounding, the same antialiasing (it depends only on the scale), and only the crop's
+    pixels are resampled instead of the whole image at S, which is faster on a CPU (docs/pipeline.md).
     The crop position is continuous rather than whole pixels of the rescaled image."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types

@@ -195,21 +195,29 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-CHOICES = {
-    "model.init": ("paper", "glorot", "kaiming"),
+# Choice lists no other module owns: the loop's per-epoch validation (center crop or dense), how the
+# net starts from its parent, Ray's placement strategies.
+OWN_CHOICES = {
     "model.init_from_mode": ("all", "a"),
-    "data.decode": ("mixed", "cpu"),
-    "data.layout": ("NCHW", "NHWC"),
-    "data.dtype": ("float32", "bfloat16", "float16"),
     "data.val_mode": ("center", "dense"),
-    "run.grad_compression": ("none", "bf16"),
     "run.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
 
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every key with a fixed list of values -> its allowed values. Each list comes from the module
+    that acts on the value; they are imported here, not at the top, because they import torch and
+    ``ConfigError`` must stay importable without it (jobs.preprocess)."""
+    import model
+    from pipeline import augment, ddp, loader
+
+    return {"model.init": model.INITS, "data.decode": loader.DECODES, "data.layout": tuple(augment.LAYOUTS),
+            "data.dtype": augment.DTYPES, "run.grad_compression": tuple(ddp.HOOKS), **OWN_CHOICES}
+
+
 def validate(cfg: Config) -> None:
     flat = flatten(cfg)
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
     d = cfg.data

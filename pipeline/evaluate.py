@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import model
@@ -301,24 +300,6 @@ def tally(shares: Sequence[ShareResult], num_classes: int) -> dict[tuple[str, st
         for row, t in s.top.items():
             out.setdefault(row, scoring.Tally(num_classes)).add(t, s.labels)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Images decoded outside DALI (tests, features of a few files): rescale and normalise in torch
-# ---------------------------------------------------------------------------------------------------
-
-def rescale(image: torch.Tensor, q: int) -> torch.Tensor:
-    """(3, H, W) -> (3, H', W') with min(H', W') == q, aspect kept (bilinear, antialiased)."""
-    h, w = image.shape[-2:]
-    s = q / min(h, w)
-    size = (q, max(q, round(w * s))) if h <= w else (max(q, round(h * s)), q)
-    return F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True,
-                         align_corners=False)[0]
-
-
-def normalise(image: torch.Tensor, mean_rgb: Sequence[float]) -> torch.Tensor:
-    """Subtract the training set's mean RGB (0-255 scale), the paper's only preprocessing."""
-    return image.float() - torch.tensor(mean_rgb, dtype=torch.float32, device=image.device).view(3, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pipeline.scoring import crop_grid
 
 STATE_FORMAT = 1
 EVAL_MODES = ("center", "dense", "multicrop")
+DECODES = ("mixed", "cpu")          # data.decode: nvJPEG on the GPU, or libjpeg-turbo on the CPU
 
 
 class Batch(NamedTuple):
@@ -33,7 +34,7 @@ class Batch(NamedTuple):
     keys: list[str]
 
 
-# --- pure functions: how DALI splits samples, and the crop grid ------------------------------------
+# --- pure functions: how DALI splits samples --------------------------------------------------------
 
 def shard_range(num_samples: int, num_shards: int, shard_id: int) -> tuple[int, int]:
     """[start, end) of the samples (in shard-file order) DALI's reader gives ``shard_id``:
@@ -52,16 +53,9 @@ def steps_per_epoch(num_samples: int, num_shards: int, batch_size: int) -> int:
     return num_samples // (num_shards * batch_size)
 
 
-def multicrop_grid(h: int, w: int, crop: int, n: int = 5) -> list[tuple[int, int]]:
-    """The n x n top-left corners (y, x), row-major, of the multi-crop grid over an h x w image,
-    corners included. One definition for the whole project: ``pipeline.scoring.crop_grid`` (evenly
-    spaced, its own mirror image, so the flipped crops are the crops of the flipped image)."""
-    return crop_grid(h, w, crop, n)
-
-
 def decode_backend(decode: str, device_id: int | None) -> str:
-    if decode not in ("mixed", "cpu"):
-        raise ValueError(f"Invalid decode {decode!r}. Only mixed and cpu are supported.")
+    if decode not in DECODES:
+        raise ValueError(f"Invalid decode {decode!r}. Only {', '.join(DECODES)} are supported.")
     if device_id is None:
         return "cpu"                                  # DALI's CPU-only mode: no CUDA at all
     return "mixed" if decode == "mixed" else "cpu-gpu"
@@ -245,7 +239,7 @@ class EvalLoader:
     mode "center": (N, C, crop, crop) center crops of the image rescaled to Q.
     mode "dense": whole images rescaled to Q; each DALI batch is split into groups of equal size,
     yielded in order as (n, C, H, W) with 1 <= n <= batch_size (no padding, nothing resized twice).
-    mode "multicrop": (N, 50, C, crop, crop): the 5x5 ``multicrop_grid`` positions row-major
+    mode "multicrop": (N, 50, C, crop, crop): the 5x5 ``pipeline.scoring.crop_grid`` positions row-major
     (indices 0-24), then the same crops flipped horizontally (25-49).
     ``scale`` is Q (default: ``test_scale(cfg)``). ``batch_size`` is used as given (the caller
     resolves cfg.eval_batch_size == 0 to the per-worker training batch)."""
@@ -332,7 +326,7 @@ class EvalLoader:
         for i in range(n):
             img = self._sample(images, i)[0]                      # (C, H, W)
             crops = torch.stack([img[:, y:y + c, x:x + c] for y, x in
-                                 multicrop_grid(img.shape[1], img.shape[2], c)])
+                                 crop_grid(img.shape[1], img.shape[2], c)])
             out.append(torch.cat([crops, crops.flip(-1)]))        # (50, C, c, c)
         t = torch.stack(out)                                      # (N, 50, C, c, c)
         if self._runner.cfg.layout == "NHWC":                     # t.flatten(0, 1) is channels_last

@@ -67,3 +67,26 @@ def test_flatten_gives_one_param_per_leaf():
 def test_test_scale(smin, smax, q, expected):
     d = config.DataConfig(scale_min=smin, scale_max=smax, test_scale=q)
     assert config.test_scale(d) == expected
+
+
+def test_choice_lists_come_from_the_modules_that_act_on_them():
+    import model
+    from pipeline import augment, ddp, loader
+
+    c = config.choices()
+    assert c["model.init"] == model.INITS and c["data.dtype"] == augment.DTYPES
+    assert c["data.layout"] == tuple(augment.LAYOUTS) and c["run.grad_compression"] == tuple(ddp.HOOKS)
+    assert c["data.decode"] == loader.DECODES
+    for key, allowed in c.items():        # every listed value is accepted, and only those
+        for value in allowed:
+            assert config.flatten(config.load(None, [f"{key}={value}"]))[key] == value
+        with pytest.raises(config.ConfigError, match=f"{key}: 'bogus' is not one of {', '.join(allowed)}"):
+            config.load(None, [f"{key}=bogus"])
+
+
+def test_importing_the_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from pipeline import augment
-from pipeline.dataset import DatasetError, Stats, load_split, stored_labels
-from pipeline.loader import (EvalLoader, TrainLoader, multicrop_grid, reader_batches, shard_range,
-                             steps_per_epoch)
+from pipeline.dataset import DataError, Stats, load_split, stored_labels
+from pipeline.loader import EvalLoader, TrainLoader, reader_batches, shard_range, steps_per_epoch
+from pipeline.scoring import crop_grid
 
 # The pattern dataset: "ramp" images (R = a_x * x, G = a_y * y, B = 128) measure the scale, the crop and
 # the flip; "flat" images (grey 128) measure the colour shift and the mean.
@@ -100,17 +100,17 @@ def test_dali_sharding_is_contiguous_disjoint_and_covering():
                     assert steps_per_epoch(n, w, b) <= reader_batches(n, w, b) <= steps_per_epoch(n, w, b) + 1
 
 
-def test_pca_offset_is_alpha_times_sqrt_eigval_along_eigvectors():
+def test_pca_matrix_shifts_alpha_times_sqrt_eigval_along_eigvectors():
+    # The DALI graph draws z ~ N(0, I) and shifts by pca_matrix(stats, std) @ z, i.e. alpha = std * z.
     vec = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0].T
     stats = Stats((0, 0, 0), (400.0, 100.0, 25.0), tuple(map(tuple, vec)))
-    off = augment.pca_offset([0.1, -0.2, 0.3], stats)
-    np.testing.assert_allclose(vec @ off, [0.1 * 20, -0.2 * 10, 0.3 * 5], atol=1e-9)
-    np.testing.assert_allclose(augment.pca_matrix(stats, 0.1) @ [1.0, -2.0, 3.0], off, atol=1e-9)
+    shift = augment.pca_matrix(stats, 0.1) @ [1.0, -2.0, 3.0]       # alpha = (0.1, -0.2, 0.3)
+    np.testing.assert_allclose(vec @ shift, [0.1 * 20, -0.2 * 10, 0.3 * 5], atol=1e-9)
     assert augment.scale_values(256, 258) == [256.0, 257.0, 258.0]
 
 
 def test_multicrop_grid_includes_the_corners():
-    grid = multicrop_grid(96, 120, 64)
+    grid = crop_grid(96, 120, 64, 5)
     assert len(grid) == 25 and grid[0] == (0, 0) and grid[4] == (0, 56) and grid[20] == (32, 0)
     assert grid[24] == (32, 56)
 
@@ -251,7 +251,7 @@ def test_eval_modes_dense_multicrop_center_agree(sample_dataset, data_config):
     for k, img in dense.items():
         h, w = img.shape[1:]
         assert min(h, w) == q
-        grid = multicrop_grid(h, w, 64)
+        grid = crop_grid(h, w, 64, 5)
         assert multi[k].shape == (50, 3, 64, 64)
         for i, (y, x) in enumerate(grid):
             assert torch.equal(multi[k][i], img[:, y:y + 64, x:x + 64])
@@ -312,7 +312,7 @@ def test_a_missing_shard_is_named(sample_dataset, data_config, tmp_path):
     shutil.copytree(sample_dataset, root)
     shard = sorted(root.glob("val-*.tar"))[2]
     shard.unlink()
-    with pytest.raises(DatasetError, match=shard.name):
+    with pytest.raises(DataError, match=shard.name):
         EvalLoader(data_config(root), 4, 0, 1)
 
 
@@ -322,7 +322,7 @@ def test_dataset_json_without_stats_is_an_error(sample_dataset, data_config, tmp
     info = json.loads((root / "dataset.json").read_text())
     del info["stats"]
     (root / "dataset.json").write_text(json.dumps(info))
-    with pytest.raises(DatasetError, match="stats"):
+    with pytest.raises(DataError, match="stats"):
         TrainLoader(data_config(root), 8, 0, 1)
 
 
