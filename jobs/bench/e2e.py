@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -53,29 +54,26 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def main(argv: list[str]) -> list[dict]:
-    args = parse(argv)
-    device = torch.device(args.device)
-    opts, fused = VARIANTS[args.variant]
+def loader_config(args, opts, on_gpu: bool) -> DataConfig:
+    """The DALI pipeline's config: ``--root``, or a synthetic sample made in ``--work``; the batch's
+    layout and dtype are the ones the step variant wants."""
     if args.root:
         root = Path(args.root)
     else:
         work = Path(args.work or tempfile.mkdtemp(prefix="bench-e2e-"))
         lo, hi = (int(v) for v in args.size.split(","))
         root = make_sample(work, args.classes, args.per_class, (lo, hi))[1]
-    on_gpu = device.type == "cuda"
-    cfg = DataConfig(root=str(root), crop_size=args.crop, scale_min=args.scale_min, scale_max=args.scale_max,
-                     decode=args.decode or ("mixed" if on_gpu else "cpu"), hw_decoder_load=args.hw_decoder_load,
-                     threads=args.threads,
-                     prefetch=args.prefetch, layout="NHWC" if opts.channels_last else "NCHW",
-                     dtype="bfloat16" if opts.amp_dtype == torch.bfloat16 else "float32")
-    loader = TrainLoader(cfg, args.batch, 0, 1, device_id=(device.index or 0) if on_gpu else None)
+    return DataConfig(root=str(root), crop_size=args.crop, scale_min=args.scale_min, scale_max=args.scale_max,
+                      decode=args.decode or ("mixed" if on_gpu else "cpu"), hw_decoder_load=args.hw_decoder_load,
+                      threads=args.threads, prefetch=args.prefetch,
+                      layout="NHWC" if opts.channels_last else "NCHW",
+                      dtype="bfloat16" if opts.amp_dtype == torch.bfloat16 else "float32")
 
-    feed = forever(loader)
-    classes = 1000
-    net = model.build(args.model, num_classes=classes, width=args.width, image_size=args.crop,
-                      init="glorot").to(device)
-    call, opt = prepare(net, opts), sgd(net, lr=1e-3, fused=fused and on_gpu)
+
+def time_feeds(call, opt, opts, feed: Iterator, device: torch.device, warmup: int,
+               steps: int) -> list[tuple[str, float, float]]:
+    """(feed, seconds per step, share of the wall time the host spent blocked on the loader) of the
+    step on a resident batch, fed from ``feed``, and fed with a wait for the GPU after every step."""
     first = next(feed)
     resident_x, resident_y = first.images.clone(), first.labels.clone()
 
@@ -94,14 +92,30 @@ def main(argv: list[str]) -> list[dict]:
             sync(device)
 
     def fed(wait_for_gpu: bool) -> tuple[float, float]:
-        """(seconds per step, share of the wall time the host spent blocked on the loader)."""
         nonlocal waited
-        for _ in range(args.warmup):   # here, not time_it's warmup: the wait is counted after it
+        for _ in range(warmup):        # here, not time_it's warmup: the wait is counted after it
             fed_step(wait_for_gpu)
         waited = 0.0
-        seconds = time_it(lambda: fed_step(wait_for_gpu), device, warmup=0, iters=args.steps)
-        return seconds, waited / (seconds * args.steps)
+        seconds = time_it(lambda: fed_step(wait_for_gpu), device, warmup=0, iters=steps)
+        return seconds, waited / (seconds * steps)
 
+    # the last row shows what one host-GPU sync per step (e.g. copying labels from pageable memory)
+    # costs: the host can no longer queue the next step while the GPU runs this one
+    return [("resident", time_it(resident, device, warmup, steps), 0.0),
+            ("shard-fed", *fed(False)), ("shard-fed+host-sync", *fed(True))]
+
+
+def main(argv: list[str]) -> list[dict]:
+    args = parse(argv)
+    device = torch.device(args.device)
+    opts, fused = VARIANTS[args.variant]
+    on_gpu = device.type == "cuda"
+    cfg = loader_config(args, opts, on_gpu)
+    loader = TrainLoader(cfg, args.batch, 0, 1, device_id=(device.index or 0) if on_gpu else None)
+    classes = 1000
+    net = model.build(args.model, num_classes=classes, width=args.width, image_size=args.crop,
+                      init="glorot").to(device)
+    call, opt = prepare(net, opts), sgd(net, lr=1e-3, fused=fused and on_gpu)
     flops = forward_flops(model.build(args.model, num_classes=classes, width=args.width,
                                       image_size=args.crop), args.crop)
     peak = matmul_tflops(device)
@@ -109,12 +123,8 @@ def main(argv: list[str]) -> list[dict]:
                     decode=cfg.decode, hw_decoder_load=cfg.hw_decoder_load, threads=args.threads, prefetch=args.prefetch,
                     scale=[args.scale_min, args.scale_max], matmul_peak_tflops=peak)
     reset_peak_memory(device)
-    # the last row shows what one host-GPU sync per step (e.g. copying labels from pageable memory)
-    # costs: the host can no longer queue the next step while the GPU runs this one
-    feeds = [("resident", time_it(resident, device, args.warmup, args.steps), 0.0),
-             ("shard-fed", *fed(False)), ("shard-fed+host-sync", *fed(True))]
     rows = []
-    for name, t, wait in feeds:
+    for name, t, wait in time_feeds(call, opt, opts, forever(loader), device, args.warmup, args.steps):
         ips = args.batch / t
         rows.append(report.add(feed=name, images_per_s=ips, tflops=3 * flops * ips / 1e12,
                                peak_fraction=ratio(3 * flops * ips / 1e12, peak), data_wait_fraction=wait,
