@@ -39,14 +39,6 @@ def pool_score_map(score_map: torch.Tensor) -> torch.Tensor:
     return score_map.float().mean(dim=(2, 3))
 
 
-def dense_posteriors(score_map: torch.Tensor, flipped_map: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense evaluation of a batch: pool each map, soft-max, average with the flipped image's."""
-    p = posteriors(pool_score_map(score_map))
-    if flipped_map is None:
-        return p
-    return average_posteriors([p, posteriors(pool_score_map(flipped_map))])
-
-
 def average_posteriors(ps: Sequence[torch.Tensor]) -> torch.Tensor:
     """The mean of equally shaped posteriors: over flips, crops, scales, protocols or models."""
     if len(ps) == 0:
@@ -110,24 +102,15 @@ def topk(p: torch.Tensor, k: int = 5) -> torch.Tensor:
     return torch.sort(p.float(), dim=1, descending=True, stable=True).indices[:, :k]
 
 
-def topk_errors(top: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Fraction of images whose label is not among the first k predictions, for each k.
+def misses(top: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(2,) int64 count of top-1 and top-5 misses in a batch, on ``top``'s device (no CPU-GPU sync).
 
-    ``top`` is (N, K) from :func:`topk`; k larger than K counts as K (fewer classes than k).
+    ``top`` is (N, K) class indices, best first (:func:`topk`, or ``logits.topk`` in training); with
+    fewer than 5 columns (fewer classes) top-5 means all of them. The one definition of a miss: the
+    training loop's running error and :class:`Tally` both count with it.
     """
-    if top.shape[0] != labels.shape[0] or top.shape[0] == 0:
-        raise ValueError(f"need as many labels as predictions (> 0), got {labels.shape[0]} and {top.shape[0]}")
     hit = top == labels.reshape(-1, 1)
-    return {k: 1.0 - hit[:, :k].any(dim=1).float().mean().item() for k in ks}
-
-
-def per_class_accuracy(top1: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(classes,) top-1 accuracy per true class; NaN for a class with no images."""
-    labels = labels.long()
-    total = torch.bincount(labels, minlength=num_classes).float()
-    correct = torch.bincount(labels[top1.long() == labels], minlength=num_classes).float()
-    acc = correct / total
-    return acc  # 0/0 = NaN: the class was not in the evaluated set
+    return torch.stack([(~hit[:, 0]).sum(), (~hit[:, :5].any(dim=1)).sum()])
 
 
 @dataclass
@@ -147,13 +130,14 @@ class Tally:
             self.class_correct = torch.zeros(self.num_classes, dtype=torch.long)
 
     def add(self, top: torch.Tensor, labels: torch.Tensor) -> "Tally":
+        """Count a batch: ``top`` (N, K) class indices best first, ``labels`` (N,)."""
         top, labels = top.cpu(), labels.cpu().long()
-        hit = top == labels.reshape(-1, 1)
+        top1_wrong, top5_wrong = misses(top, labels).tolist()
         self.n += labels.numel()
-        self.top1_wrong += int((~hit[:, 0]).sum())
-        self.top5_wrong += int((~hit[:, :5].any(dim=1)).sum())
+        self.top1_wrong += top1_wrong
+        self.top5_wrong += top5_wrong
         self.class_total += torch.bincount(labels, minlength=self.num_classes)
-        self.class_correct += torch.bincount(labels[hit[:, 0]], minlength=self.num_classes)
+        self.class_correct += torch.bincount(labels[top[:, 0] == labels], minlength=self.num_classes)
         return self
 
     def merge(self, other: "Tally") -> "Tally":
@@ -171,4 +155,5 @@ class Tally:
         return self.top5_wrong / self.n if self.n else float("nan")
 
     def per_class_accuracy(self) -> torch.Tensor:
+        """(classes,) top-1 accuracy per true class; NaN (0/0) for a class with no images."""
         return self.class_correct.float() / self.class_total.float()

@@ -75,8 +75,9 @@ def test_crops_are_the_pixels_at_the_grid_positions():
 def test_pooling_softmax_and_averages():
     m = torch.randn(2, CLASSES, 3, 4)
     torch.testing.assert_close(S.pool_score_map(m), m.mean(dim=(2, 3)))
-    p = S.dense_posteriors(m)
+    p = S.posteriors(S.pool_score_map(m))
     torch.testing.assert_close(p.sum(1), torch.ones(2))
+    torch.testing.assert_close(p, torch.softmax(m.mean(dim=(2, 3)), 1))     # pooled before the soft-max
     a, b = torch.softmax(torch.randn(4, 5), 1), torch.softmax(torch.randn(4, 5), 1)
     torch.testing.assert_close(S.average_posteriors([a, b]), S.average_posteriors([b, a]))
     torch.testing.assert_close(S.average_posteriors([a, a]), a)
@@ -85,19 +86,29 @@ def test_pooling_softmax_and_averages():
         S.average_posteriors([a, b[:2]])
 
 
-def test_topk_errors_and_per_class_accuracy():
+def test_misses_tally_and_per_class_accuracy():
     p = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5], [0.3, 0.3, 0.4]])
     labels = torch.tensor([1, 2, 2, 0])
     top = S.topk(p, 2)
     assert top.tolist() == [[1, 2], [0, 2], [2, 1], [2, 0]]     # ties broken by the lower index
-    assert S.topk_errors(top, labels, ks=(1, 2)) == {1: 0.5, 2: 0.0}
-    acc = S.per_class_accuracy(top[:, 0], labels, 4)
-    assert acc[:3].tolist() == [0.0, 1.0, 0.5] and math.isnan(acc[3])  # class 3: no images
+    # Two columns: "top-5" is every prediction there is (fewer classes than 5).
+    assert S.misses(top, labels).tolist() == [2, 0] and S.misses(top[:, :1], labels).tolist() == [2, 2]
     t = S.Tally(4).add(top, labels)
-    assert (t.n, t.top1_wrong, t.top5_wrong) == (4, 2, 0)
+    assert (t.n, t.top1_wrong, t.top5_wrong) == (4, 2, 0) and (t.top1_error, t.top5_error) == (0.5, 0.0)
+    acc = t.per_class_accuracy()
+    assert acc[:3].tolist() == [0.0, 1.0, 0.5] and math.isnan(acc[3])  # class 3: no images
     merged = S.Tally(4).add(top[:2], labels[:2]).merge(S.Tally(4).add(top[2:], labels[2:]))
-    assert (merged.n, merged.top1_wrong) == (4, 2)
+    assert (merged.n, merged.top1_wrong, merged.top5_wrong) == (4, 2, 0)
     torch.testing.assert_close(merged.per_class_accuracy()[:3], acc[:3])
+
+
+def test_misses_is_a_tensor_on_the_predictions_device():
+    """The training loop's running error: a (2,) tensor it adds up on the device, read every log step."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    top = logits.topk(5, dim=1).indices            # row 0 leaves out class 0, row 1 class 5
+    wrong = S.misses(top, torch.tensor([5, 5]))
+    assert wrong.shape == (2,) and wrong.device == top.device and wrong.tolist() == [1, 1]
+    assert S.misses(top, torch.tensor([0, 1])).tolist() == [2, 1]
 
 
 # ------------------------------------------------------------------------ protocols on tiny nets
