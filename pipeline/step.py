@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +45,29 @@ def apply_backend_options(opts: StepOptions) -> None:
     torch.backends.cudnn.allow_tf32 = opts.tf32
 
 
-def prepare(net: nn.Module, opts: StepOptions) -> nn.Module:
-    """Conv-ReLU fusion (in place), memory format and compilation; returns the module to call
-    (compiled or not)."""
+def prepare(net: nn.Module, opts: StepOptions,
+            wrap: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """Conv-ReLU fusion and memory format (both in place), ``wrap`` (the data-parallel wrapper, if
+    any), then compilation; returns the module to call. DDP is built after the memory format because
+    its gradient buckets take the parameters' strides as they are when it is constructed; compiled
+    around DDP, torch.compile splits its graph at the gradient buckets so all-reduces overlap backward."""
     apply_backend_options(opts)
     if opts.fuse_conv_relu:
         log.info("conv + ReLU fused into one op: %d pairs", fuse_conv_relu(net))
     if opts.channels_last:
         net = net.to(memory_format=torch.channels_last)
+    if wrap is not None:
+        net = wrap(net)
     if opts.compile:
         log.info("torch.compile, mode %s", opts.compile)
         return torch.compile(net, mode=opts.compile)
     return net
+
+
+def layout(images: torch.Tensor, opts: StepOptions) -> torch.Tensor:
+    """A batch in the memory format ``prepare`` gave the net (channels_last batches into a
+    channels_last net run cuDNN's NHWC kernels, with no layout change inside the net)."""
+    return images.contiguous(memory_format=torch.channels_last) if opts.channels_last else images
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,

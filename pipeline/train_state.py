@@ -1,9 +1,11 @@
 """What a training checkpoint holds and how every data-parallel rank contributes to it: the progress
 (epoch, step, schedule, metrics), each rank's RNG state, data position and parameter digest, gathered
-and written once by rank 0 (``pipeline.checkpoint`` writes the file). Used by pipeline/train_loop.py."""
+and written once by rank 0 (``pipeline.checkpoint`` lists the keys and writes the file), and read back
+by ``restore`` on a resume. Used by pipeline/train_loop.py."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -17,10 +19,13 @@ from torch import nn
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
 from pipeline.schedule import Plateau
+from pipeline.worker import Report, Worker
 
 if TYPE_CHECKING:
     from pipeline.loader import TrainLoader
-    from pipeline.train_loop import Report, Worker
+
+log = logging.getLogger(__name__)
+
 
 def param_digest(net: nn.Module) -> str:
     """sha256 of every parameter's bytes: equal on all ranks iff the replicas are identical."""
@@ -50,33 +55,49 @@ class Progress:
 
 
 def save(net: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, prog: Progress, *,
-         cfg: config_lib.Config, worker: Worker, global_batch: int, report: Report,
-         run_id: Callable[[], str], fingerprint: str, best: bool = False) -> None:
+         cfg: config_lib.Config, worker: Worker, report: Report, run_id: Callable[[], str],
+         best: bool = False) -> None:
     """Gather every rank's RNG and data position, write ``checkpoint.pt`` on rank 0, and report it
     (every rank calls ``report``; rank 0 with the folder)."""
     mine = {"rng": ckpt.rng_state(), "data": loader.state(), "node": worker.node,
             "param_digest": param_digest(net)}
     workers = gather(mine, worker.world_size)
-    metrics = {**prog.metrics, "epoch": prog.epoch, "step": prog.step, "images_seen": prog.step * global_batch}
+    images_seen = prog.step * cfg.run.global_batch_size
+    metrics = {**prog.metrics, "epoch": prog.epoch, "step": prog.step, "images_seen": images_seen}
     if worker.rank != 0:
         report(metrics, None, False)
         return
     folder = tempfile.mkdtemp(prefix="vgg-ckpt-")
     try:
-        ckpt.save_checkpoint({
-            "format": ckpt.FORMAT,
-            "model": ckpt.unwrap(net).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": prog.schedule.to_dict(),
-            "epoch": prog.epoch, "step": prog.step, "step_in_epoch": loader.step % len(loader),
-            "images_seen": prog.step * global_batch,
-            "workers": workers,
-            "config": config_lib.dump(cfg),
-            "num_classes": cfg.model.num_classes,
-            "mlflow_run_id": run_id(),
-            "dataset_fingerprint": fingerprint,
-            "metrics": {k: float(v) for k, v in metrics.items()},
-        }, Path(folder) / ckpt.FILENAME)
+        ckpt.save_checkpoint(ckpt.pack(
+            model=ckpt.unwrap(net).state_dict(), optimizer=optimizer.state_dict(),
+            schedule=prog.schedule.to_dict(), epoch=prog.epoch, step=prog.step,
+            step_in_epoch=loader.step % len(loader), images_seen=images_seen, workers=workers,
+            config=config_lib.dump(cfg), num_classes=cfg.model.num_classes, mlflow_run_id=run_id(),
+            dataset_fingerprint=loader.fingerprint, metrics={k: float(v) for k, v in metrics.items()},
+        ), Path(folder) / ckpt.FILENAME)
         report(metrics, folder, best)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def restore(state: dict[str, Any] | None, optimizer: torch.optim.Optimizer, worker: Worker,
+            lr: float) -> tuple[Progress, str | None]:
+    """(progress, this rank's data position) from a loaded checkpoint, with the optimizer's state and
+    this rank's RNG put back; a fresh start at rate ``lr`` when ``state`` is None. The data position
+    (and RNG) is None when the checkpoint was taken by another number of workers: their shards differ."""
+    if state is None:
+        return Progress(schedule=Plateau(lr=lr)), None
+    optimizer.load_state_dict(state["optimizer"])
+    prog = Progress(state["epoch"], state["step"], Plateau.from_dict(state["schedule"]),
+                    dict(state.get("metrics", {})))
+    saved, data = state["workers"], None
+    if len(saved) == worker.world_size:
+        ckpt.set_rng_state(saved[worker.rank]["rng"])
+        data = saved[worker.rank]["data"]
+    else:
+        log.warning("checkpoint has %d workers' data positions, this run %d: epoch %d restarts its "
+                    "data from the beginning", len(saved), worker.world_size, prog.epoch)
+    log.info("rank %d resumes at epoch %d, step %d (lr %g)", worker.rank, prog.epoch, prog.step,
+             prog.schedule.lr)
+    return prog, data
