@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from storage import files
 
-log = logging.getLogger("jobs.tracking")
+log = logging.getLogger("jobs.tracking")  # the logger keeps its public name
 
 RUN_ID_FILE = "mlflow_run_id"
 MAX_PARAMS_PER_CALL = 100     # MLflow's MAX_PARAMS_TAGS_PER_BATCH

@@ -45,17 +45,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from pipeline.train_loop import Worker, run_worker
 
-    # Ours at INFO; everything else that logs through the root logger (Ray Train prints a line per
-    # report there) at WARNING.
-    logging.getLogger().setLevel(logging.WARNING)
-    for name in ("pipeline", "jobs"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    worker_logging()
     cfg = config_lib.from_dict(config_lib.Config, yaml.safe_load(loop_config["config"]))
     context = ray.train.get_context()                              # RAY
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -99,6 +89,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if tracker is not None:
             tracker.close()
+
+
+def worker_logging() -> None:
+    """Ours at INFO; everything else that logs through the root logger (Ray Train prints a line per
+    report there) at WARNING."""
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("pipeline", "jobs"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def per_class_table(tally, classes: list[dict]) -> dict[str, list]:

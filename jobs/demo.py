@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     start = time.perf_counter()
+    config_lib.load(CONFIG, args.set)  # a bad --set fails now, not after the data is prepared
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(out, args.classes, args.train_per_class, args.val_per_class)
@@ -103,4 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs import _cli
+
+    sys.exit(_cli.run(main))

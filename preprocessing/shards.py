@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from storage.files import AtomicFile, atomic_write  # noqa: F401  TEMP until jobs/bench imports storage
+from storage.files import AtomicFile
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's record size: GNU tar and Python's tarfile pad archives to it

@@ -1,7 +1,7 @@
 """The embedded ILSVRC-shaped sample: real WordNet ids, learnable shapes and textures, real file layout.
 
-``python -m preprocessing.synthetic OUT [--classes 10] [--train-per-class N] [--val-per-class M]
-[--oddities] [--seed S]`` writes::
+``generate`` (``python -m jobs.sample OUT [--classes 10] [--train-per-class N] [--val-per-class M]
+[--oddities] [--seed S]`` on the command line) writes::
 
     OUT/train/<wnid>/<wnid>_<n>.JPEG         class folders, as ILSVRC2012 train
     OUT/val/ILSVRC2012_val_NNNNNNNN.JPEG      flat, numbered in shuffled class order, as ILSVRC2012 val
@@ -16,7 +16,6 @@ given seed whatever ``workers`` is.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -260,30 +259,3 @@ def _write_oddities(root: Path, wnids, seed: int, size_range, first_val: int) ->
         (root / rel).write_bytes(cases[kind][0])
         out[rel] = {"kind": kind, "expect": cases[kind][1], "wnid": wnid}
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m preprocessing.synthetic", description=__doc__.split("\n")[0])
-    p.add_argument("out", help="folder to write the sample into (the SOURCE for jobs.preprocess)")
-    p.add_argument("--classes", type=int, default=10, help=f"number of classes, 1..{len(KINDS)}")
-    p.add_argument("--train-per-class", type=int, default=20)
-    p.add_argument("--val-per-class", type=int, default=5)
-    p.add_argument("--oddities", action="store_true",
-                   help="add one file of each bad case (PNG named .JPEG, CMYK, grayscale, palette, alpha, "
-                        "EXIF-rotated, progressive, large, zero-byte, truncated, undecodable, not an image)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-side", type=int, default=300, help="smallest image side in pixels")
-    p.add_argument("--max-side", type=int, default=640, help="largest image side in pixels")
-    p.add_argument("--workers", type=int, default=1, help="processes drawing images (same bytes for any)")
-    a = p.parse_args(argv)
-    try:
-        root = generate(a.out, a.classes, a.train_per_class, a.val_per_class, a.oddities, a.seed,
-                        (a.min_side, a.max_side), a.workers)
-    except DataError as e:
-        p.error(str(e))
-    n = sum(1 for f in root.rglob("*.JPEG"))
-    print(f"wrote {n} images to {root} ({a.classes} classes, seed {a.seed})")
-
-
-if __name__ == "__main__":
-    main()

@@ -2,6 +2,8 @@
 import importlib
 import sys
 
+from jobs._cli import UsageError
+
 BENCHES = {
     "train": "the training step on a batch resident on the device, variant by variant",
     "loader": "the DALI training pipeline from shards vs a torchvision ImageFolder + DataLoader baseline",
@@ -12,15 +14,17 @@ BENCHES = {
 }
 
 
-def main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
         lines = "\n".join(f"  {k:<11} {v}" for k, v in BENCHES.items())
-        unknown = f"unknown benchmark {argv[0]!r}\n\n" if argv and argv[0] not in ("-h", "--help") else ""
-        print(f"{unknown}usage: python -m jobs.bench <name> [--help | options]\n\nbenchmarks:\n{lines}",
-              file=sys.stderr if unknown else sys.stdout)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    importlib.import_module(f"jobs.bench.{argv[0]}").main(argv[1:])
+        print(f"usage: python -m jobs.bench <name> [--help | options]\n\nbenchmarks:\n{lines}")
+        return 0
+    if argv[0] not in BENCHES:
+        raise UsageError(f"unknown benchmark {argv[0]!r}; the benchmarks are {', '.join(BENCHES)}")
+    return importlib.import_module(f"jobs.bench.{argv[0]}").main(argv[1:]) or 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from jobs import _cli
+
+    sys.exit(_cli.run(main, sys.argv[1:]))

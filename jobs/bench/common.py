@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from preprocessing.shards import atomic_write
+from storage.files import atomic_write
 
 
 def positive(text: str) -> int:

@@ -19,7 +19,7 @@ import model
 from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, positive, ratio,
                                 reset_peak_memory, sync, time_it)
 from pipeline.step import StepOptions, prepare, sgd, train_step
-from preprocessing.shards import atomic_write
+from storage.files import atomic_write
 
 # name -> (step options, fused SGD). "compile" is the reference the goal is measured against.
 VARIANTS = {
