@@ -82,6 +82,8 @@ class ScheduleConfig:
 @dataclass
 class RunConfig:
     name: str = "vgg"                    # the same name resumes; a fresh start needs a new name
+    resume: str = "auto"                 # auto: resume run.name if it has a checkpoint | never: refuse if
+                                         # it has one | must: refuse if it has none
     storage_path: str = "runs"           # local folder or a pyarrow/fsspec URI (s3://...)
     workers: int = 2
     use_gpu: bool = False
@@ -201,6 +203,34 @@ OWN_CHOICES = {
     "model.init_from_mode": ("all", "a"),
     "data.val_mode": ("center", "dense"),
     "run.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "run.resume": ("auto", "never", "must"),
+}
+# Numeric keys and the values they accept: (test, what the error says is needed).
+RANGES = {
+    "model.width": (lambda v: v > 0, "> 0"),
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.num_classes": (lambda v: v >= 0, ">= 0 (0 reads it from dataset.json)"),
+    "data.crop_size": (lambda v: v >= 1, ">= 1"),
+    "data.test_scale": (lambda v: v == 0 or v >= 1, ">= 1, or 0 for the default"),
+    "data.color_shift_std": (lambda v: v >= 0, ">= 0"),
+    "data.hw_decoder_load": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "data.threads": (lambda v: v >= 1, ">= 1"),
+    "data.prefetch": (lambda v: v >= 1, ">= 1"),
+    "data.shuffle_buffer": (lambda v: v >= 1, ">= 1"),
+    "data.eval_batch_size": (lambda v: v >= 0, ">= 0 (0 is the training batch per worker)"),
+    "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "schedule.epochs": (lambda v: v >= 1, ">= 1"),
+    "run.workers": (lambda v: v >= 1, ">= 1"),
+    "run.cpus_per_worker": (lambda v: v >= 1, ">= 1"),
+    "run.global_batch_size": (lambda v: v >= 1, ">= 1"),
+    "run.max_failures": (lambda v: v >= 0, ">= 0"),
+    "run.checkpoint_every_steps": (lambda v: v >= 0, ">= 0 (0: at epoch ends only)"),
+    "run.keep_last": (lambda v: v >= 1, ">= 1"),
+    "run.max_steps": (lambda v: v >= 0, ">= 0 (0: no limit)"),
+    "run.log_every_steps": (lambda v: v >= 1, ">= 1"),
+    "tracking.retry_s": (lambda v: v > 0, "> 0"),
 }
 
 
@@ -216,10 +246,20 @@ def choices() -> dict[str, tuple[str, ...]]:
 
 
 def validate(cfg: Config) -> None:
+    """Every check a config allows without looking at data or storage (jobs/train.py does those)."""
+    import model
+
     flat = flatten(cfg)
     for key, allowed in choices().items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+    for key, (ok, needed) in RANGES.items():
+        if not ok(flat[key]):
+            raise ConfigError(f"{key}: {flat[key]!r}; it must be {needed}")
+    try:
+        model.canonical_name(cfg.model.name)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from None
     d = cfg.data
     if not d.crop_size <= d.scale_min <= d.scale_max:
         raise ConfigError(f"data.scale_min/scale_max: need crop_size <= scale_min <= scale_max, got "
