@@ -1,8 +1,12 @@
 """Preprocess ImageNet into WebDataset shards, locally or as Ray tasks; or verify what was written.
 
     python -m jobs.preprocess SOURCE OUT [--split train --split val] [--workers N] [--shard-size 1000]
-                              [--seed 0] [--max-side N] [--ray [--address ADDR]]
+                              [--seed 0] [--max-side N] [--ray [--address ADDR]] [--break-lock]
     python -m jobs.preprocess verify OUT [--workers N] [--no-decode]
+    python -m jobs.preprocess report OUT
+
+A rerun into an existing OUT adds what is new in SOURCE and takes the options it is not given from
+OUT (docs/preprocessing.md, "Adding data"). One run at a time holds OUT's lock.
 
 Locally, ``--workers`` processes each take whole shards. With ``--ray`` every shard is one Ray task
 (``num_cpus=1``) on the cluster at ``--address`` (default: a local Ray); SOURCE and OUT must then be
@@ -13,8 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from jobs import _ray
+from jobs._tracking import git_commit
+from preprocessing.report import report_lines
 from preprocessing.verify import verify
 from preprocessing.writer import preprocess
 from storage.dataformat import read_info
@@ -40,31 +47,50 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "verify":
         return _verify(argv[1:])
+    if argv and argv[0] == "report":
+        return _report(argv[1:])
     p = argparse.ArgumentParser(
         prog="python -m jobs.preprocess", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Check, normalise and shard an ImageNet-shaped SOURCE folder into OUT "
                     "(docs/data-format.md, docs/preprocessing.md).",
         epilog="verify: python -m jobs.preprocess verify OUT [--workers N] [--no-decode] re-reads every "
-               "shard\nagainst the manifest and exits non-zero naming the first bad shard and key.")
+               "shard\nagainst the manifest and exits non-zero naming the first bad shard and key.\n"
+               "report: python -m jobs.preprocess report OUT lists every quarantined and skipped file "
+               "with its\nreason, and the runs that built OUT.")
     p.add_argument("source", help="ImageNet root (train/, val/, LOC_*.csv/txt) or a class-folder tree")
     p.add_argument("out", help="output folder: empty, or one this command wrote before (resume, add)")
     p.add_argument("--split", action="append", dest="splits", metavar="NAME",
                    help="a split to write (repeatable); default: train and val where present")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="local processes (default: all cores); ignored with --ray")
-    p.add_argument("--shard-size", default="1000",
-                   help="samples per shard (1000) or source bytes per shard (256MB); default 1000")
-    p.add_argument("--seed", type=int, default=0, help="global shuffle seed (recorded in dataset.json)")
+    # Defaults are None ("not given"): a rerun takes OUT's recorded value, a fresh OUT the one in the help.
+    p.add_argument("--shard-size", default=None,
+                   help="samples per shard (1000) or source bytes per shard (256MB); default: OUT's, else 1000")
+    p.add_argument("--seed", type=int, default=None, help="global shuffle seed; default: OUT's, else 0")
     p.add_argument("--max-side", type=int, default=None,
-                   help="resize images whose longer side exceeds this many pixels (default: never)")
+                   help="resize images whose longer side exceeds this many pixels; default: OUT's, else never")
     p.add_argument("--ray", action="store_true", help="run one Ray task per shard")
     p.add_argument("--address", default=None, help="Ray cluster address (implies --ray); default local")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--break-lock", action="store_true",
+                   help="remove OUT's lock even if its holder may still run (only when you know it is gone)")
     a = p.parse_args(argv)
-    shard_size = int(a.shard_size) if a.shard_size.isdigit() else a.shard_size
+    shard_size = int(a.shard_size) if a.shard_size and a.shard_size.isdigit() else a.shard_size
     map_fn = ray_map(a.address) if (a.ray or a.address) else None
     preprocess(a.source, a.out, splits=a.splits, shard_size=shard_size, seed=a.seed,
-               max_side=a.max_side, workers=a.workers, progress=not a.no_progress, map_fn=map_fn)
+               max_side=a.max_side, workers=a.workers, progress=not a.no_progress, map_fn=map_fn,
+               break_lock=a.break_lock, git_commit=git_commit(Path(__file__).resolve().parents[1]))
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.preprocess report",
+                                description="Every quarantined and skipped file of OUT with its reason, "
+                                            "then the runs that built OUT (history.json).")
+    p.add_argument("out")
+    a = p.parse_args(argv)
+    for line in report_lines(a.out):
+        print(line)
     return 0
 
 

@@ -7,6 +7,7 @@ no ``tar`` subprocess.
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 from pathlib import Path
 
@@ -41,12 +42,18 @@ def tar_header(name: str, size: int) -> bytes:
 
 class ShardWriter:
     """Streams samples into ``<path>`` through a ``storage.files.AtomicFile``: ``commit`` makes it
-    appear and returns the index lines; leaving the ``with`` block without ``commit`` leaves no trace."""
+    appear and returns the index lines; leaving the ``with`` block without ``commit`` leaves no trace.
+    The sha256 of the archive is taken over the bytes as they are written (no second read)."""
 
     def __init__(self, path: Path):
         self.out = AtomicFile(path)
         self.pos = 0
         self.lines: list[str] = []
+        self.sha256 = hashlib.sha256()
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.sha256.update(data)
 
     def __enter__(self):
         return self
@@ -63,15 +70,15 @@ class ShardWriter:
             chunks += [tar_header(name, len(data)), data, b"\0" * pad]
             parts.append(f"{ext} {self.pos + BLOCK} {len(data)} {name}")
             self.pos += BLOCK + len(data) + pad
-        self.out.write(b"".join(chunks))  # one write per sample
+        self._write(b"".join(chunks))  # one write per sample
         self.lines.append(" ".join(parts))
 
-    def commit(self) -> tuple[int, list[str]]:
-        """Finish the archive; returns (its size in bytes, the DALI index lines)."""
+    def commit(self) -> tuple[int, list[str], str]:
+        """Finish the archive; returns (its size in bytes, the DALI index lines, its hex sha256)."""
         end = self.pos + 2 * BLOCK  # two zero blocks end a tar archive
         end += -end % RECORD
-        self.out.write(b"\0" * (end - self.pos))
+        self._write(b"\0" * (end - self.pos))
         self.out.commit()
-        return end, self.lines
+        return end, self.lines, self.sha256.hexdigest()
 
 

@@ -14,11 +14,11 @@ The class list is torchvision ImageFolder's: sorted class-folder names of train 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preprocessing.walk import Entry, listing
 from storage.dataformat import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff",
@@ -54,149 +54,168 @@ class Layout:
     root: Path
     classes: list[ClassInfo]
     splits: dict[str, list[Input]]
-    notes: list[str] = field(default_factory=list)  # where labels came from, files ignored
+    notes: list[str] = field(default_factory=list)  # where labels came from
+    # Every entry under SOURCE that is no input: (path relative to SOURCE, "skipped" or "quarantined",
+    # why). Quarantined here: links that cannot be followed, loops, FIFOs, unreadable folders.
+    others: list[tuple[str, str, str]] = field(default_factory=list)
+    new_classes: list[ClassInfo] = field(default_factory=list)  # appended after ``known`` this time
 
 
-def discover(source, splits: tuple[str, ...] | list[str] | None = None) -> Layout:
-    """List every input of each split of ``source``, sorted by path, with labels from the class list.
+def discover(source, splits: tuple[str, ...] | list[str] | None = None,
+             known: list[ClassInfo] | None = None) -> Layout:
+    """List every input of each split of ``source``, sorted by path, with labels from the class list,
+    and every other entry under ``source`` with why it is no input.
 
-    ``splits`` None takes ``train`` and ``val`` where they exist, or SOURCE itself as ``train`` when it
-    is a class-folder tree. A split named explicitly must exist.
+    ``splits`` None takes ``train`` and ``val`` where they hold images, or SOURCE itself as ``train``
+    when it is a class-folder tree; a split named explicitly must be a folder of SOURCE. ``known``: the
+    classes an existing OUT has; they keep their indices and classes found now are appended after them.
     """
     root = Path(source).resolve()
     if not root.is_dir():
         raise DataError(f"SOURCE {source} is not a folder")
     notes: list[str] = []
-    split_dirs = _split_dirs(root, splits)
+    entries = listing(root)
+    images = [e for e in entries if not e.hidden and _is_image(e.rel)]
+    split_dirs = _split_dirs(root, images, splits)
     mapping_file = _find(root, LOC_SYNSET_MAPPING)
     names = _read_synset_mapping(mapping_file) if mapping_file else {}
+    label_files = {mapping_file} if mapping_file else set()
+    classes, new = _classes(root, images, split_dirs, names, known, notes)
+    index = {c.wnid: c.index for c in classes}
+    out = {split: _split_inputs(root, split, prefix, images, index, notes, label_files)
+           for split, prefix in split_dirs.items()}
+    used = {i.source for inputs in out.values() for i in inputs}
+    others = _others(root, entries, used, split_dirs, label_files)
+    return Layout(root, classes, out, notes, others, new)
 
-    # The class list: ImageFolder's sorted class folders of train, else the synset mapping's wnids.
-    train_dir = split_dirs.get("train") or (root / "train" if (root / "train").is_dir() else None)
-    tree = _class_folders(train_dir) if train_dir else {}
+
+def _classes(root: Path, images: list[Entry], split_dirs: dict[str, str], names: dict[str, str],
+             known: list[ClassInfo] | None, notes: list[str]) -> tuple[list[ClassInfo], list[ClassInfo]]:
+    """ImageFolder's sorted class folders of train, else the synset mapping's wnids, else every class
+    folder; after ``known`` (which keep their indices and names). Returns (all classes, new ones)."""
+    train = split_dirs.get("train", "train" if _under(images, "train") else None)
+    tree = _class_folders(images, train) if train is not None else {}
     if tree:
         wnids = sorted(tree)
-        notes.append(f"classes: {len(wnids)} class folders of {train_dir}")
+        notes.append(f"classes: {len(wnids)} class folders of {root / train if train else root}")
     elif names:
         wnids = sorted(names)
-        notes.append(f"classes: {len(wnids)} wnids of {mapping_file}")
+        notes.append(f"classes: {len(wnids)} wnids of {LOC_SYNSET_MAPPING}")
     else:
-        folders = {}
-        for d in split_dirs.values():
-            folders.update(_class_folders(d))
-        wnids = sorted(folders)
+        wnids = sorted({w for prefix in split_dirs.values() for w in _class_folders(images, prefix)})
         if not wnids:
             raise DataError(f"no class list for {root}: no class folders under train/, and no "
                             f"{LOC_SYNSET_MAPPING} in {root} or its parents")
         notes.append(f"classes: {len(wnids)} class folders")
-    classes = [ClassInfo(i, w, names.get(w, w)) for i, w in enumerate(wnids)]
-    index = {c.wnid: c.index for c in classes}
+    known = list(known or [])
+    have = {c.wnid for c in known}
+    new = [ClassInfo(len(known) + n, w, names.get(w, w)) for n, w in enumerate(w for w in wnids if w not in have)]
+    return known + new, new
 
-    out = {split: _split_inputs(root, split, d, index, notes) for split, d in split_dirs.items()}
-    return Layout(root, classes, out, notes)
+
+def _under(images: list[Entry], prefix: str) -> list[tuple[str, Entry]]:
+    """(path below ``prefix``, entry) of the images in folder ``prefix`` ("" = SOURCE itself)."""
+    if not prefix:
+        return [(e.rel, e) for e in images]
+    return [(e.rel[len(prefix) + 1:], e) for e in images if e.rel.startswith(prefix + "/")]
 
 
-def _split_inputs(root: Path, split: str, d: Path, index: dict[str, int], notes: list[str]) -> list[Input]:
-    """One split's inputs: class folders of ``d``, or images directly in it labelled from a file."""
-    folders = _class_folders(d)
-    loose, ignored = _files_in(d, recursive=False)
+def _class_folders(images: list[Entry], prefix: str) -> dict[str, int]:
+    """Subfolders of ``prefix`` holding at least one image (at any depth), with their image counts:
+    ImageFolder's classes."""
+    out: dict[str, int] = {}
+    for rest, _ in _under(images, prefix):
+        if "/" in rest:
+            wnid = rest.split("/", 1)[0]
+            out[wnid] = out.get(wnid, 0) + 1
+    return out
+
+
+def _split_inputs(root: Path, split: str, prefix: str, images: list[Entry], index: dict[str, int],
+                  notes: list[str], label_files: set) -> list[Input]:
+    """One split's inputs: class folders of ``prefix``, or images directly in it labelled from a file."""
+    under = _under(images, prefix)
+    d = root / prefix if prefix else root
+    folders = _class_folders(images, prefix)
+    loose = [e for rest, e in under if "/" not in rest]
     if folders and loose:
         raise DataError(f"unknown layout in {d}: it holds both {len(loose)} images and "
                         f"{len(folders)} class folders; expected one or the other")
     if folders:
         rows = []
-        for wnid in sorted(folders):
-            files, ign = _files_in(d / wnid, recursive=True)
-            ignored += ign
-            rows += [_input(root, f, wnid, index.get(wnid, -1)) for f in files]
+        for rest, e in under:
+            wnid = rest.split("/", 1)[0]
+            rows.append(_input(e, wnid, index.get(wnid, -1)))
         notes.append(f"{split}: {len(rows)} images in {len(folders)} class folders of {d}")
     elif loose:
-        labels, origin = _flat_labels(root, d, split, loose)
-        if not any(f.stem in labels for f in loose):
+        labels, origin = _flat_labels(root, d, split, len(loose), label_files)
+        stems = [Path(e.rel).stem for e in loose]
+        if not any(s in labels for s in stems):
             raise DataError(f"{split} folder without labels: {origin} labels none of the {len(loose)} "
                             f"images in {d} (expected names like ILSVRC2012_val_00000001.JPEG)")
-        rows = [_input(root, f, labels.get(f.stem, ""), index.get(labels.get(f.stem, ""), -1))
-                for f in loose]
+        rows = [_input(e, labels.get(s, ""), index.get(labels.get(s, ""), -1)) for s, e in zip(stems, loose)]
         notes.append(f"{split}: {len(rows)} images in {d}, labels from {origin}")
     else:
         raise DataError(f"no images in {d}: expected class folders (<wnid>/*.JPEG) or, for val, "
                         f"ILSVRC2012_val_*.JPEG files with {LOC_VAL_SOLUTION}")
-    if ignored:
-        notes.append(f"{split}: ignored {ignored} files without an image extension "
-                     f"({', '.join(IMAGE_EXTENSIONS)})")
     return _unique_keys(rows, split)
 
 
-def _split_dirs(root: Path, splits) -> dict[str, Path]:
+def _split_dirs(root: Path, images: list[Entry], splits) -> dict[str, str]:
+    """{split: its folder relative to SOURCE ("" when SOURCE itself is the class tree)}."""
     if splits is None:
-        found = {s: root / s for s in ("train", "val")
-                 if (root / s).is_dir() and any(True for _ in _walk_images(root / s))}
+        found = {s: s for s in ("train", "val") if _under(images, s)}
         if found:
             return found
-        if _class_folders(root):
-            return {"train": root}
-        loose, _ = _files_in(root, recursive=False)
-        if loose:
-            raise DataError(f"unknown layout in {root}: {len(loose)} images lie directly in SOURCE; "
+        if _class_folders(images, ""):
+            return {"train": ""}
+        if images:
+            raise DataError(f"unknown layout in {root}: {len(images)} images lie directly in SOURCE; "
                             "expected SOURCE/train/<class>/..., SOURCE/val/..., or SOURCE/<class>/...")
-        if any(True for _ in _walk_images(root)):
-            raise DataError(f"unknown layout in {root}: no train/ or val/ folder and no class folders "
-                            "holding images directly; expected SOURCE/train/<class>/*.JPEG, "
-                            "SOURCE/val/..., or SOURCE/<class>/*.JPEG")
         raise DataError(f"no images in {root}: found no files with an image extension "
                         f"({', '.join(IMAGE_EXTENSIONS)})")
     out = {}
     for s in splits:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", s):
             raise DataError(f"--split {s!r}: a split name is lower-case letters, digits and '_'")
-        if (root / s).is_dir():
-            out[s] = root / s
-        elif len(splits) == 1 and _class_folders(root):
-            out[s] = root  # SOURCE is itself the split's class-folder tree
+        if not (root / s).is_dir():
+            # Never SOURCE itself as the split: that would read train/ and val/ as two classes.
+            raise DataError(f"--split {s}: no folder {root / s} (SOURCE has "
+                            f"{', '.join(sorted(p.name for p in root.iterdir() if p.is_dir())) or 'no folders'})")
+        out[s] = s
+    return out
+
+
+def _others(root: Path, entries: list[Entry], used: set[str], split_dirs: dict[str, str],
+            label_files: set) -> list[tuple[str, str, str]]:
+    """Every entry that is no input, with "skipped" or "quarantined" and why."""
+    labels = {str(p) for p in label_files}
+    prefixes = list(split_dirs.values())
+    out = []
+    for e in entries:
+        if e.rel in used:
+            continue
+        if e.hidden:
+            out.append((e.rel, "skipped", "hidden: its name or a folder on its path starts with '.'"))
+        elif e.problem:
+            out.append((e.rel, "quarantined", e.problem))
+        elif str(root / e.rel) in labels:
+            out.append((e.rel, "skipped", "label file: read for the labels, not an image"))
+        elif any(not p or e.rel.startswith(p + "/") for p in prefixes):
+            out.append((e.rel, "skipped", f"not an image: extension {Path(e.rel).suffix or '(none)'!r} is "
+                                          "not one of " + " ".join(IMAGE_EXTENSIONS)))
         else:
-            raise DataError(f"--split {s}: no folder {root / s}")
+            out.append((e.rel, "skipped", f"not in a split folder of this run ({', '.join(split_dirs)})"))
     return out
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+def _is_image(rel: str) -> bool:
+    return rel.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _files_in(d: Path, recursive: bool) -> tuple[list[Path], int]:
-    """Image files under ``d`` sorted by path, and how many other (non-hidden) files were skipped."""
-    files, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(d):
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")) if recursive else []
-        for n in sorted(filenames):
-            if _is_image(n):
-                files.append(Path(dirpath) / n)
-            elif not n.startswith("."):
-                ignored += 1
-    return sorted(files), ignored
-
-
-def _walk_images(d: Path):
-    for dirpath, dirnames, filenames in os.walk(d):
-        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
-        for n in filenames:
-            if _is_image(n):
-                yield Path(dirpath) / n
-
-
-def _class_folders(d: Path) -> dict[str, Path]:
-    """Subfolders of ``d`` holding at least one image (at any depth): ImageFolder's classes."""
-    out = {}
-    for e in sorted(os.scandir(d), key=lambda e: e.name):
-        if e.is_dir() and not e.name.startswith(".") and any(True for _ in _walk_images(Path(e.path))):
-            out[e.name] = Path(e.path)
-    return out
-
-
-def _input(root: Path, f: Path, wnid: str, label: int) -> Input:
-    st = f.stat()
-    rel = f.relative_to(root).as_posix()
-    return Input(_sanitize(f.stem), rel, wnid, label, st.st_size, st.st_mtime_ns,
-                 _sanitize(rel.rsplit(".", 1)[0].replace("/", "__")))
+def _input(e: Entry, wnid: str, label: int) -> Input:
+    return Input(_sanitize(Path(e.rel).stem), e.rel, wnid, label, e.size, e.mtime_ns,
+                 _sanitize(e.rel.rsplit(".", 1)[0].replace("/", "__")))
 
 
 def _sanitize(name: str) -> str:
@@ -248,10 +267,11 @@ def _read_synset_mapping(path: Path) -> dict[str, str]:
     return out
 
 
-def _flat_labels(root: Path, d: Path, split: str, files: list[Path]):
-    """{stem: wnid} for a flat folder, and where the labels came from."""
+def _flat_labels(root: Path, d: Path, split: str, n_files: int, label_files: set):
+    """{stem: wnid} for a flat folder, and where the labels came from (added to ``label_files``)."""
     csv = _find(root, LOC_VAL_SOLUTION)
     if csv:
+        label_files.add(csv)
         labels = {}
         lines = csv.read_text(encoding="utf-8").splitlines()
         if not lines or not lines[0].startswith("ImageId"):
@@ -266,7 +286,8 @@ def _flat_labels(root: Path, d: Path, split: str, files: list[Path]):
         return labels, csv
     gt = _find(root, DEVKIT_GROUND_TRUTH)
     if gt:
-        order = _devkit_synsets(root, gt)
+        order = _devkit_synsets(root, gt, label_files)
+        label_files.add(gt)
         labels = {}
         for n, line in enumerate(gt.read_text().split(), start=1):
             ilsvrc_id = int(line)
@@ -274,12 +295,12 @@ def _flat_labels(root: Path, d: Path, split: str, files: list[Path]):
                 raise DataError(f"{gt}: line {n} has ILSVRC2012_ID {ilsvrc_id}, not in the devkit's meta.mat")
             labels[f"ILSVRC2012_val_{n:08d}"] = order[ilsvrc_id]
         return labels, f"{gt} with the synset order of {DEVKIT_META}"
-    raise DataError(f"{split} folder without labels: {d} holds {len(files)} images directly and no class "
+    raise DataError(f"{split} folder without labels: {d} holds {n_files} images directly and no class "
                     f"folders, and there is no {LOC_VAL_SOLUTION}, nor {DEVKIT_GROUND_TRUTH} with "
                     f"{DEVKIT_META}, in {root}, {root / 'val'}, a devkit data folder or SOURCE's parents")
 
 
-def _devkit_synsets(root: Path, gt: Path) -> dict[int, str]:
+def _devkit_synsets(root: Path, gt: Path, label_files: set) -> dict[int, str]:
     """ILSVRC2012_ID -> wnid from the devkit's meta.mat (its 1000 leaf synsets), as torchvision reads it."""
     meta = gt.with_name(DEVKIT_META) if (gt.with_name(DEVKIT_META)).is_file() else _find(root, DEVKIT_META)
     if meta is None:
@@ -289,6 +310,7 @@ def _devkit_synsets(root: Path, gt: Path) -> dict[int, str]:
         from scipy.io import loadmat  # only this layout needs scipy; it is not a declared dependency
     except ImportError as e:
         raise DataError(f"reading {meta} needs scipy (pip install scipy), or use {LOC_VAL_SOLUTION}") from e
+    label_files.add(meta)
     synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
     out = {}
     for s in synsets:

@@ -8,6 +8,7 @@
     OUT/LOC_val_solution.csv                  Kaggle's val labels (wnid and one box per image)
     OUT/LOC_synset_mapping.txt                wnid and name per class, sorted by wnid
     OUT/oddities.json                         with --oddities: each odd file, its kind, its expected status
+                                              (a hidden image and a README are expected "skipped")
 
 A class is a kind of shape or texture (disc, square, stripes, checkerboard, ...) drawn under random
 colours, position, scale and a noisy background, so a small VGG learns it from 64 px crops. Every image
@@ -253,6 +254,12 @@ def _write_oddities(root: Path, wnids, seed: int, size_range, first_val: int) ->
         rel = f"train/{wnid}/{wnid}_{900001 + n}.JPEG"
         (root / rel).write_bytes(data)
         out[rel] = {"kind": kind, "expect": expect, "wnid": wnid}
+    # Files that are no input: counted and listed as skipped, never stored.
+    for kind, name, data in (("hidden_image", "..evil.jpg", good), ("not_an_image_extension", "README.txt",
+                                                                      b"notes about this class\n")):
+        rel = f"train/{wnid}/{name}"
+        (root / rel).write_bytes(data)
+        out[rel] = {"kind": kind, "expect": "skipped", "wnid": wnid}
     # Two in val, to exercise its path: numbered after the regular val images.
     for n, kind in enumerate(("truncated_jpeg", "grayscale_jpeg")):
         rel = f"val/ILSVRC2012_val_{first_val + n:08d}.JPEG"

@@ -1,5 +1,7 @@
 """Re-read every shard of OUT against its manifest: counts, member order, tar headers, DALI index,
-labels, sha256 and a full decode of every JPEG. ``python -m jobs.preprocess verify OUT``."""
+labels, sha256 of every JPEG and of the whole shard (when dataset.json records it), and a full decode
+of every JPEG. ``python -m jobs.preprocess verify OUT``. It reads what dataset.json lists, and the
+manifest rows it counts, so it can run while a writer adds to OUT."""
 from __future__ import annotations
 
 import hashlib
@@ -38,14 +40,18 @@ def verify(out, workers: int = 1, decode: bool = True, progress: bool = False) -
     info = fmt.read_info(out)
     problems, jobs = [], []
     for split, s in info["splits"].items():
-        rows = fmt.read_manifest(out, split).to_pylist()
+        rows = fmt.read_manifest(out, split, info=info).to_pylist()
         problems += _check_manifest(split, s, rows)
         by_shard: dict[str, list[dict]] = {}
         for r in rows:
             if r["shard"] is not None:
                 by_shard.setdefault(r["shard"], []).append(r)
-        for shard in s["shards"]:
-            jobs.append((str(out), split, shard, by_shard.get(shard, []), decode))
+        digests = s.get(fmt.SHARDS_SHA256) or [None] * len(s["shards"])
+        if len(digests) != len(s["shards"]):
+            problems.append(Problem(split, "", "", f"dataset.json lists {len(s['shards'])} shards but "
+                                                   f"{len(digests)} {fmt.SHARDS_SHA256}"))
+        for shard, digest in zip(s["shards"], digests):
+            jobs.append((str(out), split, shard, by_shard.get(shard, []), decode, digest))
     bar = tqdm(total=sum(len(j[3]) for j in jobs), unit="img", disable=not progress, dynamic_ncols=True)
     with bar:
         if workers > 1 and len(jobs) > 1:
@@ -87,11 +93,27 @@ def _check_manifest(split: str, s: dict, rows: list[dict]) -> list[Problem]:
 
 
 def _verify_job(job) -> Problem | None:
-    out, split, shard, rows, decode = job
+    out, split, shard, rows, decode, digest = job
     try:
-        return _verify_shard(Path(out), split, shard, rows, decode)
+        # The samples first: a damaged sample is named by its key; the shard's own checksum then
+        # catches what lies between samples (padding, the end blocks).
+        return _verify_shard(Path(out), split, shard, rows, decode) or _shard_digest(Path(out), split, shard,
+                                                                                     digest)
     except OSError as e:
         return Problem(split, shard, "", f"cannot read: {type(e).__name__}: {e}")
+
+
+def _shard_digest(out: Path, split: str, shard: str, digest: str | None) -> Problem | None:
+    if digest is None:
+        return None
+    h = hashlib.sha256()
+    with open(out / shard, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != digest:
+        return Problem(split, shard, "", f"sha256 of the shard is {h.hexdigest()}, dataset.json "
+                                         f"{fmt.SHARDS_SHA256} says {digest}")
+    return None
 
 
 def _verify_shard(out: Path, split: str, shard: str, rows: list[dict], decode: bool) -> Problem | None:

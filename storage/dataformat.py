@@ -5,6 +5,11 @@
     <root>/<split>-NNNNNN.tar           WebDataset shards (ustar)
     <root>/<split>-NNNNNN.idx           DALI's wds2idx index of each shard
     <root>/<split>/manifest.parquet     one row per input file, whatever happened to it
+    <root>/history.json                 one entry per preprocessing run that changed the dataset
+
+Writers publish in this order: shards and indexes, manifests, history.json, dataset.json last. A
+reader trusts only what dataset.json lists, and a manifest only grows by rows appended at its end, so
+``read_manifest`` returns the rows that the dataset.json it reads describes, even while a run adds data.
 
 Every error here is a ``DataError`` whose message names the file at fault.
 """
@@ -25,6 +30,12 @@ DATASET_JSON = "dataset.json"
 MANIFEST = "manifest.parquet"
 INDEX_VERSION = "v1.2"           # the wds2idx format DALI's fn.readers.webdataset reads
 STATUSES = ("kept", "converted", "resized", "quarantined")
+HISTORY_JSON = "history.json"
+# Per split in dataset.json: hex sha256 of each shard's bytes, in "shards" order. Datasets written
+# before it existed lack it; readers treat it as absent.
+SHARDS_SHA256 = "shards_sha256"
+# Per class in dataset.json: the history.json run that added it (0: the first build).
+CLASS_RUN = "run"
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("label", pa.int32()), ("wnid", pa.string()),
     ("shard", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("width", pa.int32()),
@@ -85,12 +96,46 @@ def write_manifest(root: str | os.PathLike, split: str, rows: list[dict]) -> boo
     return write_if_changed(path, manifest_bytes(rows))
 
 
-def read_manifest(root: str | os.PathLike, split: str, columns: list[str] | None = None) -> pa.Table:
-    """The manifest of ``split`` (all columns, or ``columns``), in shard order."""
+def read_manifest(root: str | os.PathLike, split: str, columns: list[str] | None = None,
+                  info: dict | None = None) -> pa.Table:
+    """The manifest of ``split`` (all columns, or ``columns``), in shard order: the rows that
+    ``info`` (default: the dataset.json read now) describes. A run adding data appends rows and
+    publishes dataset.json after the manifest, so its first ``inputs`` rows are what ``info`` lists."""
+    info = read_info(root) if info is None else info
     path = manifest_path(root, split)
     if not path.is_file():
         raise DataError(f"{path}: manifest of split {split!r} not found")
-    return pq.read_table(path, columns=columns)
+    table = pq.read_table(path, columns=columns)
+    rows = info.get("splits", {}).get(split, {}).get("inputs")
+    if rows is None:  # written before "inputs" existed: the whole manifest
+        return table
+    if table.num_rows < rows:
+        raise DataError(f"{path}: {table.num_rows} rows, but {info_path(root)} says split {split!r} has "
+                        f"{rows} inputs; the manifest is older than dataset.json or damaged")
+    return table.slice(0, rows)
+
+
+# ---------------------------------------------------------------- history.json
+
+def history_path(root: str | os.PathLike) -> Path:
+    return Path(root) / HISTORY_JSON
+
+
+def read_history(root: str | os.PathLike) -> list[dict]:
+    """The runs that built ``root`` (oldest first; [] for a dataset written before history.json).
+    Each entry: run, when (UTC ISO), source, options, git_commit, tool_version, classes_added,
+    added (per split: inputs, stored, kept, converted, resized, quarantined, shards), fingerprint (of
+    dataset.json after the run). The entry whose fingerprint is dataset.json's is the latest published."""
+    path = history_path(root)
+    if not path.is_file():
+        return []
+    try:
+        history = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(history, list):
+        raise DataError(f"{path}: expected a list of runs, got {type(history).__name__}")
+    return history
 
 
 # ---------------------------------------------------------------- DALI index files

@@ -8,7 +8,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from storage.dataformat import read_info
+from storage.dataformat import HISTORY_JSON, read_info
 from preprocessing.shards import EXTENSIONS
 from preprocessing.sources import IMAGE_EXTENSIONS
 from preprocessing.writer import preprocess
@@ -25,8 +25,10 @@ def build(source, out, **kw):
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
-    """Every shard, index, manifest and dataset.json of OUT, by relative path."""
-    files = [p for p in out.rglob("*") if p.is_file() and not p.relative_to(out).parts[0].startswith(".")]
+    """Every shard, index, manifest and dataset.json of OUT, by relative path (not history.json: it
+    records when and from where, which differs between equal builds)."""
+    files = [p for p in out.rglob("*") if p.is_file() and not p.relative_to(out).parts[0].startswith(".")
+             and p.name != HISTORY_JSON]
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(files)}
 
 
@@ -35,8 +37,9 @@ def mtimes(out: Path, pattern: str = "*.tar") -> dict[str, int]:
 
 
 def image_files(root: Path, split: str) -> set[str]:
+    """The inputs of ``split``: files with an image extension, hidden ones excepted."""
     return {p.relative_to(root).as_posix() for p in (root / split).rglob("*")
-            if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)}
+            if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.name.startswith(".")}
 
 
 def shard_samples(out: Path, split: str) -> list[dict]:

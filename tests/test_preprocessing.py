@@ -18,11 +18,12 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from odd_sample import SHARD, build, image_files, shard_samples, snapshot
-from preprocessing import synthetic
+from preprocessing import report, synthetic
 from preprocessing.check import check_image, jpeg_structure
 from preprocessing.verify import verify
 from storage.dataformat import DataError, parse_index, read_info, read_manifest
@@ -80,17 +81,22 @@ def test_every_input_is_accounted_for(built, odd_source, odd_manifest):
     assert summary["train"]["quarantined"] == 4 and summary["val"]["quarantined"] == 1
 
 
-def test_oddities_get_their_expected_outcome(odd_source, odd_manifest):
+def test_oddities_get_their_expected_outcome(built, odd_source, odd_manifest):
     oddities = json.loads((odd_source / "oddities.json").read_text())
     rows = {r["source"]: r for split in odd_manifest.values() for r in split}
+    skipped = {o["source"]: o for o in pq.read_table(report.skipped_path(built[0])).to_pylist()}
     for rel, odd in oddities.items():
+        if odd["expect"] == "skipped":
+            assert rel not in rows and skipped[rel]["status"] == "skipped", odd
+            assert ("hidden" if odd["kind"] == "hidden_image" else "not an image") in skipped[rel]["reason"]
+            continue
         row = rows[rel]
         assert row["status"] == odd["expect"], (odd["kind"], row)
         if odd["expect"] != "kept":
             assert row["reason"], odd["kind"]
         if odd["expect"] == "quarantined":
             assert row["shard"] is None and row["sha256"] is None and row["bytes"] == 0
-    by_kind = {o["kind"]: rows[rel] for rel, o in oddities.items() if rel.startswith("train/")}
+    by_kind = {o["kind"]: rows[rel] for rel, o in oddities.items() if rel in rows and rel.startswith("train/")}
     assert "CMYK" in by_kind["cmyk_jpeg"]["reason"] and "PNG" in by_kind["png_named_jpeg"]["reason"]
     assert "truncated" in by_kind["truncated_jpeg"]["reason"]
     assert "EXIF orientation 6" in by_kind["exif_rotated_jpeg"]["reason"]
@@ -245,7 +251,7 @@ def test_dataset_json_and_colour_statistics(built, odd_manifest):
     out = built[0]
     info = read_info(out)
     assert [c["wnid"] for c in info["classes"]] == sorted(c["wnid"] for c in info["classes"])
-    assert info["classes"][0] == {"index": 0, "wnid": "n01440764", "name": "tench, Tinca tinca"}
+    assert info["classes"][0] == {"index": 0, "wnid": "n01440764", "name": "tench, Tinca tinca", "run": 0}
     st = info["stats"]
     val, vec = np.array(st["rgb_eigval"]), np.array(st["rgb_eigvec"])
     assert np.all(np.diff(val) <= 0) and np.all(val > 0)
@@ -266,22 +272,25 @@ def test_dataset_json_and_colour_statistics(built, odd_manifest):
 
 # ---- options, errors, the CLI and Ray --------------------------------------------------------------
 
-def test_clear_error_for_an_output_folder_holding_another_dataset(built, odd_source, tmp_path):
+def test_clear_errors_for_conflicting_options_and_foreign_folders(built, odd_source, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(built[0], out)
-    other = synthetic.generate(tmp_path / "other", classes=3, train_per_class=2, val_per_class=1,
-                               size_range=(32, 48))
-    with pytest.raises(DataError, match=r"holds a different dataset .*classes"):
-        build(other, out)
-    with pytest.raises(DataError, match=r"holds a different dataset .*seed"):
+    with pytest.raises(DataError, match=r"built with other options .*state.json.*: --seed 1 \(OUT has 0\)"):
         build(odd_source, out, seed=1)
-    with pytest.raises(DataError, match=r"holds a different dataset .*options"):
-        build(odd_source, out, shard_size=16)
+    with pytest.raises(DataError, match=r"--shard-size 16 \(OUT has 8\), --max-side 500 \(OUT has None\)"):
+        build(odd_source, out, shard_size=16, max_side=500)
+    other = synthetic.generate(tmp_path / "other", classes=2, train_per_class=1, val_per_class=0,
+                               size_range=(32, 48))
+    for p in sorted((other / "train").rglob("*.JPEG")):
+        p.rename(p.with_name("other_" + p.name))  # no file in common with what OUT was built from
+    with pytest.raises(DataError, match=r"holds none of the 52 files .*is it the same dataset"):
+        build(other, out)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "dataset.json").write_text("{}")
     with pytest.raises(DataError, match="not written by this tool"):
         build(odd_source, foreign)
+    assert not (foreign / ".preprocess.lock").exists()  # the refused run let go of its lock
     with pytest.raises(DataError, match="--shard-size"):
         build(odd_source, tmp_path / "x", shard_size="12 parsecs")
 
@@ -305,11 +314,13 @@ def test_cli_runs_end_to_end_and_reports_per_split(odd_source, tmp_path):
                        capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr
     assert "val: 18 inputs -> 17 stored" in r.stdout and "1 quarantined" in r.stdout
-    assert f"the quarantined files and why: rows with status 'quarantined' in {out}/val/manifest.parquet" in r.stdout
+    assert f"all of them: python -m jobs.preprocess report {out}" in r.stdout
+    assert "quarantined  val/ILSVRC2012_val_00000017.JPEG: undecodable: OSError: image file is truncated" in r.stdout
+    assert "not in a split folder of this run (val)" in r.stdout  # train/ was not asked for
     r = subprocess.run([sys.executable, "-m", "jobs.preprocess", str(odd_source), str(out), "--workers", "1",
                         "--shard-size", "17", "--split", "val", "--no-progress"],
                        capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert r.returncode == 2 and "different dataset" in r.stderr
+    assert r.returncode == 2 and "--shard-size 17 (OUT has 16)" in r.stderr
     assert os.path.exists(out / "val-000000.idx")
 
 

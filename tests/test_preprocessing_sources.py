@@ -52,7 +52,8 @@ def test_class_folder_trees_val_folders_and_colliding_stems(tmp_path):
     train = {r.source: (r.key, r.label) for r in layout.splits["train"]}
     assert train == {"train/cat/001.jpg": ("train__cat__001", 0), "train/dog/001.jpg": ("train__dog__001", 1),
                      "train/dog/002.png": ("002", 1)}
-    assert any("ignored 1 files" in n for n in layout.notes)
+    assert layout.others == [("train/dog/notes.txt", "skipped", layout.others[0][2])]
+    assert "not an image" in layout.others[0][2] and "'.txt'" in layout.others[0][2]
     summary, _ = build(root, tmp_path / "out")
     assert summary["train"]["converted"] == 1 and summary["val"]["stored"] == 2
     # SOURCE itself a class-folder tree: one split, train.

@@ -1,0 +1,112 @@
+"""What a run tells people: per split what was stored, every entry under SOURCE accounted for (kept,
+converted, resized, quarantined with its reason, or skipped), and warnings; and the full list behind
+it (``python -m jobs.preprocess report OUT``).
+
+Entries under SOURCE that are no input (label files, other extensions, hidden files, links that cannot
+be followed) are kept per run in ``OUT/.preprocess/skipped.parquet``; quarantined inputs are manifest
+rows.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from preprocessing.plan import STATE_DIR
+from preprocessing.sources import Layout
+from storage import dataformat as fmt
+from storage.files import write_if_changed
+
+SKIPPED = "skipped.parquet"
+SKIPPED_SCHEMA = pa.schema([("source", pa.string()), ("status", pa.string()), ("reason", pa.string())])
+SHOWN = 10  # quarantined or skipped entries a run's summary shows
+
+
+def skipped_path(out: Path) -> Path:
+    return out / STATE_DIR / SKIPPED
+
+
+def _write_skipped(out: Path, others: list[tuple[str, str, str]]) -> None:
+    table = pa.Table.from_pylist([dict(zip(SKIPPED_SCHEMA.names, o)) for o in others], schema=SKIPPED_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_if_changed(skipped_path(out), sink.getvalue().to_pybytes())
+
+
+def _rows(out: Path, split: str, info: dict, columns: list[str]) -> list[dict]:
+    return fmt.read_manifest(out, split, columns=columns, info=info).to_pylist()
+
+
+def summarize(out: Path, layout: Layout, changes: dict, written: dict, log) -> dict:
+    """Log the run's summary; returns {split: counts} and {"SOURCE": accounting of SOURCE's entries}."""
+    info = fmt.read_info(out)
+    summary = {}
+    for split in layout.splits:
+        s = info["splits"][split]
+        c = summary[split] = {"inputs": s["inputs"], "stored": s["num_samples"], **s["counts"],
+                              "shards": len(s["shards"]), **{k: len(v) for k, v in changes[split].items()},
+                              "shards_written": written.get(split, 0)}
+        log(f"{split}: {c['inputs']} inputs -> {c['stored']} stored ({c['kept']} kept, {c['converted']} "
+            f"converted, {c['resized']} resized), {c['quarantined']} quarantined; {c['shards']} shards, "
+            f"{c['shards_written']} written this run")
+    _write_skipped(out, layout.others)
+    summary["SOURCE"] = _account(out, layout, info, log)
+    _warn_classes_without_val(out, info, log)
+    return summary
+
+
+def _account(out: Path, layout: Layout, info: dict, log) -> dict:
+    """Every entry under SOURCE now: the status of its manifest row, or skipped / quarantined."""
+    entries = []  # (status, path, reason)
+    for split, inputs in layout.splits.items():
+        rows = {r["source"]: r for r in _rows(out, split, info, ["source", "status", "reason"])}
+        entries += [(rows[i.source]["status"], i.source, rows[i.source]["reason"]) for i in inputs]
+    entries += [(status, path, reason) for path, status, reason in layout.others]
+    counts = dict.fromkeys((*fmt.STATUSES, "skipped"), 0)
+    for status, _, _ in entries:
+        counts[status] += 1
+    log(f"SOURCE {layout.root}: {len(entries)} files: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    odd = sorted((e for e in entries if e[0] in ("quarantined", "skipped")), key=lambda e: (e[0], e[1]))
+    if odd:
+        log(f"quarantined or skipped ({min(SHOWN, len(odd))} of {len(odd)}; all of them: "
+            f"python -m jobs.preprocess report {out}):")
+        for status, path, reason in odd[:SHOWN]:
+            log(f"  {status:<11}  {path}: {reason}")
+    return {"files": len(entries), **counts}
+
+
+def _warn_classes_without_val(out: Path, info: dict, log) -> None:
+    """A class without validation images has no measurable val error: say so (a new class, typically)."""
+    if "val" not in info["splits"]:
+        return
+    have = {r["label"] for r in _rows(out, "val", info, ["label", "status"]) if r["status"] != "quarantined"}
+    missing = [c for c in info["classes"] if c["index"] not in have]
+    if missing:
+        log(f"warning: {len(missing)} of {len(info['classes'])} classes have no val images, so their val "
+            "error cannot be measured: " + ", ".join(f"{c['index']} {c['wnid']} ({c['name']})" for c in missing[:10])
+            + (" ..." if len(missing) > 10 else ""))
+
+
+def report_lines(out) -> list[str]:
+    """Every quarantined input (all splits) and every skipped or quarantined other entry of the last
+    run's SOURCE, one a line, then the counts and the history of runs."""
+    out = Path(out)
+    info = fmt.read_info(out)
+    lines, quarantined = [], 0
+    for split in info["splits"]:
+        for r in _rows(out, split, info, ["source", "status", "reason"]):
+            if r["status"] == "quarantined":
+                lines.append(f"quarantined  {r['source']}: {r['reason']}")
+                quarantined += 1
+    others = pq.read_table(skipped_path(out)).to_pylist() if skipped_path(out).is_file() else []
+    lines += [f"{o['status']:<11}  {o['source']}: {o['reason']}" for o in others]
+    skipped = sum(o["status"] == "skipped" for o in others)
+    lines.append(f"{quarantined} quarantined inputs (manifests of {', '.join(info['splits'])}); "
+                 f"{skipped} skipped and {len(others) - skipped} quarantined other entries of SOURCE "
+                 f"(its listing by the last run)")
+    for h in fmt.read_history(out):
+        added = ", ".join(f"{split} +{a.get('inputs', 0)} inputs" for split, a in h.get("added", {}).items())
+        lines.append(f"run {h['run']}: {h.get('when') or h.get('note')}; {h.get('source', '')}; {added}; "
+                     f"classes added {len(h.get('classes_added', []))}; git {h.get('git_commit', '?')}")
+    return lines
