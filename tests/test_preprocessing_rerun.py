@@ -2,6 +2,7 @@
 and ``verify`` on sound and broken datasets. All on copies of the session's sample (conftest.py)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from odd_sample import SIZES, build, mtimes, snapshot
 from preprocessing import synthetic
-from storage.dataformat import parse_index, read_manifest
+from storage.dataformat import SHARDS_SHA256, parse_index, read_manifest
 from preprocessing.verify import verify
 
 
@@ -144,3 +145,26 @@ def test_verify_catches_a_flipped_byte(built, tmp_path, where):
     assert ("sha256" if where == "jpeg" else "header") in problems[0].message
 
 
+
+def test_verify_checks_each_shards_sha256_and_reads_datasets_without_it(built, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(built[0], out)
+    info = json.loads((out / "dataset.json").read_text())
+    for s in info["splits"].values():
+        assert s[SHARDS_SHA256] == [hashlib.sha256((out / shard).read_bytes()).hexdigest() for shard in s["shards"]]
+    # A dataset written before the field existed still verifies.
+    without = json.loads(json.dumps(info))
+    for s in without["splits"].values():
+        del s[SHARDS_SHA256]
+    (out / "dataset.json").write_text(json.dumps(without))
+    assert verify(out) == []
+    # A flipped byte in the zero padding after a .cls member: no sample or header check reads it.
+    (out / "dataset.json").write_text(json.dumps(info))
+    shard = out / "val-000001.tar"
+    _, offset, size, _ = parse_index(shard.with_suffix(".idx").read_text())[0][0]  # the first .cls member
+    data = bytearray(shard.read_bytes())
+    data[offset + size + 5] = 1
+    shard.write_bytes(bytes(data))
+    problems = verify(out, decode=False)
+    assert [(p.shard, p.key) for p in problems] == [("val-000001.tar", "")]
+    assert "sha256 of the shard" in problems[0].message and SHARDS_SHA256 in problems[0].message
