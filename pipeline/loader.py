@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
+import weakref
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -18,12 +20,16 @@ import torch
 
 from pipeline import augment
 from pipeline.config import test_scale
-from pipeline.dataset import Split, load_split, load_stats, read_info
+from pipeline.dataset import DataError, Split, decode_failure, load_split, load_stats, read_info
 from pipeline.scoring import crop_grid
+from storage.dataformat import index_count
 
 STATE_FORMAT = 1
 EVAL_MODES = ("center", "dense", "multicrop")
 DECODES = ("mixed", "cpu")          # data.decode: nvJPEG on the GPU, or libjpeg-turbo on the CPU
+# a DALI failure that comes from the data (a sample it cannot decode, a shard it cannot read), not
+# from the machine (memory, CUDA): only these become a DataError that names the shards
+DATA_FAILURE = re.compile(r"fn\.(decoders|readers)\.|nvImageCodec")
 
 
 class Batch(NamedTuple):
@@ -59,6 +65,28 @@ def decode_backend(decode: str, device_id: int | None) -> str:
     if device_id is None:
         return "cpu"                                  # DALI's CPU-only mode: no CUDA at all
     return "mixed" if decode == "mixed" else "cpu-gpu"
+
+
+def read_window(num_samples: int, num_shards: int, range_id: int, next_id: int, ahead: int,
+                behind: int) -> list[tuple[int, int]]:
+    """[start, end) sample ranges a reader of range ``range_id`` may hold when it has read ``ahead``
+    samples of it and still buffers up to ``behind`` of them; past the range's end it reads on into
+    range ``next_id`` (the next epoch's, or its own again for the eval reader)."""
+    start, end = shard_range(num_samples, num_shards, range_id % num_shards)
+    hi, out = start + ahead, []
+    if start + max(ahead - behind, 0) < end:
+        out.append((start + max(ahead - behind, 0), min(hi, end)))
+    if hi > end:
+        n_start, n_end = shard_range(num_samples, num_shards, next_id % num_shards)
+        out.append((n_start, min(n_end, n_start + hi - end)))
+    return out
+
+
+def shards_holding(counts: list[int], ranges: list[tuple[int, int]]) -> list[int]:
+    """Indices of the tar files (holding ``counts`` samples each, in order) with a sample in ``ranges``."""
+    ends = np.cumsum(counts)
+    return [i for i, (e, n) in enumerate(zip(ends.tolist(), counts))
+            if any(a < e and b > e - n for a, b in ranges)]
 
 
 def _seed(seed: int, shard_id: int, stream: int) -> int:
@@ -99,16 +127,33 @@ def _build(graph, *, batch_size: int, cfg, device_id: int | None, seed: int,
 
 
 class _Runner:
-    """Runs a pipeline and turns its outputs into torch tensors on the right device and stream."""
+    """Runs a pipeline and turns its outputs into torch tensors on the right device and stream.
+    ``suspects()`` lists the shards the reader may be in, for the error when DALI fails on the data."""
 
-    def __init__(self, pipe, device: torch.device, cfg):
-        self.pipe, self.device, self.cfg = pipe, device, cfg
+    def __init__(self, pipe, device: torch.device, cfg, split: Split, suspects):
+        self.pipe, self.device, self.cfg, self.split = pipe, device, cfg, split
+        self.suspects = weakref.WeakMethod(suspects)  # no cycle: the loader frees its pipeline at once
 
     def run(self):
-        if self.device.type == "cuda":
-            # outputs are ordered on torch's current stream: no host sync here
-            return self.pipe.run(torch.cuda.current_stream(self.device))
-        return self.pipe.run()
+        try:
+            if self.device.type == "cuda":
+                # outputs are ordered on torch's current stream: no host sync here
+                return self.pipe.run(torch.cuda.current_stream(self.device))
+            return self.pipe.run()
+        except RuntimeError as e:
+            if not DATA_FAILURE.search(str(e)):
+                raise
+            raise self.failure(str(e)) from e
+
+    def failure(self, text: str) -> DataError:
+        """DataError naming the shards and changed samples; DALI's reason is the line after its
+        "encountered:" (the rest of its text is the pipeline definition's traceback)."""
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        after = [i + 1 for i, ln in enumerate(lines) if ln.startswith("encountered")] + [len(lines) - 1]
+        reason = lines[min(after[0], len(lines) - 1)] if lines else "no reason given"
+        counts = [index_count(i) for i in self.split.indexes]
+        shards = [self.split.shards[i] for i in shards_holding(counts, self.suspects()())]
+        return decode_failure(self.cfg.root, self.split, shards or list(self.split.shards), reason)
 
     def tensor(self, dali_tensor) -> torch.Tensor:
         """Zero-copy view (DALI's default executor keeps the buffer alive while torch holds it)."""
@@ -149,13 +194,14 @@ class TrainLoader:
     is a JSON string that ``TrainLoader(..., state=...)`` resumes from bit-identically."""
 
     def __init__(self, cfg, batch_size: int, shard_id: int, num_shards: int,
-                 device_id: int | None = None, seed: int = 0, state: str | bytes | None = None):
+                 device_id: int | None = None, seed: int = 0, state: str | bytes | None = None,
+                 check: bool = True):
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         info = read_info(cfg.root)
-        self.split = load_split(cfg.root, cfg.train_split, info)
+        self.split = load_split(cfg.root, cfg.train_split, info, check=check)
         self.stats = load_stats(cfg.root, info)
         self.fingerprint = info.get("fingerprint", "")
         self.batch_size, self.shard_id, self.num_shards, self.seed = batch_size, shard_id, num_shards, seed
@@ -183,10 +229,19 @@ class TrainLoader:
 
         pipe = _build(graph, batch_size=batch_size, cfg=cfg, device_id=device_id,
                       seed=_seed(seed, shard_id, 2), checkpointing=True, checkpoint=checkpoint)
-        self._runner = _Runner(pipe, self.device, cfg)
+        self._runner = _Runner(pipe, self.device, cfg, self.split, self._suspects)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    def _suspects(self) -> list[tuple[int, int]]:
+        """This epoch's range up to where the prefetching reader may be, less what its shuffle buffer
+        has almost surely handed out (a sample stays in it 20 buffer-lengths with chance e^-20)."""
+        cfg, b = self._runner.cfg, self.batch_size
+        ahead = (self.step + cfg.prefetch + 3) * b + cfg.shuffle_buffer
+        rng = self.shard_id + self.epoch                 # ranks rotate over the ranges epoch by epoch
+        return read_window(self.split.num_samples, self.num_shards, rng, rng + 1, ahead,
+                           behind=20 * cfg.shuffle_buffer + (cfg.prefetch + 4) * b)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.step >= self.steps_per_epoch:
@@ -245,15 +300,17 @@ class EvalLoader:
     resolves cfg.eval_batch_size == 0 to the per-worker training batch)."""
 
     def __init__(self, cfg, batch_size: int, shard_id: int, num_shards: int,
-                 device_id: int | None = None, mode: str = "center", scale: int | None = None):
+                 device_id: int | None = None, mode: str = "center", scale: int | None = None,
+                 check: bool = True):
         if mode not in EVAL_MODES:
             raise ValueError(f"Invalid eval mode {mode!r}. Only {', '.join(EVAL_MODES)} are supported.")
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
         info = read_info(cfg.root)
-        self.split = load_split(cfg.root, cfg.val_split, info)
+        self.split = load_split(cfg.root, cfg.val_split, info, check=check)
         self.stats = load_stats(cfg.root, info)
         self.mode, self.batch_size, self.crop = mode, batch_size, cfg.crop_size
+        self.shard_id, self.num_shards = shard_id, num_shards
         self.scale = int(scale or test_scale(cfg))
         if self.scale < self.crop:
             raise ValueError(f"test scale Q={self.scale} is smaller than the crop {self.crop}")
@@ -275,7 +332,14 @@ class EvalLoader:
             return images, labels, keys
 
         pipe = _build(graph, batch_size=batch_size, cfg=cfg, device_id=device_id, seed=0)
-        self._runner = _Runner(pipe, self.device, cfg)
+        self._runner = _Runner(pipe, self.device, cfg, self.split, self._suspects)
+
+    def _suspects(self) -> list[tuple[int, int]]:
+        """The batches around this pass's position in the rank's range (read in order, no shuffle)."""
+        b, depth = self.batch_size, self._runner.cfg.prefetch + 3
+        ahead = (self._reader_batches - self._pending + depth) * b
+        return read_window(self.split.num_samples, self.num_shards, self.shard_id, self.shard_id, ahead,
+                           behind=(depth + 1) * b)
 
     def __len__(self) -> int:
         """Batches holding real images (dense mode may split each into several equal-size groups)."""

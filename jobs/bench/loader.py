@@ -9,6 +9,11 @@ time is noise, CPU time much less so.
 
 Without ``--root`` a synthetic ILSVRC-shaped sample is generated and preprocessed into ``--work``
 (ImageNet-sized JPEGs by default). On a GPU: ``--device 0 --decode mixed --threads 16``.
+
+``--checksum`` times the shard sha256 check (``pipeline.dataset.check_shards``) in the same run: once
+on a cold node cache (every shard hashed) and once warm (the cache read), then the loader without the
+check and with it side by side, in ``--rounds`` alternating rounds so that load from other jobs falls
+on both alike; the ratio row has their images/s ratio and the cold check as a share of one epoch.
 """
 from __future__ import annotations
 
@@ -48,6 +53,9 @@ def parse(argv):
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--checksum", action="store_true",
+                   help="also time the shard sha256 check: cold, warm, and the loader with/without it")
+    p.add_argument("--rounds", type=positive, default=3, help="--checksum: alternating timed rounds")
     p.add_argument("--classes", type=int, default=10, help="synthetic sample: classes")
     p.add_argument("--per-class", type=int, default=40, help="synthetic sample: train images per class")
     p.add_argument("--size", default="300,500", help="synthetic sample: min,max image side (px)")
@@ -80,26 +88,105 @@ def cpu_seconds(pids=()) -> float:
     return total
 
 
-def bench_dali(args, root: Path, device: torch.device) -> tuple[float, int]:
+def dali_loader(args, root: Path, device: torch.device, check: bool = True):
     from pipeline.config import DataConfig
     from pipeline.loader import TrainLoader
 
     cfg = DataConfig(root=str(root), crop_size=args.crop, scale_min=args.scale_min, scale_max=args.scale_max,
-                     decode=args.decode, hw_decoder_load=args.hw_decoder_load, threads=args.threads, prefetch=args.prefetch, layout=args.layout,
-                     dtype=args.dtype)
-    loader = TrainLoader(cfg, args.batch_size, 0, 1, device_id=device.index if device.type == "cuda" else None)
+                     decode=args.decode, hw_decoder_load=args.hw_decoder_load, threads=args.threads,
+                     prefetch=args.prefetch, layout=args.layout, dtype=args.dtype)
+    return TrainLoader(cfg, args.batch_size, 0, 1, device_id=device.index if device.type == "cuda" else None,
+                       check=check)
 
+
+def warm(loader, warmup: int):
+    """An endless batch iterator over ``loader``, ``warmup`` batches in."""
     it = forever(loader)
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         next(it)
+    return it
+
+
+def time_steps(it, steps: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``steps`` batches."""
     sync(device)
     start, cpu = time.perf_counter(), cpu_seconds()
-    for _ in range(args.steps):
+    for _ in range(steps):
         batch = next(it)
     batch.images.float().sum().item()  # the last batch really exists (a sync point)
     sync(device)
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def bench_dali(args, root: Path, device: torch.device) -> tuple[float, float, int]:
+    loader = dali_loader(args, root, device)
+    wall, cpu = time_steps(warm(loader, args.warmup), args.steps, device)
     n = args.steps * args.batch_size
-    return n / (time.perf_counter() - start), n / (cpu_seconds() - cpu), len(loader)
+    return n / wall, n / cpu, len(loader)
+
+
+def bench_checksum(args, root: Path, device: torch.device, report: Report) -> tuple[float, float, int]:
+    """The check cold and warm, then the loader without and with it in alternating rounds."""
+    from pipeline import dataset
+
+    cache = Path(tempfile.mkdtemp(prefix="bench-shard-cache-")) / "shards.json"
+    saved, os.environ[dataset.CACHE_ENV] = os.environ.get(dataset.CACHE_ENV), str(cache)
+    try:                                             # cold at first, and never the user's own cache
+        return _checksum_rounds(args, root, device, report)
+    finally:
+        os.environ.pop(dataset.CACHE_ENV)
+        if saved is not None:
+            os.environ[dataset.CACHE_ENV] = saved
+
+
+def _checksum_rounds(args, root: Path, device: torch.device, report: Report) -> tuple[float, float, int]:
+    from pipeline import dataset
+
+    split = dataset.load_split(root, "train", check=False)
+    if dataset.SHARDS_SHA256 not in dataset.read_info(root)["splits"]["train"]:
+        raise SystemExit(f"--checksum: {root}/dataset.json records no {dataset.SHARDS_SHA256}; "
+                         "preprocess the dataset again to record them")
+    spans = []
+    for _ in range(2):                               # cold: every shard hashed; warm: the cache read
+        start = time.perf_counter()
+        dataset.check_shards(root, "train")
+        spans.append(time.perf_counter() - start)
+    totals, round_ratios, steps = alternate(args, root, device)
+    n = args.rounds * args.steps * args.batch_size
+    rate = {name: (n / wall, n / cpu) for name, (wall, cpu) in totals.items()}
+    size = sum(os.path.getsize(s) for s in split.shards)
+    epoch_s = steps * args.batch_size / rate["dali"][0]
+    common = dict(decode=args.decode, threads=args.threads, steps_per_epoch=steps, rounds=args.rounds)
+    report.add(pipeline="dali", **common, images_per_s=rate["dali"][0], images_per_cpu_s=rate["dali"][1],
+               epoch_s=epoch_s)
+    report.add(pipeline="dali+checksum", **common, images_per_s=rate["dali+checksum"][0],
+               images_per_cpu_s=rate["dali+checksum"][1], shards=len(split.shards), shard_bytes=size,
+               check_cold_s=spans[0], check_warm_s=spans[1], hash_mb_per_s=size / spans[0] / 1e6)
+    report.add(pipeline="ratio", checksum_over_plain=ratio(rate["dali+checksum"][0], rate["dali"][0]),
+               checksum_over_plain_by_round=[r[0] for r in round_ratios],
+               checksum_over_plain_per_cpu_s=ratio(rate["dali+checksum"][1], rate["dali"][1]),
+               checksum_over_plain_per_cpu_s_by_round=[r[1] for r in round_ratios],
+               cold_check_over_epoch=spans[0] / epoch_s, warm_check_over_epoch=spans[1] / epoch_s)
+    return rate["dali"][0], rate["dali"][1], steps
+
+
+def alternate(args, root: Path, device: torch.device) -> tuple[dict, list[list[float]], int]:
+    """{variant: [wall s, CPU s]} and each round's [wall, CPU] rate ratio (checked over plain: the
+    inverse of the time ratio) over ``args.rounds`` rounds, each timing a fresh loader without the
+    check and one with it, in turns (ABBA) so that drift in the machine's load falls on both alike.
+    One loader at a time: a second one alive would refill its prefetch queue on the timed one's CPUs
+    (and in its CPU seconds, which count every thread of the process)."""
+    totals, by_round, steps = {"dali": [0.0, 0.0], "dali+checksum": [0.0, 0.0]}, [], 0
+    for r in range(args.rounds):
+        spans = {}
+        for name in (("dali", "dali+checksum") if r % 2 == 0 else ("dali+checksum", "dali")):
+            loader = dali_loader(args, root, device, check=name == "dali+checksum")
+            spans[name] = time_steps(warm(loader, args.warmup), args.steps, device)
+            steps = len(loader)
+            del loader                                # its DALI threads end before the next is built
+            totals[name] = [t + x for t, x in zip(totals[name], spans[name])]
+        by_round.append([round(spans["dali"][i] / spans["dali+checksum"][i], 4) for i in (0, 1)])
+    return totals, by_round, steps
 
 
 class PaperTrainTransform:
@@ -174,9 +261,12 @@ def main(argv: list[str]) -> None:
         source = Path(args.source) if args.source else source / "train"
     report = Report("loader", device, out=args.out, batch_size=args.batch_size, crop=args.crop,
                     scale=[args.scale_min, args.scale_max], dtype=args.dtype, layout=args.layout)
-    dali, dali_cpu, steps = bench_dali(args, root, device)
-    report.add(pipeline="dali", decode=args.decode, hw_decoder_load=args.hw_decoder_load, threads=args.threads, steps_per_epoch=steps,
-               images_per_s=dali, images_per_cpu_s=dali_cpu)
+    if args.checksum:
+        dali, dali_cpu, steps = bench_checksum(args, root, device, report)
+    else:
+        dali, dali_cpu, steps = bench_dali(args, root, device)
+        report.add(pipeline="dali", decode=args.decode, hw_decoder_load=args.hw_decoder_load,
+                   threads=args.threads, steps_per_epoch=steps, images_per_s=dali, images_per_cpu_s=dali_cpu)
     if args.skip_baseline or source is None:
         if source is None:
             print("# no --source: the torchvision baseline needs the ImageFolder the shards came from")
@@ -187,6 +277,7 @@ def main(argv: list[str]) -> None:
         report.add(pipeline="ratio", dali_over_torchvision=ratio(dali, tv),
                    dali_over_torchvision_per_cpu_s=ratio(dali_cpu, tv_cpu))
     print(report.table(["pipeline", "decode", "threads", "workers", "images_per_s", "images_per_cpu_s",
-                        "dali_over_torchvision", "dali_over_torchvision_per_cpu_s"]))
+                        "check_cold_s", "check_warm_s", "checksum_over_plain", "checksum_over_plain_per_cpu_s",
+                        "cold_check_over_epoch", "dali_over_torchvision", "dali_over_torchvision_per_cpu_s"]))
     if tmp:
         print(f"# sample kept in {tmp} (pass --work {tmp} to reuse it)")
