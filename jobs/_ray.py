@@ -1,10 +1,27 @@
 """The one way the jobs connect to Ray: the cluster ``RAY_ADDRESS`` names (``ray job submit`` sets
-it, or a user does), else a local Ray for this command alone, without its dashboard, its node
-registered as 127.0.0.1 (README "Security" says what still listens beyond the loopback)."""
+it, or a user does), else a local Ray for this command alone, its node registered as 127.0.0.1 and
+its dashboard on 127.0.0.1 (README "Security" says what still listens beyond the loopback).
+
+A local Ray dies with its driver: a small watchdog process kills whatever of the session outlives
+the driver, and the next local start reaps what a killed watchdog left. Without this, a SIGKILLed
+driver leaves Ray's DashboardAgent and RuntimeEnvAgent behind (~230 MB): they notice the raylet's
+death, then block for 60 s trying to report it to the dead GCS, deaf to SIGTERM meanwhile."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+MARKER = "vgg-driver.json"  # in a local session's folder: which driver started it
+_REPO = Path(__file__).resolve().parent.parent
+_WATCH = "import sys; from jobs._ray import watch; watch(sys.argv[1])"
+_watchdogs: list[subprocess.Popen] = []  # they outlive the driver on purpose: no "still running" warning
 
 
 def connect(num_cpus: int | None = None, runtime_env: dict | None = None, address: str | None = None) -> None:
@@ -18,5 +35,111 @@ def connect(num_cpus: int | None = None, runtime_env: dict | None = None, addres
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
         return
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus or 0), include_dashboard=False,
-             runtime_env=runtime_env, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+    from ray._common.utils import get_default_ray_temp_dir  # RAY: where ray.init puts the session
+
+    reap(Path(get_default_ray_temp_dir()))
+    # The dashboard serves Ray's state API: without it, Ray Train's PlacementGroupCleaner cannot
+    # see its controller and warns "Failed to query Ray Train Controller actor state" every second.
+    context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus or 0), include_dashboard=True,
+                       dashboard_host="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING,
+                       _node_ip_address="127.0.0.1")
+    _guard(Path(context.address_info["session_dir"]))
+
+
+def _guard(session: Path) -> None:
+    """Record who started ``session`` and start its watchdog, in a session of its own so that a
+    Ctrl-C or a kill of the driver's process group does not take it down first. The watchdog writes
+    what it killed (or its traceback) to the session's logs."""
+    me = psutil.Process()
+    marker = session / MARKER
+    marker.write_text(json.dumps({"session_dir": str(session), "driver": me.pid, "started": me.create_time()}))
+    with open(session / "logs" / "vgg-watchdog.log", "w") as log:
+        _watchdogs.append(subprocess.Popen(
+            [sys.executable, "-c", _WATCH, str(marker)],
+            cwd=_REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True))
+
+
+def watch(marker: str, poll_s: float = 0.5) -> None:
+    """The watchdog: wait for the driver to end, then kill what is left of its session."""
+    record = json.loads(Path(marker).read_text())
+    while _alive(record["driver"], record["started"]):
+        time.sleep(poll_s)
+    print("driver gone; killed", _reap_session(Path(marker)), flush=True)
+
+
+def reap(temp_dir: Path) -> list[int]:
+    """Kill every process of each local session under ``temp_dir`` whose driver is gone; returns
+    their pids. Sessions without a marker (a cluster from ``ray start``, another project's), of a
+    live driver, or whose marker another user wrote are never touched."""
+    killed = []
+    for marker in temp_dir.glob(f"session_*/{MARKER}"):
+        try:
+            record = json.loads(marker.read_text())
+            if marker.stat().st_uid != os.getuid():
+                continue
+        except (OSError, ValueError):
+            continue  # being written by a driver starting right now, or already reaped
+        if not _alive(record["driver"], record["started"]):
+            killed += _reap_session(marker)
+    return killed
+
+
+def _alive(pid: int, started: float) -> bool:
+    """Whether the process ``pid`` started at ``started`` still runs (a reused pid is another one)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _reap_session(marker: Path) -> list[int]:
+    """Kill the processes of the session ``marker`` lies in (never a folder the marker names, which
+    anyone could write). SIGKILL: the agents' SIGTERM handler waits for their 60 s report to end."""
+    procs = members(str(marker.parent))
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + 10
+    while any(map(_running, procs)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    marker.unlink(missing_ok=True)
+    return [p.pid for p in procs]
+
+
+def _running(proc: psutil.Process) -> bool:
+    """A zombie has ended: whoever adopted it (init, a container's first process) has yet to reap it."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def members(session_dir: str) -> list[psutil.Process]:
+    """This user's processes of one session, but this one."""
+    found = []
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            mine = proc.info["uids"] is not None and proc.info["uids"].real == os.getuid()
+            if mine and proc.pid != os.getpid() and _member(proc, session_dir):
+                found.append(proc)
+        except psutil.Error:
+            continue  # gone meanwhile, or a process we may not read
+    return found
+
+
+def _member(proc: psutil.Process, session_dir: str) -> bool:
+    """Ray's servers (GCS, raylet, dashboard, monitors) name the session folder in a ``--flag=``;
+    the agents, dashboard modules and workers, whose command lines and environments Ray overwrites
+    with a title, hold its log files open, as do the processes they start on their stdout or
+    stderr (open files are listed by their resolved paths). Someone's ``tail -f`` of a session log is
+    none of these."""
+    args, inside, real = proc.cmdline(), session_dir + "/", os.path.realpath(session_dir) + "/"
+    if any(a.startswith("--") and (a.endswith("=" + session_dir) or "=" + inside in a) for a in args):
+        return True
+    if args[1:] == ["-c", _WATCH, inside + MARKER]:
+        return True  # its watchdog
+    titled = bool(args) and args[0].startswith(("ray::", "ray-dashboard-"))
+    return any(f.path.startswith(real) and (titled or f.fd in (1, 2)) for f in proc.open_files())

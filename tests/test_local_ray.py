@@ -1,0 +1,148 @@
+"""The local Ray that jobs/_ray.py starts when no cluster is given: it does not outlive its driver
+(a SIGKILLed driver's leftovers are reaped by its watchdog, or else at the next local start, and a
+live driver's session is never touched), and a tiny training run prints no Ray Train
+PlacementGroupCleaner warnings. Every Ray here lives in its own RAY_TMPDIR, so only processes of
+these tests' sessions are looked at or killed."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from jobs import _ray
+from tiny import tiny_sets
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = "import time; from jobs import _ray; _ray.connect(num_cpus=1); print('ready', flush=True); time.sleep(600)"
+SPAM = "Failed to query Ray Train Controller actor state"
+
+
+@pytest.fixture
+def ray_tmp():
+    """A RAY_TMPDIR of this test's own, short (Ray's unix sockets live under it); whatever of its
+    sessions is still running at the end is killed."""
+    tmp = Path(tempfile.mkdtemp(prefix="rayreap-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    yield tmp, {**env, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0"}
+    for session in (tmp / "ray").glob("session_2*"):
+        for proc in _ray.members(str(session)):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_driver(env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def session_of(tmp: Path, driver: subprocess.Popen, log: Path, timeout: float = 180) -> str:
+    """The session folder ``driver`` recorded, once its Ray is up."""
+    deadline = time.monotonic() + timeout
+    while "ready" not in log.read_text():
+        assert driver.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    for marker in (tmp / "ray").glob(f"session_*/{_ray.MARKER}"):
+        record = json.loads(marker.read_text())
+        if record["driver"] == driver.pid:
+            return record["session_dir"]
+    raise AssertionError(f"driver {driver.pid} recorded no session")
+
+
+def running(procs: list[psutil.Process]) -> list[str]:
+    """Those still running (a zombie has ended; psutil.Process checks the pid was not reused)."""
+    out = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{proc.pid} {proc.name()}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def started(session: str, timeout: float = 60) -> list[psutil.Process]:
+    """The session's processes, once its raylet has started both agents."""
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = _ray.members(session)
+        names = {p.name() for p in procs}
+        if {"raylet", "gcs_server", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names:
+            return procs
+        assert time.monotonic() < deadline, names
+        time.sleep(0.5)
+
+
+def settled(session: str, timeout: float = 15) -> list[str]:
+    """Those of the session's processes still running after ``timeout``, or none once none are."""
+    deadline = time.monotonic() + timeout
+    while (left := running(_ray.members(session))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def watchdog(procs: list[psutil.Process]) -> psutil.Process:
+    [found] = [p for p in procs if "from jobs._ray import watch" in " ".join(p.cmdline())]
+    return found
+
+
+def test_a_killed_driver_leaves_nothing_running_and_a_live_driver_is_left_alone(ray_tmp):
+    tmp, env = ray_tmp
+    dead, live = start_driver(env, tmp / "dead.log"), start_driver(env, tmp / "live.log")
+    try:
+        dead_session, live_session = session_of(tmp, dead, tmp / "dead.log"), session_of(tmp, live, tmp / "live.log")
+        dead_procs, live_procs = started(dead_session), started(live_session)
+        agents = {p.pid for p in dead_procs if p.name().startswith("ray::")}
+
+        # Without its watchdog, the killed driver's agents outlive it (they block for 60 s) ...
+        watchdog(dead_procs).kill()
+        dead.kill()
+        dead.wait()
+        assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= {n.split()[1] for n in running(dead_procs)}
+        # ... until the next local start reaps them (connect() calls reap() before ray.init), leaving
+        # the live driver's session as it was.
+        reaped = _ray.reap(tmp / "ray")
+        assert running(dead_procs) == [] and _ray.members(dead_session) == []
+        assert set(reaped) >= agents
+        assert len(running(live_procs)) == len(live_procs) and live.poll() is None
+
+        # With its watchdog, a killed driver's session ends at once.
+        live.kill()
+        live.wait()
+        assert settled(live_session) == [] and running(live_procs) == []
+        assert list((tmp / "ray").glob(f"session_*/{_ray.MARKER}")) == []
+    finally:
+        for driver in (dead, live):
+            if driver.poll() is None:
+                os.kill(driver.pid, signal.SIGKILL)
+                driver.wait()
+
+
+def test_a_tiny_local_training_run_prints_no_placement_group_cleaner_warnings(ray_tmp, sample_dataset, tmp_path):
+    """Ray Train's PlacementGroupCleaner asks the state API, which the dashboard serves, whether
+    the controller lives; without a dashboard it warns every second."""
+    tmp, env = ray_tmp
+    sets = tiny_sets(sample_dataset, **{
+        "model.name": "A", "model.num_classes": 0, "run.workers": 1, "run.global_batch_size": 16,
+        "run.storage_path": tmp_path / "runs", "run.name": "quiet", "schedule.epochs": 1,
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.system_metrics": False})
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    out = subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=400)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "validation (center)" in log and SPAM not in log
+    [session] = (tmp / "ray").glob("session_2*")
+    assert settled(str(session)) == []  # its watchdog outlives the driver by its last poll
