@@ -1,5 +1,5 @@
 """How every entry point ends. A user's mistake (an unknown config key, a missing file, bad data, a
-bad option value, a damaged checkpoint) is one line on stderr naming what is wrong, and exit status 2
+bad option value, a damaged checkpoint, a full disk) is one line on stderr naming what is wrong, and exit status 2
 like argparse's own errors; anything else is a bug and keeps its traceback. ``main(argv)`` itself
 still raises, so tests see the exception."""
 from __future__ import annotations
@@ -10,13 +10,14 @@ from typing import Callable
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
 from storage.dataformat import DataError
+from storage.files import StorageError
 
 
 class UsageError(ValueError):
     """A command-line value argparse cannot check by itself (a range, a combination of options)."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, UsageError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, UsageError, FileNotFoundError)
 
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:

@@ -6,9 +6,11 @@
 - Metrics are stepped by images seen. MLflow keeps every value logged, even at a step it already has,
   so a step replayed after a restart is *skipped*: the tracker asks the run for each metric's last
   step when it connects and drops anything at or before it (the replay recomputes the same values).
-- The server may be down at the start or go away mid-run: the tracker warns once, buffers metrics
-  (bounded), retries every ``tracking.retry_s`` seconds from a background thread, and carries on.
-  Training never blocks on it and never fails because of it.
+- The server may be down at the start or go away mid-run: the tracker warns once, buffers metrics,
+  retries every ``tracking.retry_s`` seconds from a background thread, and carries on. Training never
+  blocks on it and never fails because of it. What is still undelivered goes to the run's journal
+  (jobs/_journal.py) before every checkpoint and at the end, and the run is FINISHED only once every
+  point is delivered (else tag ``mlflow_pending_points`` says how many wait in the journal).
 """
 from __future__ import annotations
 
@@ -22,14 +24,16 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
+from jobs import _journal
 from storage import files
 
 log = logging.getLogger("jobs.tracking")  # the logger keeps its public name
 
 RUN_ID_FILE = "mlflow_run_id"
+PENDING_TAG = "mlflow_pending_points"   # metric points still in the run's journal
 MAX_PARAMS_PER_CALL = 100     # MLflow's MAX_PARAMS_TAGS_PER_BATCH
 MAX_PARAM_VALUE = 6000        # MLflow's MAX_PARAM_VAL_LENGTH
-MAX_BUFFERED = 100_000        # metric values kept while the server is away; the oldest go first
+LARGE_BUFFER = 100_000        # metric values buffered while the server is away: worth one warning
 # Fail fast and let the tracker retry later, instead of the client's default of 7 retries with
 # exponential backoff and a 120 s timeout (minutes of blocking per call while a server is down).
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
@@ -96,7 +100,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str, run_folder: str, run_id: str = "",
                  params: dict[str, str] | None = None, tags: dict[str, str] | None = None,
                  system_metrics: bool = False, retry_s: float = 30.0, enabled: bool = True,
-                 node_id: str | None = None):
+                 node_id: str | None = None, journal: bool = False):
         for k, v in CLIENT_ENV.items():
             os.environ.setdefault(k, v)
         # One warning per outage is ours to give; urllib3 would add one per connection attempt.
@@ -112,7 +116,10 @@ class Tracker:
         self._next_try = 0.0
         self._warned = False
         self._monitor = None
-        self._pending: deque[tuple[str, float, int, int]] = deque(maxlen=MAX_BUFFERED)
+        self._pending: deque[_journal.Point] = deque()
+        self._owns_journal = False             # this tracker read the journal, so it rewrites it
+        if journal and enabled:
+            self.replay()
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -228,10 +235,10 @@ class Tracker:
             except queue.Empty:
                 new = []  # a second without new metrics: still retry what is buffered
             self._pending.extend(new)
-            if len(self._pending) == MAX_BUFFERED and not self._warned:
+            if len(self._pending) >= LARGE_BUFFER and not self._warned:
                 self._warned = True
-                log.warning("MLflow: %d metric values buffered while %s is unreachable; the oldest are "
-                            "now dropped", MAX_BUFFERED, self.uri)
+                log.warning("MLflow: %d metric values buffered while %s is unreachable; they are kept "
+                            "(in memory, and in the run's journal at each checkpoint)", LARGE_BUFFER, self.uri)
             self._send_pending()
 
     def _send_pending(self) -> bool:
@@ -272,10 +279,26 @@ class Tracker:
             if self._send_pending():
                 return True
             if time.monotonic() >= deadline:
-                log.warning("MLflow: %d metric values could not be sent to %s and are dropped",
-                            len(self._pending), self.uri)
+                log.warning("MLflow: %d metric values could not be sent to %s yet", len(self._pending), self.uri)
                 return False
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+    # -- the journal ------------------------------------------------------------------------------
+
+    def replay(self) -> None:
+        """Take over the run's journal: its points go before anything buffered since."""
+        self._pending.extendleft(reversed(_journal.read(self.run_folder)))
+        self._owns_journal = True
+
+    def undelivered(self) -> list[_journal.Point]:
+        queued = [p for batch in list(self._queue.queue) for p in batch]
+        return list(self._pending) + queued
+
+    def persist(self) -> None:
+        """Write what is undelivered to the journal (a checkpoint is about to be reported)."""
+        if self.enabled:
+            _journal.write(self.run_folder, self.undelivered())
+            self._owns_journal = True
 
     # -- everything else is synchronous and returns whether it reached the server ---------------
 
@@ -319,14 +342,28 @@ class Tracker:
 
         return self._call("register model", register)[0]
 
-    def close(self, status: str | None = None, timeout: float = 30.0) -> None:
-        """Flush metrics, stop system metrics, and set the run's status (FINISHED / FAILED) if given."""
-        self.flush(timeout)
+    def close(self, status: str | None = None, timeout: float | None = None) -> bool:
+        """Flush metrics, stop system metrics, and set the run's status (FINISHED / FAILED) if given.
+        Returns whether every point was delivered. If not, they stay in the journal, the run keeps
+        its RUNNING status instead of FINISHED, and a tag says how many points are pending. The flush
+        retries for ``timeout`` (default: three retry periods, at most 30 s): the journal keeps the
+        rest, so there is no point in holding the process longer."""
+        delivered = self.flush(min(30.0, 3 * self.retry_s) if timeout is None else timeout)
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
-        if status and self.connect():
+        if self._owns_journal:
+            self.persist()
+        pending = len(self.undelivered())
+        if pending:
+            log.warning("MLflow: %d metric points wait in %s; run the same command again once %s is "
+                        "reachable to deliver them", pending, _journal.path(self.run_folder), self.uri)
+            self.set_tags({PENDING_TAG: str(pending)})
+        elif self._owns_journal and self.connect():
+            self.set_tags({PENDING_TAG: "0"})
+        if status and self.connect() and not (pending and status == "FINISHED"):
             self._call("end run", lambda: self._client.set_terminated(self.run_id, status))
+        return delivered and not pending
 
 
 def last_steps(client, run) -> dict[str, int]:

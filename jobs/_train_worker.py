@@ -16,6 +16,10 @@ from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
 from pipeline import dataset
 from storage import files
+from storage.dataformat import DataError
+
+MARKER = "reported"        # what Ray copies into checkpoint_<step>/ beside our checkpoint.pt
+DATA_ERROR = "data_error"  # a worker met bad data: its message, for Ray's retries and the driver
 
 
 def resume_state(folder: str, checkpoint, rank: int, world: int) -> dict[str, Any] | None:
@@ -64,31 +68,51 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             run_id=loop_config["run_id"] or (resume or {}).get("mlflow_run_id", ""),
             params=_tracking.params_from(config_lib.flatten(cfg)), tags=loop_config["tags"],
             system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s,
-            enabled=cfg.tracking.enabled, node_id=None)
+            enabled=cfg.tracking.enabled, node_id=None, journal=True)
         tracker.connect()
 
     def report(metrics: dict[str, float], folder: str | None, best: bool) -> None:
-        if folder is not None and best:
-            files.atomic_copy(Path(folder) / ckpt.FILENAME, files.join(loop_config["run_folder"], ckpt.BEST,
-                                                                       ckpt.FILENAME))
-        ray.train.report(                                          # RAY: every rank, rank 0 with the files
+        name = f"{ckpt.PREFIX}{int(metrics['step']):010d}"
+        if folder is not None:
+            store_checkpoint(Path(folder), loop_config["run_folder"], name, best)
+            if tracker is not None:
+                tracker.persist()      # the metrics up to this checkpoint survive a kill of this rank
+        ray.train.report(                                          # RAY: every rank, rank 0 with the marker
             metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None,
-            checkpoint_dir_name=f"{ckpt.PREFIX}{int(metrics['step']):010d}")
+            checkpoint_dir_name=name)
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         if tracker is not None:
             tracker.log_metrics(metrics, step)
 
+    stop = files.join(loop_config["run_folder"], DATA_ERROR)
     try:
+        if files.exists(stop):   # a retry would meet the same bad sample: fail at once, spend nothing
+            raise DataError(files.read_bytes(stop).decode())
         result = run_worker(cfg, worker, report=report, log=log_metrics, resume=resume,
                             run_id=lambda: tracker.run_id if tracker else "",
                             wrap=lambda net, w: ray.train.torch.prepare_model(net))  # RAY: DDP
         if tracker is not None and result.tally is not None:
             classes = dataset.read_info(cfg.data.root).get("classes", [])
             tracker.log_dict(per_class_table(result.tally, classes), f"eval/val_{cfg.data.val_mode}_per_class.json")
+    except DataError as e:
+        files.atomic_write(stop, str(e).encode())
+        raise
     finally:
         if tracker is not None:
             tracker.close()
+
+
+def store_checkpoint(folder: Path, run_folder: str, name: str, best: bool) -> None:
+    """Put ``folder``'s checkpoint file into the run folder ourselves, atomically, as ``<name>/`` (and
+    ``best/``), and leave only a small marker in ``folder`` for Ray to copy: Ray's copy writes files in
+    place, so a full disk or a killed node could leave a cut-short checkpoint.pt under its final name."""
+    src = folder / ckpt.FILENAME
+    files.atomic_copy(src, files.join(run_folder, name, ckpt.FILENAME))
+    if best:
+        files.atomic_copy(src, files.join(run_folder, ckpt.BEST, ckpt.FILENAME))
+    src.unlink()
+    (folder / MARKER).write_text(f"{ckpt.FILENAME} of this folder was written by jobs/_train_worker.py\n")
 
 
 def worker_logging() -> None:

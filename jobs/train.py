@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs import _ray, _tracking
-from jobs._train_worker import train_loop_per_worker
+from jobs import _preflight, _ray, _resume, _tracking
+from jobs._train_worker import DATA_ERROR, train_loop_per_worker
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
 from pipeline import dataset
@@ -132,26 +132,59 @@ def final_weights(folder: str) -> Path | None:
     return path
 
 
-def train(cfg: config_lib.Config) -> dict[str, Any]:
-    """Run (or resume) the training ``cfg`` describes; returns its summary."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig    # RAY
-    from ray.train.torch import TorchTrainer                            # RAY
-
+def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
+    """Run, resume or complete the training ``cfg`` describes; returns its summary. Everything the
+    driver can check is checked before Ray starts (jobs/_resume.py, jobs/_preflight.py)."""
     cfg, tags = resolve(cfg)
     folder = run_folder(cfg)
+    plan = _resume.plan(cfg, folder, tags["dataset_fingerprint"])
+    facts = _preflight.check_data(cfg)
+    if plan.kind != "complete":
+        _preflight.check_storage(cfg, folder, _preflight.checkpoint_bytes(cfg, plan.checkpoint))
+    print(_resume.describe(plan, cfg), flush=True)
+    summary = {"run_folder": folder, "plan": plan.kind, "tracking_uri": cfg.tracking.uri, "metrics": {},
+               "train_images": facts.train_images, "steps_per_epoch": facts.steps_per_epoch}
+    if dry_run:
+        return {**summary, "config": config_lib.dump(cfg)}
     tags = {"git_commit": _tracking.git_commit(Path(__file__).parent), **tags}
     tags["mlflow.source.git.commit"] = tags["git_commit"]
     tracker = _tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, folder,
                                params=_tracking.params_from(config_lib.flatten(cfg)), tags=tags,
                                retry_s=cfg.tracking.retry_s, enabled=cfg.tracking.enabled)
-    run_id = ""
-    if cfg.tracking.enabled:
-        # Reachable: the run (found through the id file, or created). Unreachable: the id a previous
-        # attempt left, so the workers log into that run once the server is back.
-        run_id = tracker.connect() or _tracking.read_run_id(folder) or _run_id_from_latest_checkpoint(folder)
-        tracker.run_id = run_id
-        if tracker.connect():
-            tracker.log_text(config_lib.dump(cfg), "config.yaml")
+    run_id = connect_run(tracker, cfg, folder)
+    if plan.changed:
+        tracker.set_tags({f"resume.step{plan.step}.changed": _resume.describe(plan, cfg)})
+    if plan.kind == "complete":
+        summary["metrics"] = dict(plan.state.get("metrics", {}))
+    else:
+        try:
+            summary.update(fit(cfg, folder, run_id, tags))
+        except Exception as e:
+            tracker.replay()
+            tracker.close("FAILED")
+            _preflight.explain_failure(cfg, folder, plan, e)
+            raise
+    return {**summary, **finish(cfg, folder, tracker)}
+
+
+def connect_run(tracker: _tracking.Tracker, cfg: config_lib.Config, folder: str) -> str:
+    """The MLflow run id. Reachable: the run (found through the id file, or created). Unreachable:
+    the id a previous attempt left, so the workers log into that run once the server is back."""
+    if not cfg.tracking.enabled:
+        return ""
+    run_id = tracker.connect() or _tracking.read_run_id(folder) or _run_id_from_latest_checkpoint(folder)
+    tracker.run_id = run_id
+    if tracker.connect():
+        tracker.log_text(config_lib.dump(cfg), "config.yaml")
+    return run_id
+
+
+def fit(cfg: config_lib.Config, folder: str, run_id: str, tags: dict[str, str]) -> dict[str, Any]:
+    """Ray Train's fit of ``train_loop_per_worker`` on ``run.workers`` workers."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig    # RAY
+    from ray.train.torch import TorchTrainer                            # RAY
+
+    files.remove(files.join(folder, DATA_ERROR))   # an earlier command's verdict on data since repaired
     forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
     _ray.connect(cfg.run.workers * cfg.run.cpus_per_worker, {"env_vars": forwarded} if forwarded else None)
     trainer = TorchTrainer(
@@ -164,26 +197,25 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_last),
             logging_config=LoggingConfig(log_level="WARNING")),  # Ray Train's per-report INFO lines off
     )
-    try:
-        result = trainer.fit()
-    except Exception:
-        tracker.close("FAILED")
-        raise
-    summary = {"run_folder": folder, "metrics": dict(result.metrics or {}),
-               "checkpoint": result.checkpoint.path if result.checkpoint else ""}
+    result = trainer.fit()
+    return {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else ""}
+
+
+def finish(cfg: config_lib.Config, folder: str, tracker: _tracking.Tracker) -> dict[str, Any]:
+    """The run's last words to MLflow: the best weights as an artifact (registered once, if asked),
+    its tags, and every metric point the journal still holds; FINISHED only once all are delivered."""
+    tracker.replay()
     best = final_weights(folder)
     if tracker.connect():
         best_file = ckpt.resolve(folder, "best") if best else ""
-        tracker.set_tags({"checkpoint": best_file or summary["checkpoint"], "run_folder": folder})
+        tracker.set_tags({"checkpoint": best_file, "run_folder": folder})
         tracker.log_text(config_lib.dump(cfg), "config.yaml")
         if best is not None:
             tracker.log_artifact(best, "model")
             if cfg.tracking.register_model:
                 tracker.register_model(cfg.tracking.register_model, "model")
-    tracker.close("FINISHED")
-    summary["mlflow_run_id"] = tracker.run_id
-    summary["tracking_uri"] = cfg.tracking.uri
-    return summary
+    delivered = tracker.close("FINISHED")
+    return {"mlflow_run_id": tracker.run_id, "delivered": delivered}
 
 
 def _run_id_from_latest_checkpoint(folder: str) -> str:
@@ -196,10 +228,13 @@ def _run_id_from_latest_checkpoint(folder: str) -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every config key, its default and meaning: python -m jobs.config")
     p.add_argument("--config", help="experiment YAML (jobs/configs/*.yaml); default: the paper's defaults")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set run.workers=4 --set optim.lr=1e-3")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything, print the resolved config and what would happen, start nothing")
     return p.parse_args(argv)
 
 
@@ -207,14 +242,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = config_lib.load(args.config, args.set)
-    summary = train(cfg)
+    summary = train(cfg, dry_run=args.dry_run)
+    if args.dry_run:
+        print(summary["config"], end="")
+        print(f"{summary['train_images']:,} training images, {summary['steps_per_epoch']:,} steps per epoch "
+              f"at global batch {cfg.run.global_batch_size}; run folder {summary['run_folder']}")
+        return 0
     m = summary["metrics"]
     print(f"run folder: {summary['run_folder']}")
     if "val/top1_err" in m:
         print(f"validation ({cfg.data.val_mode}): top-1 error {m['val/top1_err']:.4f}, "
               f"top-5 error {m['val/top5_err']:.4f} after {int(m['epoch'])} epochs")
     print(f"MLflow run: {summary['mlflow_run_id'] or '(tracking server unreachable)'} at {summary['tracking_uri']}")
-    return 0
+    return 0  # undelivered metric points are not lost: the tracker said where they wait
 
 
 if __name__ == "__main__":

@@ -172,9 +172,12 @@ def load_checkpoint(location: str | Path, which: str = "best") -> dict[str, Any]
     """Load a checkpoint dict (tensors on the CPU) from a file, a checkpoint folder or a run folder
     (see ``resolve``); never unpickles code (``weights_only=True``)."""
     path = resolve(location, which)
-    source = io.BytesIO(files.read_bytes(path)) if files.is_uri(path) else path
+    # A local file is mapped, not read: a driver that only looks at the config and progress of a
+    # checkpoint of D (1 GB with momentum) touches a few pages of it.
+    local = not files.is_uri(path)
+    source = path if local else io.BytesIO(files.read_bytes(path))
     try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=local)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a cut-short zip raises any of these
         raise CheckpointError(f"{path}: not a readable checkpoint, damaged or cut short ({e})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:

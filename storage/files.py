@@ -18,6 +18,11 @@ from typing import BinaryIO
 TMP_PREFIX = ".tmp-"          # every temporary name starts so: ``remove_stale_temps`` finds them
 
 
+class StorageError(ValueError):
+    """A storage location that cannot hold what must be written there (unwritable, full); the
+    message names it and, for a full one, the space needed."""
+
+
 def is_uri(location: str | os.PathLike) -> bool:
     """True for ``scheme://...`` (object stores, ``file://``), False for a plain local path."""
     return "://" in str(location)
@@ -151,3 +156,12 @@ def remove_stale_temps(d: str | os.PathLike) -> list[Path]:
 def temp_name(path: Path) -> Path:
     # Unique per writer, so two processes (or Ray task retries) never share a temporary file.
     return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+
+def remove(location: str | os.PathLike) -> None:
+    """Delete a file (local path or URI) that may or may not be there."""
+    import pyarrow.fs
+
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        fs.delete_file(path)

@@ -15,9 +15,25 @@ Treat the session-scoped folders as read-only; copy them (``shutil.copytree``) t
 """
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from services import BIN, MlflowServer, free_port, stop_group, wait_for
+
+RAY_TEMP_ROOT = Path("/tmp/ray-train-tests")
+
+
+def pytest_configure(config):
+    """The shard-hash cache of this session's processes (Ray workers included) in a folder of its own,
+    not the user's ~/.cache."""
+    os.environ["VGG_SHARD_CACHE"] = str(Path(tempfile.mkdtemp(prefix="vgg-test-cache-")) / "shards.json")
 
 SAMPLE_CLASSES = 4
 SAMPLE_TRAIN_PER_CLASS = 12
@@ -80,3 +96,66 @@ def odd_manifest(built):
     from storage.dataformat import read_manifest
 
     return {s: read_manifest(built[0], s).to_pylist() for s in ("train", "val")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes for the training tests (tests/test_train*.py): one two-node Ray cluster and one MLflow
+# server for the whole session, and servers a test may stop. Helpers to drive them: tests/cluster.py.
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A head (resource node_a) and a second node (node_b) on this machine, token auth on. (Ray
+    registers the machine's address whatever --node-ip-address says; the token keeps others out.)"""
+    RAY_TEMP_ROOT.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix="t", dir=RAY_TEMP_ROOT))  # short: Ray's unix sockets live here
+    port = free_port(6391)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--port", str(port), "--include-dashboard=true",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+         "--temp-dir", str(temp), "--ray-client-server-port", str(free_port()),
+         "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+         "--resources", json.dumps({"node_a": 1}), *common],
+        env=env, start_new_session=True, stdout=open(temp / "head.log", "w"), stderr=subprocess.STDOUT)
+    procs = [head]
+    try:
+        wait_for(lambda: "Ray runtime started" in (temp / "head.log").read_text(), 120, "the Ray head", proc=head)
+        node = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}",
+             "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+             "--resources", json.dumps({"node_b": 1}), *common],
+            env=env, start_new_session=True, stdout=open(temp / "node.log", "w"), stderr=subprocess.STDOUT)
+        procs.append(node)
+        wait_for(lambda: "Ray runtime started" in (temp / "node.log").read_text(), 120, "the second Ray node",
+                 proc=node)
+        # RAY_ADDRESS: jobs.train connects to this cluster instead of starting its own.
+        yield {"address": f"127.0.0.1:{port}", "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, "temp": temp}
+    finally:
+        for p in reversed(procs):
+            stop_group(p)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A factory: ``mlflow_server(port=0)`` starts a server this test may also stop."""
+    servers = []
+
+    def start(port: int = 0) -> MlflowServer:
+        servers.append(MlflowServer(tmp_path / f"mlflow-{len(servers)}", port).start())
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_mlflow(tmp_path_factory):
+    """One server for the tests that never stop it (each uses its own experiment)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-shared")).start()
+    yield server
+    server.stop()

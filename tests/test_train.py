@@ -2,95 +2,25 @@
 2 CPU workers over gloo) logging to a real `mlflow server` process, and the tracker on its own against
 a server that dies. The loop without Ray is in test_train_loop.py.
 
-The Ray tests start the cluster once (``ray start --head`` and a second ``ray start --address`` node,
-each with a custom resource so STRICT_SPREAD puts one worker on each) and kill exactly the processes
-they started (their process groups) at the end. Failures are real: a worker process calls
-``os._exit(1)`` mid-run, the driver gets SIGKILL, the MLflow server is stopped mid-run.
+The Ray tests share one cluster for the session (tests/conftest.py: ``ray start --head`` and a second
+``ray start --address`` node, each with a custom resource so STRICT_SPREAD puts one worker on each),
+killed at the end of the session (exactly the process groups it started). Failures are real: a worker
+process calls ``os._exit(1)`` mid-run, the driver gets SIGKILL, the MLflow server is stopped mid-run.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import secrets
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from cluster import REPO, checkpoints, only_run, run_train, small, steps_of, train_proc
 from jobs import _tracking as tracking
 from pipeline import checkpoint as ckpt
-from services import BIN, MlflowServer, free_port, stop_group, wait_for
-from tiny import tiny_sets
-
-REPO = Path(__file__).resolve().parents[1]
-RAY_TEMP_ROOT = Path("/tmp/ray-train-tests")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Processes: a Ray cluster, MLflow servers, training drivers
-# ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A head (resource node_a) and a second node (node_b) on this machine, token auth on. (Ray
-    registers the machine's address whatever --node-ip-address says; the token keeps others out.)"""
-    RAY_TEMP_ROOT.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix="t", dir=RAY_TEMP_ROOT))  # short: Ray's unix sockets live here
-    port = free_port(6391)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--port", str(port), "--include-dashboard=false",
-         "--temp-dir", str(temp), "--ray-client-server-port", str(free_port()),
-         "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-         "--resources", json.dumps({"node_a": 1}), *common],
-        env=env, start_new_session=True, stdout=open(temp / "head.log", "w"), stderr=subprocess.STDOUT)
-    procs = [head]
-    try:
-        wait_for(lambda: "Ray runtime started" in (temp / "head.log").read_text(), 120, "the Ray head", proc=head)
-        node = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}",
-             "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-             "--resources", json.dumps({"node_b": 1}), *common],
-            env=env, start_new_session=True, stdout=open(temp / "node.log", "w"), stderr=subprocess.STDOUT)
-        procs.append(node)
-        wait_for(lambda: "Ray runtime started" in (temp / "node.log").read_text(), 120, "the second Ray node",
-                 proc=node)
-        # RAY_ADDRESS: jobs.train connects to this cluster instead of starting its own.
-        yield {"address": f"127.0.0.1:{port}", "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, "temp": temp}
-    finally:
-        for p in reversed(procs):
-            stop_group(p)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A factory: ``mlflow_server(port=0)`` starts a server this test may also stop."""
-    servers = []
-
-    def start(port: int = 0) -> MlflowServer:
-        servers.append(MlflowServer(tmp_path / f"mlflow-{len(servers)}", port).start())
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
-
-
-@pytest.fixture(scope="module")
-def shared_mlflow(tmp_path_factory):
-    """One server for the tests that never stop it (each uses its own experiment)."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-shared")).start()
-    yield server
-    server.stop()
+from services import free_port, stop_group, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -103,52 +33,6 @@ def learnable_dataset(tmp_path_factory) -> Path:
                                 size_range=(96, 192))
     writer.preprocess(source, root / "data", shard_size=500, seed=0, progress=False, log=lambda m: None)
     return root / "data"
-
-
-def small(dataset: Path, storage: Path, name: str, uri: str, **over) -> list[str]:
-    """--set overrides for a few seconds of training: net A at width 1/16 on 32 px crops, 2 workers,
-    global batch 16 (3 steps per epoch on the 48-image sample), every step logged."""
-    sets = tiny_sets(dataset, **{
-        "model.name": "A", "model.num_classes": 0, "run.workers": 2, "run.global_batch_size": 16,
-        "run.storage_path": storage, "run.name": name, "run.log_every_steps": 1, "run.keep_last": 2,
-        "schedule.epochs": 2, "schedule.patience": 100, "tracking.uri": uri, "tracking.experiment": name,
-        "tracking.retry_s": 1.0, "tracking.system_metrics": False, **over})
-    out = []
-    for k, v in sets.items():
-        out += ["--set", f"{k}={v}"]
-    return out
-
-
-def train_proc(cluster, args: list[str], log: Path, **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=REPO,
-                            env={**cluster["env"], **env}, stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def run_train(cluster, args: list[str], log: Path, timeout: float = 400, **env) -> str:
-    proc = train_proc(cluster, args, log, **env)
-    try:
-        rc = proc.wait(timeout=timeout)
-    finally:
-        stop_group(proc)
-    text = log.read_text()
-    assert rc == 0, text[-6000:]
-    return text
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob(f"{ckpt.PREFIX}*/{ckpt.FILENAME}"))
-
-
-def only_run(client, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return runs[0]
-
-
-def steps_of(client, run_id: str, key: str) -> list[int]:
-    return [m.step for m in client.get_metric_history(run_id, key)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,9 +179,28 @@ def test_killed_driver_rerun_resumes_into_the_same_run_while_mlflow_comes_and_go
     final = ckpt.load_checkpoint(folder, "latest")
     assert (final["epoch"], final["step"], final["mlflow_run_id"]) == (8, 24, run_id)
 
+    assert "wait in" in text and (folder / "mlflow_journal.jsonl").is_file()   # undelivered, kept
     server.start()                                   # the same store: one run, every step once
+    assert server.client().get_run(run_id).info.status == "RUNNING"   # not FINISHED while points wait
+    again = run_train(ray_cluster, args, tmp_path / "third.log", timeout=120)   # the same command again
+    assert "is complete" in again and "resume" not in again.split("is complete")[0].lower()
     run = only_run(server.client(), "chaos")
     assert run.info.run_id == run_id and run.data.params["run.name"] == "chaos"
-    logged = steps_of(server.client(), run_id, "train/loss")
-    assert logged == sorted(set(logged)) and len(logged) >= 4
-    assert all(s % 16 == 0 for s in logged)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow_pending_points"] == "0"
+    assert not (folder / "mlflow_journal.jsonl").exists()
+    assert_every_point_once(server.client(), run, steps=24, log_every=1, epochs=8, batch=16)
+
+
+TRAIN_KEYS = {"train/loss", "train/top1_err", "train/top5_err", "lr", "train/images_per_s", "train/data_wait_frac"}
+
+
+def assert_every_point_once(client, run, steps: int, log_every: int, epochs: int, batch: int) -> None:
+    """As many points per key as an uninterrupted run logs, each at its own step (images seen): one
+    per ``log_every`` steps for the training keys, one per epoch for the others."""
+    assert TRAIN_KEYS <= set(run.data.metrics) and "val/top1_err" in run.data.metrics
+    for key in run.data.metrics:
+        logged = steps_of(client, run.info.run_id, key)
+        if key in TRAIN_KEYS:
+            assert logged == [batch * s for s in range(log_every, steps + 1, log_every)], key
+        else:
+            assert logged == [batch * steps // epochs * e for e in range(1, epochs + 1)], key

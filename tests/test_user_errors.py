@@ -16,15 +16,19 @@ from jobs._cli import UsageError
 from pipeline import checkpoint as ckpt
 from pipeline import config
 from storage.dataformat import DataError
+from storage.files import StorageError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "jobs" / "configs" / "demo.yaml")
 
-# (case id, error class, argv after "python -m", what the line must name); {tmp} is the test's folder.
+# (case id, error class, argv after "python -m", what the line must name); {tmp} is the test's folder,
+# {data} the session's sample dataset.
 # The first case of each entry point also runs as a real process.
 CASES = [
     ("train-unknown-key", config.ConfigError, ["jobs.train", "--set", "model.colour=red"], "model.colour"),
     ("train-missing-config", FileNotFoundError, ["jobs.train", "--config", "{tmp}/nope.yaml"], "nope.yaml"),
+    ("train-unwritable-storage", StorageError, ["jobs.train", "--config", DEMO, "--set", "data.root={data}",
+                                                "--set", "run.storage_path={tmp}/good.pt/runs"], "run.storage_path"),
     ("train-no-dataset", DataError, ["jobs.train", "--config", DEMO, "--set", "data.root=/nonexistent"],
      "/nonexistent/dataset.json"),
     ("evaluate-damaged-checkpoint", ckpt.CheckpointError, ["jobs.evaluate", "--run", "{tmp}/damaged.pt"],
@@ -63,11 +67,12 @@ def prepare(tmp: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def processes(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+def processes(tmp_path_factory, sample_dataset) -> dict[str, subprocess.CompletedProcess]:
     """The first mistake of every entry point, each in its own ``python -m`` process, all at once."""
     tmp = tmp_path_factory.mktemp("mistakes")
     prepare(tmp)
-    procs = {case: subprocess.Popen([sys.executable, "-m", *(a.format(tmp=tmp) for a in argv)], cwd=ROOT,
+    procs = {case: subprocess.Popen([sys.executable, "-m", *(a.format(tmp=tmp, data=sample_dataset) for a in argv)],
+                                    cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for case, _, argv, _ in FIRST_OF_EACH}
     out = {}
@@ -92,11 +97,11 @@ def test_every_entry_point_process_ends_a_mistake_with_one_line_and_status_2(pro
 
 @pytest.mark.parametrize("case, cls, argv, names", CASES, ids=IDS)
 def test_each_mistake_raises_its_class_and_becomes_one_line(case, cls, argv, names, tmp_path, monkeypatch,
-                                                             capsys):
+                                                             capsys, sample_dataset):
     prepare(tmp_path)
     monkeypatch.chdir(ROOT)
     main = importlib.import_module(MAIN.get(argv[0], argv[0])).main
-    args = [a.format(tmp=tmp_path) for a in argv[1:]]
+    args = [a.format(tmp=tmp_path, data=sample_dataset) for a in argv[1:]]
     with pytest.raises(cls):
         main(args)
     capsys.readouterr()

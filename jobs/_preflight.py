@@ -1,0 +1,99 @@
+"""What the training driver checks before Ray starts, so that a mistake costs seconds, not a cluster
+start: the dataset (every split it will read, sizes against the batch, shard checksums) and the
+storage (reachable, writable, and room for ``run.keep_last`` + 2 checkpoints on a local disk). Each
+failure is a user error (one ``error:`` line, exit 2) naming the key, file or folder."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import config as config_lib
+from pipeline import dataset
+from pipeline.config import ConfigError
+from storage import files
+from storage.dataformat import DataError
+from storage.files import StorageError
+
+PROBE = ".write-probe"
+
+
+@dataclass
+class DataFacts:
+    """What the run will read: for --dry-run and the driver's summary."""
+    train_images: int
+    val_images: int
+    steps_per_epoch: int
+
+
+def check_data(cfg: config_lib.Config) -> DataFacts:
+    """Both splits resolve (shards, indexes, manifests), match their checksums, and the training split
+    holds at least one global batch."""
+    d = cfg.data
+    train = dataset.load_split(d.root, d.train_split)     # each checks its shards' sha256 (cached per node)
+    val = dataset.load_split(d.root, d.val_split)
+    batch = cfg.run.global_batch_size
+    if train.num_samples < batch:
+        raise ConfigError(f"run.global_batch_size {batch} is larger than the {train.num_samples} training "
+                          f"images of {d.root} (split {d.train_split!r}); lower it")
+    return DataFacts(train.num_samples, val.num_samples, train.num_samples // batch)
+
+
+def checkpoint_bytes(cfg: config_lib.Config, existing: str = "") -> int:
+    """The size of one checkpoint: an existing one's, else the weights and the momentum buffers
+    (float32) of the net the config builds, counted without allocating it."""
+    if existing and not files.is_uri(existing):
+        return Path(existing).stat().st_size
+    import torch
+
+    from pipeline import checkpoint as ckpt
+
+    with torch.device("meta"):
+        net = ckpt.build_model(cfg, cfg.model.num_classes)
+    params = sum(p.numel() for p in net.parameters())
+    return params * 4 * (2 if cfg.optim.momentum else 1) + (1 << 20)
+
+
+def check_storage(cfg: config_lib.Config, run_folder: str, one_checkpoint: int) -> None:
+    """The run folder can be created and written, and (locally) has room for keep_last + 2 checkpoints:
+    the ones Ray keeps, the best, and the one being written."""
+    probe = files.join(run_folder, PROBE)
+    try:
+        files.atomic_write(probe, b"")
+        files.remove(probe)
+    except OSError as e:
+        raise StorageError(f"run.storage_path {cfg.run.storage_path}: cannot write the run folder "
+                           f"{run_folder} ({e.strerror or e})") from None
+    if files.is_uri(run_folder):
+        return  # object stores report no free space
+    need = (cfg.run.keep_last + 2) * one_checkpoint
+    free = shutil.disk_usage(run_folder).free
+    if free < need:
+        raise StorageError(f"run.storage_path {cfg.run.storage_path}: {mib(free)} free, but run.keep_last "
+                           f"{cfg.run.keep_last} + 2 checkpoints of {mib(one_checkpoint)} need {mib(need)}")
+
+
+def explain_failure(cfg: config_lib.Config, run_folder: str, plan, error: Exception) -> None:
+    """After the workers failed: a worker's DataError (bad data met in training), or a storage with no
+    room left for another checkpoint, become user errors; the workers' tracebacks say the same, deep in
+    Ray's report."""
+    from jobs._train_worker import DATA_ERROR
+
+    stop = files.join(run_folder, DATA_ERROR)
+    if files.exists(stop):
+        message = files.read_bytes(stop).decode()
+        files.remove(stop)      # the next command tries again: the data may have been repaired
+        raise DataError(message) from error
+    if files.is_uri(run_folder) or not Path(run_folder).is_dir():
+        return
+    latest = sorted(Path(run_folder).glob("checkpoint_*/checkpoint.pt"))
+    one = checkpoint_bytes(cfg, str(latest[-1]) if latest else plan.checkpoint)
+    free = shutil.disk_usage(run_folder).free
+    if free < one:
+        raise StorageError(f"run.storage_path {cfg.run.storage_path}: full ({mib(free)} free) while writing a "
+                           f"checkpoint of {mib(one)}; the checkpoints already in {run_folder} are whole, "
+                           f"free some space and run the same command again to resume") from error
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
