@@ -111,7 +111,8 @@ def _verify(argv: list[str]) -> int:
             print(f"  ... {len(problems) - 10} more", file=sys.stderr)
         return 1
     splits = read_info(a.out)["splits"]
-    checks = "tar headers, DALI index, labels, sha256" + ("" if a.no_decode else ", full JPEG decode")
+    checks = "tar headers, DALI index, labels, sha256 of every image and shard" + (
+        "" if a.no_decode else ", full JPEG decode")
     print(f"ok: {sum(len(s['shards']) for s in splits.values())} shards holding "
           f"{sum(s['num_samples'] for s in splits.values()):,} images ({', '.join(splits)}) match their "
           f"manifest: {checks}")

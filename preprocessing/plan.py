@@ -84,8 +84,9 @@ def update_plan(out: Path, split: str, inputs: list[Input], seed: int, shard_siz
         plan = plan + rows
         atomic_write(plan_path(out, split), plan_bytes(plan))
         verb = "planned" if gen == 0 else "added"
-        log(f"{split}: {verb} {len(new)} images in {len(added_shards)} shards "
-            f"({added_shards[0]}..{added_shards[-1]})")
+        span = added_shards[0] if len(added_shards) == 1 else f"{added_shards[0]}..{added_shards[-1]}"
+        log(f"{split}: {verb} {len(new)} images in {len(added_shards)} shard"
+            f"{'s' if len(added_shards) > 1 else ''} ({span})")
     if removed:
         log(f"{split}: {len(removed)} planned files are gone from SOURCE (kept in their shards; rebuild "
             f"into a fresh OUT to drop them): {', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}")

@@ -63,6 +63,8 @@ def prepare(out: Path, source, given: dict, splits, log) -> tuple[Options, Layou
     layout = discover(source, opts.splits, known)
     if have is not None:
         _refuse_another_source(out, layout, have)
+    for note in layout.notes:
+        log(note)
     if layout.new_classes and known:
         log(f"classes: {len(layout.new_classes)} new, appended after the {len(known)} that {out} has: "
             + ", ".join(f"{c.index} {c.wnid} ({c.name})" for c in layout.new_classes[:10])

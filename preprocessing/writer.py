@@ -76,8 +76,6 @@ def preprocess(source, out, splits=None, shard_size=None, seed: int | None = Non
 
 def _update(out: Path, opts: state.Options, layout: Layout, lock: Lock, workers: int, progress: bool,
             map_fn: MapFn | None, log, git_commit: str) -> dict:
-    for note in layout.notes:
-        log(note)
     for d in (out, out / plan.STATE_DIR, *(out / plan.STATE_DIR / s for s in layout.splits)):
         removed = remove_stale_temps(d)
         if removed:

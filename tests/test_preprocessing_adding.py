@@ -89,7 +89,7 @@ def test_a_new_class_is_appended_and_a_checkpoint_keeps_its_predictions(data_con
 
     add_class(src, more, new, val=True)
     _, log = build(src, out, shard_size=None, seed=None)  # in-process, again without options
-    assert "warning" not in log and "val: added 2 images in 1 shards" in log
+    assert "warning" not in log and "val: added 2 images in 1 shard (val-000" in log
     history = fmt.read_history(out)
     assert [h["run"] for h in history] == [0, 1, 2]
     assert history[1]["classes_added"] == [new] and history[1]["added"]["train"]["inputs"] == 4
