@@ -149,7 +149,10 @@ class Lock:
         while not self._stop.wait(HEARTBEAT_S):
             if not self._mine():
                 return  # taken away: check() reports it before anything is published
-            os.utime(self.path)
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                return  # removed between the two calls: the same, check() reports it
 
     def check(self) -> None:
         """Raise if the lock is no longer ours (broken by --break-lock or judged stale elsewhere)."""

@@ -64,7 +64,8 @@ def preprocess(source, out, splits=None, shard_size=None, seed: int | None = Non
     if workers < 1:
         raise DataError(f"--workers {workers}: must be at least 1")
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # the lock lives in OUT
     lock = Lock(out, log).acquire(break_lock)
     try:
         opts, layout = state.prepare(out, source, {"seed": seed, "shard_size": shard_size,
@@ -72,6 +73,8 @@ def preprocess(source, out, splits=None, shard_size=None, seed: int | None = Non
         return _update(out, opts, layout, lock, workers, progress, map_fn, log, git_commit)
     finally:
         lock.release()
+        if created and not any(out.iterdir()):
+            out.rmdir()  # refused before writing anything: leave no empty OUT behind
 
 
 def _update(out: Path, opts: state.Options, layout: Layout, lock: Lock, workers: int, progress: bool,

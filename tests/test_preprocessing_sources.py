@@ -87,3 +87,4 @@ def test_clear_errors_for_bad_sources(tmp_path, case):
                "val_labels_elsewhere": "val folder without labels.*LOC_val_solution.csv labels none"}[case]
     with pytest.raises(DataError, match=message):
         preprocess(root, tmp_path / "out", splits=splits, progress=False, log=lambda s: None)
+    assert not (tmp_path / "out").exists()  # a refused run leaves no OUT folder behind
