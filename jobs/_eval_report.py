@@ -24,22 +24,50 @@ def train_scale(data: config_lib.DataConfig) -> str:
     return f"[{data.scale_min};{data.scale_max}]"
 
 
+def _one_name(c: config_lib.Config) -> str:
+    w = c.model.width
+    return c.model.name + ("" if w == 1 else f" (w={w:g})")
+
+
 def config_name(cfgs: Sequence[config_lib.Config]) -> str:
     """'D', 'A (w=0.0625)', or 'D + E' for an ensemble."""
-    def one(c: config_lib.Config) -> str:
-        w = c.model.width
-        return c.model.name + ("" if w == 1 else f" (w={w:g})")
-    return " + ".join(one(c) for c in cfgs)
+    return " + ".join(_one_name(c) for c in cfgs)
 
 
-def table(shares: list[E.ShareResult], protocol: E.Protocol, config: str, train_s: str,
+def train_scales(cfgs: Sequence[config_lib.Config]) -> str:
+    """The 'train S' of several nets: one value when they share it, else each net's, ' / ' between."""
+    each = [train_scale(c.data) for c in cfgs]
+    return each[0] if len(set(each)) == 1 else " / ".join(each)
+
+
+def scales_column(protocol: E.Protocol) -> str:
+    """The test Qs of the whole evaluation: '256,384,512', or each member's set, ' / ' between."""
+    if protocol.ensemble:
+        return " / ".join(E.scale_label(qs) for qs in protocol.member_scales)
+    return E.scale_label(protocol.scales)
+
+
+def row_columns(row: str, protocol: E.Protocol, cfgs: Sequence[config_lib.Config]) -> dict:
+    """config, train S and test Q of a result row: the nets' (one net, or nets sharing their Qs), an
+    ensemble member's own ('net2@352,384,416'), or the ensemble's with every member's scales."""
+    if not protocol.ensemble:
+        return {"config": config_name(cfgs), "train S": train_scales(cfgs), "test Q": row}
+    if row == E.ENSEMBLE:
+        return {"config": config_name(cfgs), "train S": " / ".join(train_scale(c.data) for c in cfgs),
+                "test Q": scales_column(protocol)}
+    i = int(row[len("net"):row.index("@")]) - 1
+    return {"config": _one_name(cfgs[i]), "train S": train_scale(cfgs[i].data),
+            "test Q": E.scale_label(protocol.member_scales[i])}
+
+
+def table(shares: list[E.ShareResult], protocol: E.Protocol, cfgs: Sequence[config_lib.Config],
           num_classes: int) -> tuple[list[dict], dict[tuple[str, str], torch.Tensor]]:
     """The rows (one per mode x Q-set, in ``E.rows`` order) and each row's per-class accuracy."""
     tallies = E.tally(shares, num_classes)
     rows, per_class = [], {}
     for mode, q in E.rows(protocol):
         t = tallies[(mode, q)]
-        rows.append({"config": config, "train S": train_s, "test Q": q, "mode": mode,
+        rows.append({**row_columns(q, protocol, cfgs), "mode": mode, "row": q,
                      "top-1 err %": round(100 * t.top1_error, 2), "top-5 err %": round(100 * t.top5_error, 2),
                      "images": t.n})
         per_class[(mode, q)] = t.per_class_accuracy()
@@ -81,9 +109,11 @@ def _fmt_acc(a: float) -> str:
     return "" if a != a else f"{a:.4f}"  # NaN: no image of that class
 
 
-def metric_key(mode: str, q: str, what: str) -> str:
-    """MLflow metric names (no commas allowed there): 'dense/q256/top1_error', 'both/q256-384-512/top5_error'."""
-    return f"{mode}/q{q.replace(',', '-')}/{what}"
+def metric_key(mode: str, row: str, what: str) -> str:
+    """MLflow metric names (no commas allowed there): 'dense/q256/top1_error', 'both/q256-384-512/top5_error';
+    an ensemble's 'dense/net2/q352-384-416/top1_error' per member and 'dense/ensemble/top1_error'."""
+    row = row.replace(",", "-")
+    return f"{mode}/{row.replace('@', '/q') if not row[0].isdigit() else 'q' + row}/{what}"
 
 
 def log_child_run(uri: str, parent_run_id: str, rows: list[dict], files: list[Path], params: dict,
@@ -106,7 +136,7 @@ def log_child_run(uri: str, parent_run_id: str, rows: list[dict], files: list[Pa
     name = f"eval-{params['mode']}-Q{params['scales'].replace(',', '-')}"
     rid = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
     now = int(time.time() * 1000)
-    metrics = [Metric(metric_key(r["mode"], r["test Q"], w), r[c] / 100, now, 0)
+    metrics = [Metric(metric_key(r["mode"], r["row"], w), r[c] / 100, now, 0)
                for r in rows for w, c in (("top1_error", "top-1 err %"), ("top5_error", "top-5 err %"))]
     metrics += [Metric(k, v, now, 0) for k, v in headline.items()]
     client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],

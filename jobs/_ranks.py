@@ -1,6 +1,6 @@
-"""What jobs.evaluate and jobs.features share: the nets named by ``--run``, the test scales, the
-command-line options of a sharded pass over a split, and running that pass as W Ray tasks (or
-one after another in this process) with one progress bar."""
+"""What jobs.evaluate, jobs.features and jobs.transfer share: the nets named by ``--run``, their
+compatibility and each one's test scales, the command-line options of a sharded pass over a split,
+and running that pass as W Ray tasks (or one after another in this process) with one progress bar."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ from jobs import _ray
 from jobs._cli import UsageError
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
+from pipeline import dataset
 from pipeline import evaluate as E
 from pipeline.scoring import test_scales
 
@@ -56,6 +57,7 @@ class Member:
     checkpoint: str
     parent_run_id: str          # the training run in MLflow ("" when none is known)
     num_classes: int
+    dataset_fingerprint: str = ""   # what it was trained on: its checkpoint's, else its dataset.json's
 
 
 # ----------------------------------------------------------------------------- resolving --run
@@ -74,7 +76,37 @@ def resolve_member(spec: str, tracking_uri: str = "") -> Member:
     net = ckpt.build_model(cfg, state["num_classes"])
     net.load_state_dict(state["model"])
     return Member(spec, net.eval(), cfg, state["path"], parent or state.get("mlflow_run_id", "") or "",
-                  int(state["num_classes"]))
+                  int(state["num_classes"]), state.get("dataset_fingerprint") or _fingerprint_of(cfg.data.root))
+
+
+def _fingerprint_of(root: str) -> str:
+    """dataset.json's fingerprint at ``root``; "" when there is none to read (moved, or never made)."""
+    from storage.dataformat import DataError
+
+    try:
+        return str(dataset.read_info(root).get("fingerprint", ""))
+    except (DataError, OSError):
+        return ""
+
+
+def check_ensemble(members: list[Member]) -> None:
+    """Members must share their classes, training crop and dataset (fingerprints, where known)."""
+    def differ(what: str, values: list) -> None:
+        if len(set(values)) > 1:
+            named = ", ".join(f"{m.spec}: {v}" for m, v in zip(members, values))
+            raise UsageError(f"ensemble members disagree on {what} ({named})")
+    differ("the number of classes", [m.num_classes for m in members])
+    differ("the training crop", [m.cfg.data.crop_size for m in members])
+    known = [m for m in members if m.dataset_fingerprint]
+    if len({m.dataset_fingerprint for m in known}) > 1:
+        named = ", ".join(f"{m.spec}: {m.dataset_fingerprint[:12]}" for m in known)
+        raise UsageError(f"ensemble members were trained on different datasets (dataset fingerprints {named})")
+
+
+def member_scales(text: str, members: list[Member]) -> tuple[tuple[int, ...], ...]:
+    """Each member's own test scales: ``--scales auto`` or ``single`` from its own training S, a list
+    for every member alike."""
+    return tuple(parse_scales(text, m.cfg.data) for m in members)
 
 
 def checkpoint_of_mlflow_run(run_id: str, tracking_uri: str) -> str:
@@ -122,10 +154,13 @@ def _find_artifact(client, run_id: str, name: str, path: str = "", depth: int = 
 
 def parse_scales(text: str, data: config_lib.DataConfig) -> tuple[int, ...]:
     """'auto': the paper's three Q for the training S range; 'single': the validation Q; or a list."""
-    if text == "auto":
-        return tuple(test_scales(data.scale_min, data.scale_max))
-    if text == "single":
-        return (config_lib.test_scale(data),)
+    if text in ("auto", "single"):
+        scales = (tuple(test_scales(data.scale_min, data.scale_max)) if text == "auto"
+                  else (config_lib.test_scale(data),))
+        if min(scales) < data.crop_size:
+            raise UsageError(f"--scales {text}: a net trained at S in [{data.scale_min}, {data.scale_max}] gets "
+                             f"Q {E.scale_label(scales)}, below its crop {data.crop_size}; give --scales Q1,Q2,...")
+        return scales
     try:
         scales = tuple(int(q) for q in text.split(","))
     except ValueError:

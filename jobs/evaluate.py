@@ -9,7 +9,10 @@
   center: the centre crop (and its flip), the training-time validation view.
 - ``--scales auto``: the paper's multi-scale Q from the run's training S (Table 4): {S-32, S, S+32},
   or {Smin, (Smin+Smax)/2, Smax} when S was jittered; every single Q is reported too (Table 3).
-  ``single``: the run's validation Q only. Several ``--run`` form an ensemble (posteriors averaged).
+  ``single``: the run's validation Q only. Several ``--run`` form an ensemble (posteriors averaged),
+  each member at its own Q set (from its own training S with auto/single): Table 6's 7 nets are
+  one command. The table gives each member's row (its config, train S, Qs), then the ensemble's.
+  Members must share classes, crop and dataset (the fingerprint in their checkpoints).
 - Worker r of W evaluates DALI shard r of W; the driver checks that the keys it got back are the
   manifest's stored keys, each exactly once, before it computes anything.
 - Results: a table (config, train S, test Q, mode, top-1, top-5) printed and written to
@@ -33,7 +36,8 @@ from torch import nn
 
 from jobs import _eval_report as report
 from jobs._cli import UsageError
-from jobs._ranks import check_workers, parse_scales, pass_options, prepare_rank, resolve_member, run_ranks
+from jobs._ranks import (check_ensemble, check_workers, member_scales, pass_options, prepare_rank, resolve_member,
+                         run_ranks)
 from jobs._tracking import resolve_uri
 from pipeline import config as config_lib
 from pipeline import dataset
@@ -99,19 +103,16 @@ def main(argv: list[str] | None = None) -> dict:
     check_workers(args.workers)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     members = [resolve_member(spec, uri) for spec in args.run]
+    check_ensemble(members)
     first = members[0].cfg
     uri = uri or (first.tracking.uri if first.tracking.enabled else "")
-    crops, classes = {m.cfg.data.crop_size for m in members}, {m.num_classes for m in members}
-    if len(crops) > 1 or len(classes) > 1:
-        raise UsageError(f"an ensemble needs one crop size and one class count; got crops {sorted(crops)}, "
-                         f"classes {sorted(classes)}")
     data = dataclasses.replace(first.data, root=args.data or first.data.root,
                                val_split=args.split or first.data.val_split, layout="NCHW", dtype="float32",
                                decode="mixed" if args.gpu else "cpu")
-    protocol = E.Protocol(modes=parse_modes(args.mode), scales=parse_scales(args.scales, first.data),
-                          flip=not args.no_flip, crop=first.data.crop_size,
+    protocol = E.Protocol(modes=parse_modes(args.mode), flip=not args.no_flip, crop=first.data.crop_size,
                           max_batch=args.max_batch or (256 if args.gpu else 64),
-                          amp_dtype=torch.bfloat16 if args.gpu else None)
+                          amp_dtype=torch.bfloat16 if args.gpu else None,
+                          **scales_fields(member_scales(args.scales, members)))
     batch = args.batch_size or first.data.eval_batch_size or 16
     expected = dataset.stored_labels(data.root, data.val_split)
     shares = evaluate([m.net for m in members], data, protocol, batch, args.workers, use_ray=not args.no_ray,
@@ -119,6 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
     check_shares(shares, expected)
     result = publish(args, members, data, protocol, shares, len(expected), uri)
     return {**result, "shares": shares}
+
+
+def scales_fields(own: tuple[tuple[int, ...], ...]) -> dict:
+    """Protocol fields: one member (or members sharing one Q set) at its scales in the order given;
+    members at different Q sets each at its own, over the union of them (one decode per Q)."""
+    if len(set(own)) == 1:
+        return {"scales": own[0]}
+    return {"scales": tuple(sorted({q for qs in own for q in qs})), "member_scales": own}
 
 
 def check_shares(shares: list[E.ShareResult], expected: dict[str, int]) -> None:
@@ -133,9 +142,8 @@ def check_shares(shares: list[E.ShareResult], expected: dict[str, int]) -> None:
 def publish(args, members, data: config_lib.DataConfig, protocol: E.Protocol, shares: list[E.ShareResult],
             images: int, uri: str) -> dict:
     """The table printed, written to ``--out`` and logged as an MLflow child run of the training run."""
-    first, num_classes = members[0].cfg, members[0].num_classes
-    name, train_s = report.config_name([m.cfg for m in members]), report.train_scale(first.data)
-    rows, per_class = report.table(shares, protocol, name, train_s, num_classes)
+    cfgs, num_classes = [m.cfg for m in members], members[0].num_classes
+    rows, per_class = report.table(shares, protocol, cfgs, num_classes)
     counts = torch.bincount(torch.cat([s.labels for s in shares]), minlength=num_classes)
     print(report.markdown(rows), end="")
     out = Path(args.out or f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -144,9 +152,9 @@ def publish(args, members, data: config_lib.DataConfig, protocol: E.Protocol, sh
     print(f"results written to {out}/ (results.csv, results.md, per_class.csv)")
     head = rows[-1]  # the headline: the last protocol asked for, over all scales
     headline = {"top1_error": head["top-1 err %"] / 100, "top5_error": head["top-5 err %"] / 100}
-    params = {"mode": args.mode, "scales": E.scale_label(protocol.scales), "flip": protocol.flip,
+    params = {"mode": args.mode, "scales": report.scales_column(protocol), "flip": protocol.flip,
               "workers": args.workers, "split": data.val_split, "images": images,
-              "models": name, "train_S": train_s, "data": data.root}
+              "models": report.config_name(cfgs), "train_S": report.train_scales(cfgs), "data": data.root}
     run_id, parent = "", members[0].parent_run_id
     if uri and not args.no_mlflow:
         tags = {"eval.runs": " ".join(m.spec for m in members),

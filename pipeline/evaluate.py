@@ -11,7 +11,8 @@ From each image at each Q the protocols are computed off the *same* decoded, res
 - center: the plain net on the centre crop (and its flip) - the training-time validation view;
 - both: the average of dense and multicrop.
 
-Across scales the posteriors are averaged (Table 4); across an ensemble of nets as well (Table 6). The
+Across scales the posteriors are averaged (Table 4); across an ensemble of nets as well (Table 6),
+each net over its own Q set when the nets were trained at different S (``Protocol.member_scales``). The
 output is, per key, the top-5 classes of every (protocol, Q) and of every protocol over all Qs: small
 enough to gather from many workers, and what top-1/top-5 error and per-class accuracy need.
 """
@@ -34,7 +35,13 @@ Batch = tuple[list[str], torch.Tensor, "list[torch.Tensor] | torch.Tensor"]
 
 @dataclass(frozen=True)
 class Protocol:
-    """What to compute: ``modes`` from MODES, test ``scales`` (Q, the shorter side), flips, crops."""
+    """What to compute: ``modes`` from MODES, test ``scales`` (Q, the shorter side), flips, crops.
+
+    ``member_scales``: for an ensemble whose nets were trained at different S, each net's own Q set
+    (Table 6: {224,256,288}, {352,384,416}, {256,384,512}, ...), every one within ``scales`` (the
+    passes the data loader makes). Empty: every net at every Q of ``scales``, posteriors averaged
+    over the nets per view (one net, or nets that share their Q set).
+    """
 
     modes: tuple[str, ...] = ("dense",)
     scales: tuple[int, ...] = (256,)
@@ -43,6 +50,7 @@ class Protocol:
     grid: int = 5                   # n x n multi-crop grid
     max_batch: int = 64             # images or crops per forward pass (memory bound)
     amp_dtype: torch.dtype | None = None  # bfloat16 on GPU; None = float32
+    member_scales: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -50,6 +58,17 @@ class Protocol:
             raise ValueError(f"Invalid mode(s) {bad or self.modes}. Only {', '.join(MODES)} are supported.")
         if not self.scales or min(self.scales) < self.crop:
             raise ValueError(f"test scales {self.scales} must be non-empty and >= the crop {self.crop}")
+        outside = [qs for qs in self.member_scales if not qs or not set(qs) <= set(self.scales)]
+        if outside:
+            raise ValueError(f"member scales {outside} must be non-empty and within the scales {self.scales}")
+
+    @property
+    def ensemble(self) -> bool:
+        """Several nets, each at its own Q set: rows per member, then the ensemble."""
+        return len(self.member_scales) > 1
+
+    def scales_of(self, member: int) -> tuple[int, ...]:
+        return self.member_scales[member] if self.member_scales else self.scales
 
     @property
     def computed(self) -> tuple[str, ...]:
@@ -63,16 +82,28 @@ class Protocol:
         return tuple(m for m in MODES if m in self.computed or (m == "both" and "both" in self.modes))
 
 
+ENSEMBLE = "ensemble"
+
+
 def scale_label(scales: Sequence[int]) -> str:
     """The test-Q column of the results table: '256' or '256,384,512'."""
     return ",".join(str(q) for q in scales)
 
 
+def member_row(i: int, scales: Sequence[int]) -> str:
+    """An ensemble member's row: 'net1@224,256,288' (net i+1 over its own Q set)."""
+    return f"net{i + 1}@{scale_label(scales)}"
+
+
 def rows(protocol: Protocol) -> list[tuple[str, str]]:
-    """(mode, Q label) of every result row: each Q alone, then all Qs together when there are several."""
-    qs = [scale_label([q]) for q in protocol.scales]
-    if len(protocol.scales) > 1:
-        qs.append(scale_label(protocol.scales))
+    """(mode, row) of every result row. One net (or nets sharing their Qs): each Q alone, then all Qs
+    together when there are several. An ensemble: each member over its own Qs, then the ensemble."""
+    if protocol.ensemble:
+        qs = [member_row(i, s) for i, s in enumerate(protocol.member_scales)] + [ENSEMBLE]
+    else:
+        qs = [scale_label([q]) for q in protocol.scales]
+        if len(protocol.scales) > 1:
+            qs.append(scale_label(protocol.scales))
     return [(m, q) for m in protocol.reported for q in qs]
 
 
@@ -80,7 +111,7 @@ def rows(protocol: Protocol) -> list[tuple[str, str]]:
 # Posteriors of a list of images at one scale
 # ---------------------------------------------------------------------------------------------------
 
-def _forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_batch: int,
+def forward_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_batch: int,
              amp_dtype: torch.dtype | None) -> list[torch.Tensor]:
     """``fn`` over ``x`` in chunks of ``max_batch``; outputs in float32."""
     out = []
@@ -90,7 +121,7 @@ def _forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_ba
     return out
 
 
-def _flip_stack(x: torch.Tensor, flip: bool) -> torch.Tensor:
+def flip_stack(x: torch.Tensor, flip: bool) -> torch.Tensor:
     """(M, 3, h, w) -> (M * (1 + flip), 3, h, w) ordered view-major: [x_0, flip(x_0), x_1, ...]."""
     if not flip:
         return x
@@ -111,19 +142,21 @@ def _crop_posteriors(nets: Sequence[nn.Module], x: torch.Tensor, boxes, p: Proto
     step = max(1, p.max_batch // per_image)
     out = []
     for i in range(0, x.shape[0], step):
-        views = _flip_stack(crops_of(x[i:i + step], boxes, p.crop), p.flip)  # (n * per_image, 3, c, c)
-        ps = [scoring.group_mean(scoring.posteriors(torch.cat(_forward(net, views, p.max_batch, p.amp_dtype))),
-                                 per_image) for net in nets]
+        views = flip_stack(crops_of(x[i:i + step], boxes, p.crop), p.flip)  # (n * per_image, 3, c, c)
+        ps = [scoring.group_mean(scoring.posteriors(torch.cat(forward_chunks(net, views, p.max_batch,
+                                                                             p.amp_dtype))), per_image)
+              for net in nets]
         out.append(scoring.average_posteriors(ps))
     return torch.cat(out)
 
 
 def _dense_posteriors(dense_nets: Sequence[nn.Module], x: torch.Tensor, p: Protocol) -> torch.Tensor:
     """Dense evaluation of same-sized images: (N, 3, H, W) -> (N, classes), mean over flips and nets."""
-    views = _flip_stack(x, p.flip)                             # (N * flips, 3, H, W)
+    views = flip_stack(x, p.flip)                             # (N * flips, 3, H, W)
     ps = []
     for dense in dense_nets:
-        pooled = torch.cat([scoring.pool_score_map(m) for m in _forward(dense, views, p.max_batch, p.amp_dtype)])
+        maps = forward_chunks(dense, views, p.max_batch, p.amp_dtype)
+        pooled = torch.cat([scoring.pool_score_map(m) for m in maps])
         ps.append(scoring.group_mean(scoring.posteriors(pooled), 2 if p.flip else 1))
     return scoring.average_posteriors(ps)
 
@@ -137,7 +170,7 @@ def shape_groups(images: Sequence[torch.Tensor]) -> dict[tuple[int, int], list[i
     return dict(groups)
 
 
-def _same_shape_batches(images: Sequence[torch.Tensor] | torch.Tensor):
+def same_shape_batches(images: Sequence[torch.Tensor] | torch.Tensor):
     """(index list, (n, 3, H, W) float32 batch) per exact image shape."""
     if isinstance(images, torch.Tensor):  # (N, 3, H, W): one shape already (the DALI dense groups)
         yield list(range(images.shape[0])), images.float()
@@ -157,7 +190,7 @@ def posteriors_at_scale(nets: Sequence[nn.Module], images: Sequence[torch.Tensor
     """
     dense_nets = dense_nets or [model.to_dense(n) for n in nets]
     out: dict[str, torch.Tensor] = {}
-    for idx, x in _same_shape_batches(images):
+    for idx, x in same_shape_batches(images):
         h, w = x.shape[-2:]
         got = {}
         if "dense" in p.computed:
@@ -221,6 +254,31 @@ def checked_passes(batches_at: Callable[[int], Iterable[Batch]], scales: Sequenc
                                     f"{sorted(seen ^ first)[:5]}")
 
 
+class _Sums:
+    """Per member, mode and key: the posterior summed over the member's scales, (classes,) float32
+    per image (ImageNet, 4 modes, one net: 800 MB over all workers together; x nets for an ensemble)."""
+
+    def __init__(self, members: int):
+        self.sums: list[dict[str, dict[str, torch.Tensor]]] = [defaultdict(dict) for _ in range(members)]
+
+    def add(self, member: int, mode: str, keys: Sequence[str], post: torch.Tensor) -> None:
+        got = self.sums[member][mode]
+        for j, key in enumerate(keys):
+            got[key] = got[key] + post[j] if key in got else post[j].clone()
+
+    def mean(self, member: int, mode: str, order: Sequence[str], n_scales: int) -> torch.Tensor:
+        return _stack([self.sums[member][mode][key] for key in order], 0) / n_scales
+
+
+def _members(p: Protocol, n_nets: int) -> list[list[int]]:
+    """The nets each member is: one net each for an ensemble, else all nets averaged per view."""
+    if not p.ensemble:
+        return [list(range(n_nets))]
+    if len(p.member_scales) != n_nets:
+        raise ValueError(f"{n_nets} nets but {len(p.member_scales)} member Q sets")
+    return [[i] for i in range(n_nets)]
+
+
 @torch.no_grad()
 def evaluate_share(nets: Sequence[nn.Module], batches_at: Callable[[int], Iterable[Batch]], p: Protocol,
                    device: torch.device | str = "cpu", k: int = 5, keep_posteriors: bool = False,
@@ -229,41 +287,62 @@ def evaluate_share(nets: Sequence[nn.Module], batches_at: Callable[[int], Iterab
 
     Every scale's pass must give the same keys, each once. ``progress(n)`` is called after each
     batch with the number of images in it (summed over scales: total = images x len(scales)).
+    An ensemble (``p.member_scales``): at each Q only the nets whose own Q set holds it run; each
+    net's posteriors are averaged over its own Qs (its row), then over the nets with equal weights
+    (the ensemble's row): the paper's soft-max averaging of several models.
     """
     device = torch.device(device)
     nets = [n.to(device).eval() for n in nets]
     dense_nets = [model.to_dense(n) for n in nets]
+    members = _members(p, len(nets))
     labels: dict[str, int] = {}
-    top: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
-    # mode -> key -> posterior summed over scales: (classes,) float32 per image and mode, kept only
-    # when there is more than one scale (ImageNet, 4 modes: 800 MB over all workers together)
-    sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    multi = len(p.scales) > 1 or keep_posteriors
+    top: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)  # one member's per-Q rows
+    sums = _Sums(len(members))
+    multi = len(p.scales) > 1 or p.ensemble or keep_posteriors
     for q, keys, lbl, images in checked_passes(batches_at, p.scales, device):
-        post = posteriors_at_scale(nets, images, p, dense_nets)
         for key, label in zip(keys, lbl.tolist()):  # .tolist(): one device-to-host copy
             labels[key] = label
-        for m, pm in post.items():
-            pm = pm.cpu()  # a CPU-GPU sync point, once per batch
-            t = scoring.topk(pm, k)
-            for j, key in enumerate(keys):
-                top[(m, scale_label([q]))][key] = t[j]
+        for g, idx in enumerate(members):
+            if q not in p.scales_of(g):
+                continue
+            post = posteriors_at_scale([nets[i] for i in idx], images, p, [dense_nets[i] for i in idx])
+            for m, pm in post.items():
+                pm = pm.cpu()  # a CPU-GPU sync point, once per batch and member
+                if not p.ensemble:
+                    t = scoring.topk(pm, k)
+                    top[(m, scale_label([q]))].update((key, t[j]) for j, key in enumerate(keys))
                 if multi:
-                    sums[m][key] = sums[m][key] + pm[j] if key in sums[m] else pm[j].clone()
+                    sums.add(g, m, keys, pm)
         if progress is not None:
             progress(len(keys))
     order = sorted(labels)
-    out_top = {}
+    out_top, keep = _share_rows(p, members, top, sums, order, k)
+    return ShareResult(order, torch.tensor([labels[key] for key in order], dtype=torch.long), out_top,
+                       {m: post.half() for m, post in keep.items()} if keep_posteriors else {})
+
+
+def _share_rows(p: Protocol, members: list[list[int]], top, sums: _Sums, order: list[str], k: int):
+    """({(mode, row): (N, k) top classes} in ``rows(p)``'s rows, {mode: the last row's posteriors})."""
+    out_top, last = {}, {}
     for m in p.reported:
+        if p.ensemble:
+            means = [sums.mean(g, m, order, len(p.scales_of(g))) for g in range(len(members))]
+            for g, mean in enumerate(means):
+                out_top[(m, member_row(g, p.scales_of(g)))] = _topk(mean, k)
+            last[m] = sum(means) / len(means)
+            out_top[(m, ENSEMBLE)] = _topk(last[m], k)
+            continue
         for q in p.scales:
             out_top[(m, scale_label([q]))] = _stack([top[(m, scale_label([q]))][key] for key in order], k)
+        if sums.sums[0][m] or not order:
+            last[m] = sums.mean(0, m, order, len(p.scales))
         if len(p.scales) > 1:
-            mean = _stack([sums[m][key] for key in order], 0) / len(p.scales)
-            out_top[(m, scale_label(p.scales))] = scoring.topk(mean, k) if order else mean.long()
-    keep = {}
-    if keep_posteriors:
-        keep = {m: _stack([sums[m][key] / len(p.scales) for key in order], 0).half() for m in p.reported}
-    return ShareResult(order, torch.tensor([labels[key] for key in order], dtype=torch.long), out_top, keep)
+            out_top[(m, scale_label(p.scales))] = _topk(last[m], k)
+    return out_top, last
+
+
+def _topk(post: torch.Tensor, k: int) -> torch.Tensor:
+    return scoring.topk(post, k) if post.shape[0] else post.long()
 
 
 def _repeated(keys: Sequence[str]) -> list[str]:
@@ -300,58 +379,3 @@ def tally(shares: Sequence[ShareResult], num_classes: int) -> dict[tuple[str, st
         for row, t in s.top.items():
             out.setdefault(row, scoring.Tally(num_classes)).add(t, s.labels)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Transfer features (the paper's appendix B)
-# ---------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def penultimate_features(net: nn.Module, images: Sequence[torch.Tensor], flip: bool = True,
-                         max_batch: int = 64, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense FC7 features: the 4096-D (4096 x width) map after FC7's ReLU, spatially averaged, averaged
-    with the flipped image. (N, fc_width), not normalised (average over scales first, then L2)."""
-    dense = model.to_dense(net)
-    drop7 = net.classifier[5]  # DenseVGG calls this module on the FC7 map: hook it, no copied forward
-    maps: list[torch.Tensor] = []
-    handle = drop7.register_forward_hook(lambda mod, inp, out: maps.append(out.float().mean(dim=(2, 3))))
-    try:
-        out = [None] * len(images)
-        for idx, x in _same_shape_batches(images):
-            x = _flip_stack(x, flip)
-            maps.clear()
-            _forward(dense, x, max_batch, amp_dtype)
-            f = scoring.group_mean(torch.cat(maps), 2 if flip else 1)
-            for j, i in enumerate(idx):
-                out[i] = f[j]
-    finally:
-        handle.remove()
-    return torch.stack(out) if out else torch.zeros(0, net.classifier[3].out_features)
-
-
-def l2_normalise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
-
-
-@torch.no_grad()
-def features_share(net: nn.Module, batches_at: Callable[[int], Iterable[Batch]], scales: Sequence[int],
-                   flip: bool = True, device: torch.device | str = "cpu", max_batch: int = 64,
-                   amp_dtype: torch.dtype | None = None,
-                   progress: Callable[[int], None] | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Appendix B's image descriptor for one worker's share: dense FC7 features averaged over flips
-    and over the test ``scales``, then L2-normalised. Returns (sorted keys, labels (N,), (N, D))."""
-    device = torch.device(device)
-    net = net.to(device).eval()
-    sums: dict[str, torch.Tensor] = {}
-    labels: dict[str, int] = {}
-    for _, keys, lbl, images in checked_passes(batches_at, scales, device):
-        f = penultimate_features(net, images, flip, max_batch, amp_dtype).cpu()
-        for j, (key, label) in enumerate(zip(keys, lbl.tolist())):
-            labels[key] = label
-            sums[key] = sums[key] + f[j] if key in sums else f[j].clone()
-        if progress is not None:
-            progress(len(keys))
-    order = sorted(labels)
-    width = net.classifier[3].out_features
-    feats = torch.stack([sums[k] for k in order]) if order else torch.zeros(0, width)
-    return order, torch.tensor([labels[k] for k in order], dtype=torch.long), l2_normalise(feats / len(scales))

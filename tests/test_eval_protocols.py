@@ -10,9 +10,20 @@ import torch
 
 import model
 from pipeline import evaluate as E
+from pipeline import features as F
 from pipeline import scoring as S
 
 CLASSES = 10
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny nets on a shared 2-core machine: two intra-op threads contend with every other process
+    (a width-1/32 forward measured 30x slower with 2 threads than with 1 under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny(name="A", crop=32, seed=0, classes=CLASSES):
@@ -222,6 +233,35 @@ def test_evaluate_share_multiscale_rows_are_the_mean_over_scales():
     assert res.top[("dense", "32")].tolist() == S.topk(per_q[0], 5).tolist()
 
 
+def test_ensemble_members_are_each_evaluated_at_their_own_scales():
+    """Table 6: nets trained at different S, each at its own Q set; the ensemble averages each net's
+    multi-scale posterior with equal weights."""
+    a, b = tiny(seed=0), tiny(seed=1)
+    keys = [f"k{i}" for i in range(5)]
+    labels = [i % CLASSES for i in range(5)]
+    share = fake_share(keys, lambda q: (q, q + 8), labels)
+    p = E.Protocol(modes=("dense",), scales=(32, 40, 48), crop=32, member_scales=((32, 40), (40, 48)))
+    assert E.rows(p) == [("dense", "net1@32,40"), ("dense", "net2@40,48"), ("dense", "ensemble")]
+    seen = []
+    res = E.evaluate_share([a, b], share, p, keep_posteriors=True, progress=seen.append)
+    assert sum(seen) == 5 * 3                                   # one pass per Q of the union
+    alone = [E.evaluate_share([net], share, E.Protocol(modes=("dense",), scales=qs, crop=32),
+                              keep_posteriors=True).posteriors["dense"].float()
+             for net, qs in ((a, (32, 40)), (b, (40, 48)))]
+    assert set(res.top) == {("dense", "net1@32,40"), ("dense", "net2@40,48"), ("dense", "ensemble")}
+    assert res.top[("dense", "net1@32,40")].tolist() == S.topk(alone[0], 5).tolist()
+    assert res.top[("dense", "net2@40,48")].tolist() == S.topk(alone[1], 5).tolist()
+    torch.testing.assert_close(res.posteriors["dense"].float(), (alone[0] + alone[1]) / 2, atol=1e-3, rtol=0)
+    # Had net 2 been run at net 1's scales (the old rule), the ensemble would differ.
+    wrong = E.evaluate_share([b], share, E.Protocol(modes=("dense",), scales=(32, 40), crop=32),
+                             keep_posteriors=True).posteriors["dense"].float()
+    assert ((alone[0] + wrong) / 2 - res.posteriors["dense"].float()).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="within the scales"):
+        E.Protocol(scales=(32, 40), crop=32, member_scales=((32,), (48,)))
+    with pytest.raises(ValueError, match="2 member Q sets"):
+        E.evaluate_share([a], share, p)
+
+
 def test_evaluate_share_rejects_a_key_seen_twice():
     net = tiny()
     p = E.Protocol(modes=("center",), scales=(32,), crop=32)
@@ -242,11 +282,30 @@ def test_check_exactly_once_names_duplicates_and_missing_keys():
 def test_penultimate_features_are_the_dense_fc7_activations():
     net = tiny(crop=32)
     imgs = images([(32, 32), (32, 32)])
-    f = E.penultimate_features(net, imgs, flip=False)
+    f = F.penultimate_features(net, imgs, flip=False)
     assert f.shape == (2, net.classifier[3].out_features)
     with torch.no_grad():
         x = net.avgpool(net.features(torch.stack(imgs))).flatten(1)
         want = net.classifier[4](net.classifier[3](net.classifier[1](net.classifier[0](x))))
     torch.testing.assert_close(f, want, atol=1e-5, rtol=0)
-    n = E.l2_normalise(E.penultimate_features(net, images([(40, 56)]), flip=True))
+    n = F.l2_normalise(F.penultimate_features(net, images([(40, 56)]), flip=True))
     torch.testing.assert_close(n.norm(dim=1), torch.ones(1))
+
+
+def test_descriptor_averages_or_stacks_scales_and_stacks_nets():
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(4, 3, 6, generator=g)                       # 4 images, 3 scales, 6-D features
+    e = torch.rand(4, 2, 5, generator=g)                       # a second net: 2 scales, 5-D
+    mean = F.descriptor([d], "mean")
+    torch.testing.assert_close(mean, d.mean(1) / d.mean(1).norm(dim=1, keepdim=True))
+    stack = F.descriptor([d], "stack")
+    assert stack.shape == (4, 18)
+    torch.testing.assert_close(stack[:, 6:12] * d.flatten(1).norm(dim=1, keepdim=True), d[:, 1])  # scale 2
+    both = F.descriptor([d, e], "stack")
+    assert both.shape == (4, 18 + 10)
+    torch.testing.assert_close(both.norm(dim=1), torch.ones(4))
+    # Each net weighs the same: both halves have norm 1/sqrt(2) whatever the nets' raw magnitudes.
+    big = F.descriptor([d, 100 * e], "mean")
+    torch.testing.assert_close(big[:, :6].norm(dim=1), torch.full((4,), 0.5 ** 0.5))
+    with pytest.raises(ValueError, match="Only mean, stack"):
+        F.descriptor([d], "max")

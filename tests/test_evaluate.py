@@ -18,6 +18,16 @@ from pipeline.dataset import stored_labels
 from pipeline.loader import shard_range
 from services import MlflowServer
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny nets on a shared 2-core machine: two intra-op threads contend with every other process
+    (a width-1/32 forward measured 30x slower with 2 threads than with 1 under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def trained(sample_dataset, data_config, tmp_path_factory):
     """A tiny A (width 1/16, crop 64, S in [64, 128]) trained for a few steps with plain torch on the
@@ -118,6 +128,69 @@ def test_an_ensemble_of_a_checkpoint_with_itself_equals_it(trained, tmp_path):
     assert two["rows"][0]["config"] == "A (w=0.0625) + A (w=0.0625)"
     for row in one["shares"][0].top:
         torch.testing.assert_close(one["shares"][0].top[row], two["shares"][0].top[row])
+
+
+def member(folder: Path, root, s_min: int, s_max: int, seed: int, classes: int = 4, fingerprint=None) -> str:
+    """A tiny random-weight checkpoint (width 1/32, crop 32) trained, says its config, at S in [s_min, s_max]."""
+    cfg = C.load(None, [f"data.root={root}", "model.width=0.03125", f"model.num_classes={classes}",
+                        "model.init=glorot", "data.crop_size=32", f"data.scale_min={s_min}",
+                        f"data.scale_max={s_max}", "data.decode=cpu", "data.threads=1"])
+    torch.manual_seed(seed)
+    state = {"model": ckpt.build_model(cfg, classes).state_dict(), "config": C.dump(cfg), "num_classes": classes}
+    if fingerprint is not None:
+        state["dataset_fingerprint"] = fingerprint
+    return ckpt.save_checkpoint(ckpt.weights_only(state), folder / f"{seed}" / ckpt.FILENAME)
+
+
+def test_ensemble_members_trained_at_different_s_are_each_evaluated_at_their_own_q(
+        sample_dataset, tmp_path, monkeypatch):
+    """Two nets, one trained at S = 64 (Q in {32, 64, 96}), one at S in [32, 64] (Q in {32, 48, 64}):
+    each runs at its own Qs only, and the table names both sets. (How the rows are combined is
+    checked on exact posteriors in test_eval_protocols.py.)"""
+    fixed = member(tmp_path, sample_dataset, 64, 64, seed=1)
+    jittered = member(tmp_path, sample_dataset, 32, 64, seed=2)
+    sig = {round(float(ckpt.load_checkpoint(c)["model"]["features.0.weight"].sum()), 4): name
+           for c, name in ((fixed, "fixed"), (jittered, "jittered"))}
+    seen = {"fixed": set(), "jittered": set()}
+    real = E.posteriors_at_scale
+
+    def spy(nets, images, p, dense_nets=None):
+        (net,) = nets                                  # an ensemble at different Qs runs one net at a time
+        seen[sig[round(float(net.features[0].weight.sum()), 4)]].add(min(images.shape[-2:]))
+        return real(nets, images, p, dense_nets)
+
+    monkeypatch.setattr(E, "posteriors_at_scale", spy)
+    res = run_eval(tmp_path, "--run", fixed, "--run", jittered, "--mode", "dense", "--no-ray", "--workers", "2",
+                   name="ensemble")
+    assert seen == {"fixed": {32, 64, 96}, "jittered": {32, 48, 64}}
+    columns = [(r["config"], r["train S"], r["test Q"], r["images"]) for r in res["rows"]]
+    assert columns == [("A (w=0.03125)", "64", "32,64,96", 32), ("A (w=0.03125)", "[32;64]", "32,48,64", 32),
+                       ("A (w=0.03125) + A (w=0.03125)", "64 / [32;64]", "32,64,96 / 32,48,64", 32)]
+    assert "32,64,96 / 32,48,64" in (tmp_path / "ensemble" / "results.md").read_text()
+    from jobs._eval_report import metric_key
+
+    assert [metric_key(r["mode"], r["row"], "top1_error") for r in res["rows"]] == [
+        "dense/net1/q32-64-96/top1_error", "dense/net2/q32-48-64/top1_error", "dense/ensemble/top1_error"]
+    assert sorted(k for s in res["shares"] for k in s.keys) == sorted(stored_labels(sample_dataset, "val"))
+
+
+@pytest.mark.parametrize("what, other, names", [
+    ("classes", dict(classes=5), "the number of classes"),
+    ("dataset", dict(fingerprint="another-dataset"), "different datasets"),
+])
+def test_ensemble_members_must_share_classes_and_dataset(sample_dataset, tmp_path, capsys, what, other, names):
+    from jobs import _cli
+    from jobs import evaluate as J
+    from jobs._cli import UsageError
+
+    a = member(tmp_path, sample_dataset, 64, 64, seed=1)               # its fingerprint: the sample's
+    b = member(tmp_path, sample_dataset, 64, 128, seed=2, **other)
+    argv = ["--run", a, "--run", b, "--no-ray", "--no-mlflow", "--out", str(tmp_path / "x")]
+    with pytest.raises(UsageError, match=names):
+        J.main(argv)
+    assert _cli.run(J.main, argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ensemble members") and names in err[0]
 
 
 def test_demo_model_center_dense_multicrop_both(trained, sample_dataset, tmp_path, capsys):

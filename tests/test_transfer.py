@@ -1,0 +1,164 @@
+"""Appendix B: the SVM's metrics against scikit-learn's, the multi-label file, Caltech's per-class
+splits, and ``python -m jobs.transfer`` end to end on the sample shards (multi-label and single-label)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline import config as C
+from pipeline import transfer as T
+from pipeline.dataset import stored_labels
+from storage.dataformat import DataError
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny nets on a shared 2-core machine: two intra-op threads contend with every other process
+    (a width-1/32 forward measured 30x slower with 2 threads than with 1 under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------- metrics, no data
+
+def test_average_precision_is_sklearns_with_and_without_ties():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        y = rng.integers(0, 2, 30)
+        y[trial % 30] = 1
+        s = rng.integers(0, 4, 30).astype(float) if trial % 2 else rng.normal(size=30)  # many ties / none
+        assert T.average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert T.average_precision([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == 1.0
+    # ranked: neg, neg, pos (precision 1/3), pos (2/4)
+    assert T.average_precision([1, 0, 0, 1], [0.1, 0.9, 0.8, 0.7]) == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert np.isnan(T.average_precision([0, 0], [0.3, 0.1]))
+    m, ap = T.mean_average_precision(np.array([[1, 0], [0, 0]]), np.array([[0.9, 0.1], [0.2, 0.5]]))
+    assert m == 1.0 and np.isnan(ap[1])                   # a class with no positive test image is left out
+
+
+def test_mean_class_recall_weighs_every_class_the_same():
+    scores = np.array([[3, 0, 0], [3, 0, 0], [3, 0, 0], [0, 3, 0], [3, 0, 0]], dtype=float)
+    labels = [0, 0, 0, 1, 1]                              # class 0: 3/3 right, class 1: 1/2, class 2: none
+    m, recall = T.mean_class_recall(labels, scores)
+    assert m == pytest.approx((1 + 0.5) / 2) and recall[:2].tolist() == [1.0, 0.5] and np.isnan(recall[2])
+
+
+def test_linear_svms_one_vs_rest_separate_separable_labels():
+    """Two overlapping labels, each a half-space of the descriptors: one-vs-rest SVMs rank every
+    test image right (AP 1 for both), and a label given at random is not learnt."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8))
+    y = np.stack([x[:, 0] > 0.3, x[:, 1] < -0.2, rng.integers(0, 2, 200)], axis=1).astype(np.int8)
+    scores = T.fit_scores(x[:120], y[:120], x[120:], c=10.0)
+    assert scores.shape == (80, 3)
+    m, ap = T.mean_average_precision(y[120:], scores)
+    assert ap[0] > 0.98 and ap[1] > 0.98
+    assert ap[2] < 0.8                                     # chance is the positive rate, about 0.5
+
+
+def test_multi_label_file_and_its_mistakes(tmp_path):
+    f = tmp_path / "labels.csv"
+    f.write_text("key,labels\na,dog person\nb,\nc,person\n")
+    names, labels = T.read_sidecar(f)
+    assert names == ["dog", "person"] and labels == {"a": ["dog", "person"], "b": [], "c": ["person"]}
+    assert T.label_matrix(["c", "a", "b"], names, labels).tolist() == [[0, 1], [1, 1], [0, 0]]
+    with pytest.raises(DataError, match=r"no labels for 1 stored image\(s\), e.g. \['z'\]"):
+        T.label_matrix(["a", "z"], names, labels, str(f))
+    f.write_text("key,labels\na,dog\na,cat\n")
+    with pytest.raises(DataError, match="labels.csv:3: key 'a' given twice"):
+        T.read_sidecar(f)
+    f.write_text("image,classes\na,dog\n")
+    with pytest.raises(DataError, match="header 'key,labels'"):
+        T.read_sidecar(f)
+
+
+def test_caltech_splits_per_class():
+    labels = np.repeat([0, 1, 2], [10, 6, 8])
+    train, test = T.per_class_split(labels, 4, 3, np.random.default_rng(0))
+    assert np.bincount(labels[train]).tolist() == [4, 4, 4] and np.bincount(labels[test]).tolist() == [3, 2, 3]  # "up to" 3
+    assert not set(train) & set(test)
+    _, rest = T.per_class_split(labels, 4, 0, np.random.default_rng(1))
+    assert np.bincount(labels[rest]).tolist() == [6, 2, 4]                 # 0: every image not trained on
+    other, _ = T.per_class_split(labels, 4, 0, np.random.default_rng(2))
+    assert sorted(other) != sorted(train)                                  # repeats draw other images
+    with pytest.raises(DataError, match="class 1 has 6 images"):
+        T.per_class_split(labels, 6, 0, np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------------- the job, on shards
+
+def net(folder: Path, root, seed: int) -> str:
+    """A tiny random-weight checkpoint (A, width 1/32, crop 32) whose config points at ``root``."""
+    cfg = C.load(None, [f"data.root={root}", "model.width=0.03125", "model.num_classes=4", "model.init=glorot",
+                        "data.crop_size=32", "data.scale_min=32", "data.scale_max=64", "data.decode=cpu",
+                        "data.threads=1"])
+    torch.manual_seed(seed)
+    state = {"model": ckpt.build_model(cfg, 4).state_dict(), "config": C.dump(cfg), "num_classes": 4}
+    return ckpt.save_checkpoint(ckpt.weights_only(state), folder / str(seed) / ckpt.FILENAME)
+
+
+def test_transfer_on_a_multi_label_sample_gives_sklearns_map(sample_dataset, tmp_path):
+    from sklearn.metrics import average_precision_score
+
+    from jobs import _features
+    from jobs import transfer
+
+    labels_file = tmp_path / "labels.csv"
+    assert transfer.main(["sample-labels", str(sample_dataset), str(labels_file)]) == 0
+    rows = list(csv.DictReader(labels_file.open()))
+    val = stored_labels(sample_dataset, "val")
+    assert len(rows) == 48 + 32 and all(len(r["labels"].split()) == 2 for r in rows)   # kind + family
+    res = transfer.main(["--run", net(tmp_path, sample_dataset, 1), "--out", str(tmp_path / "t"),
+                         "--labels", str(labels_file), "--train-split", "train", "--split", "val",
+                         "--scales", "32,48", "--aggregate", "stack", "--no-ray", "--quiet", "--batch-size", "8"])
+    assert res["metric"] == "mAP" and res["classes"] == ["angular", "disc", "ring", "round", "square", "triangle"]
+    # The descriptor: FC7 (4096 / 32 = 128-D) at 2 scales stacked, L2-normalised, every val image once.
+    keys, _, feats = _features.read_parquet(tmp_path / "t" / "features-val.parquet")
+    assert keys == sorted(val) and feats.shape == (32, 2 * 128)
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(32))
+    # mAP by hand: sklearn's AP of each label over the written test scores, averaged.
+    scores = list(csv.DictReader((tmp_path / "t" / "scores-0.csv").open()))
+    assert [s["key"] for s in scores] == sorted(val)
+    truth = {r["key"]: set(r["labels"].split()) for r in rows}
+    aps = [average_precision_score([name in truth[s["key"]] for s in scores], [float(s[name]) for s in scores])
+           for name in res["classes"]]
+    assert res["mean"] == pytest.approx(float(np.mean(aps)), abs=1e-9)
+    saved = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert saved["repeats"][0]["mAP"] == pytest.approx(float(np.mean(aps)), abs=1e-9)
+    assert saved["repeats"][0]["test_images"] == 32 and saved["repeats"][0]["train_images"] == 48
+
+
+def test_transfer_caltech_style_random_splits_of_one_split(sample_dataset, tmp_path, capsys):
+    from jobs import _cli
+    from jobs import transfer
+    from jobs._cli import UsageError
+
+    ckpt_path = net(tmp_path, sample_dataset, 2)
+    argv = ["--run", ckpt_path, "--out", str(tmp_path / "c"), "--train-split", "val", "--split", "val",
+            "--scales", "32", "--no-ray", "--quiet", "--batch-size", "8"]
+    with pytest.raises(UsageError, match="--train-per-class"):     # one split, no way to split it: a mistake
+        transfer.main(argv)
+    assert _cli.run(transfer.main, argv) == 2 and capsys.readouterr().err.count("\n") == 1
+    res = transfer.main(argv + ["--train-per-class", "5", "--test-per-class", "2", "--repeats", "2"])
+    assert res["metric"] == "mean_class_recall" and len(res["repeats"]) == 2
+    for r, path in zip(res["repeats"], res["scores"]):
+        assert (r["train_images"], r["test_images"]) == (4 * 5, 4 * 2)
+        scores = list(csv.DictReader(open(path)))
+        val = stored_labels(sample_dataset, "val")
+        right = {c: [] for c in range(4)}
+        for s in scores:                                     # mean class recall by hand from the scores
+            right[val[s["key"]]].append(max(range(4), key=lambda c: float(s[res["classes"][c]])) == val[s["key"]])
+        assert r["mean_class_recall"] == pytest.approx(np.mean([np.mean(v) for v in right.values()]))
+    keys = [[s["key"] for s in csv.DictReader(open(p))] for p in res["scores"]]
+    assert keys[0] != keys[1]                                # two different random splits
+    assert res["mean"] == pytest.approx(np.mean([r["mean_class_recall"] for r in res["repeats"]]))
