@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from pipeline.checkpoint import CheckpointError
+from pipeline.errors import CheckpointError
 from pipeline.config import ConfigError
 from storage.dataformat import DataError
 from storage.files import StorageError

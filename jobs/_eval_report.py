@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from jobs import _mlflow_outputs
 from pipeline import config as config_lib
 from pipeline import evaluate as E
 from storage.files import atomic_write
@@ -117,11 +118,14 @@ def metric_key(mode: str, row: str, what: str) -> str:
 
 
 def log_child_run(uri: str, parent_run_id: str, rows: list[dict], files: list[Path], params: dict,
-                  headline: dict, tags: dict, experiment: str) -> str:
+                  headline: dict, tags: dict, experiment: str, started_ms: int | None = None,
+                  storage: str = ".") -> str:
     """An MLflow run nested under the training run (its experiment, tag mlflow.parentRunId), with a
     metric per table cell, ``headline`` metrics (the same names in every evaluation, for the UI's
     side-by-side columns), the files and the table as artifacts, and the table as the run's note.
-    A top-level run in ``experiment`` when no training run is known. Returns its id."""
+    A top-level run in ``experiment`` when no training run is known (with a SQLite store, its
+    artifacts beside ``storage``). It starts at ``started_ms``, so its duration is the evaluation's.
+    Returns its id."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -131,10 +135,9 @@ def log_child_run(uri: str, parent_run_id: str, rows: list[dict], files: list[Pa
         exp_id = client.get_run(parent_run_id).info.experiment_id
         tags["mlflow.parentRunId"] = parent_run_id
     else:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        exp_id = _mlflow_outputs.experiment_id(client, experiment, uri, storage)
     name = f"eval-{params['mode']}-Q{params['scales'].replace(',', '-')}"
-    rid = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    rid = client.create_run(exp_id, start_time=started_ms, run_name=name, tags=tags).info.run_id
     now = int(time.time() * 1000)
     metrics = [Metric(metric_key(r["mode"], r["row"], w), r[c] / 100, now, 0)
                for r in rows for w, c in (("top1_error", "top-1 err %"), ("top5_error", "top-5 err %"))]

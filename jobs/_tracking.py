@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs import _journal
+from jobs import _journal, _mlflow_outputs
 from storage import files
 
 log = logging.getLogger("jobs.tracking")  # the logger keeps its public name
@@ -186,8 +186,8 @@ class Tracker:
                 client.update_run(run_id, status="RUNNING")
             self._last_step = last_steps(client, run)
         else:
-            exp = client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+            storage = self.run_folder.rstrip("/").rsplit("/", 1)[0]
+            exp_id = _mlflow_outputs.experiment_id(client, self.experiment, self.uri, storage)
             run = client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
             run_id = run.info.run_id
             items = list(self.params.items())
@@ -324,23 +324,12 @@ class Tracker:
             return False
         return self._call("log dict", lambda: self._client.log_dict(self.run_id, data, artifact_file))[0]
 
-    def register_model(self, name: str, artifact_path: str) -> bool:
-        """A model-registry version of ``name`` whose source is this run's ``artifact_path``."""
+    def call(self, what: str, fn: Callable[[Any], Any]) -> tuple[bool, Any]:
+        """(reached the server, ``fn(client)``'s result) for what has no method here: one call, no
+        retry, never an exception (the server's failures are warned about once per outage)."""
         if not self.connect():
-            return False
-
-        def register():
-            from mlflow.exceptions import MlflowException
-
-            try:
-                self._client.create_registered_model(name)
-            except MlflowException as e:
-                if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
-                    raise
-            source = f"{self._client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-            return self._client.create_model_version(name, source, run_id=self.run_id)
-
-        return self._call("register model", register)[0]
+            return False, None
+        return self._call(what, lambda: fn(self._client))
 
     def close(self, status: str | None = None, timeout: float | None = None) -> bool:
         """Flush metrics, stop system metrics, and set the run's status (FINISHED / FAILED) if given.
@@ -363,6 +352,8 @@ class Tracker:
             self.set_tags({PENDING_TAG: "0"})
         if status and self.connect() and not (pending and status == "FINISHED"):
             self._call("end run", lambda: self._client.set_terminated(self.run_id, status))
+        elif pending and self.connect():   # whatever ended it before (a fluent start_run), it waits
+            self._call("keep running", lambda: self._client.update_run(self.run_id, status="RUNNING"))
         return delivered and not pending
 
 

@@ -3,8 +3,10 @@ report / get_checkpoint / prepare_model and, on rank 0, to the MLflow tracker. E
 tagged ``# RAY``."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,14 @@ import yaml
 from jobs import _tracking
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
-from pipeline import dataset
+from pipeline import dataset, goodput
+from pipeline.goodput import Ledger
 from storage import files
 from storage.dataformat import DataError
 
 MARKER = "reported"        # what Ray copies into checkpoint_<step>/ beside our checkpoint.pt
 DATA_ERROR = "data_error"  # a worker met bad data: its message, for Ray's retries and the driver
+LEDGER = "goodput-ledger.json"   # rank 0's latest goodput totals (pipeline/goodput.py)
 
 
 def resume_state(folder: str, checkpoint, rank: int, world: int) -> dict[str, Any] | None:
@@ -49,6 +53,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from pipeline.train_loop import Worker, run_worker
 
+    started = time.perf_counter()
     worker_logging()
     cfg = config_lib.from_dict(config_lib.Config, yaml.safe_load(loop_config["config"]))
     context = ray.train.get_context()                              # RAY
@@ -59,17 +64,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     node = ray.get_runtime_context().get_node_id()                 # RAY: recorded in checkpoints
     worker = Worker(rank, world, device, node=f"{socket.gethostname()}/{node[:12]}")
 
+    t0 = time.perf_counter()
     resume = resume_state(loop_config["run_folder"], ray.train.get_checkpoint(), rank, world)   # RAY
-
-    tracker = None
-    if rank == 0:
-        tracker = _tracking.Tracker(
-            cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, loop_config["run_folder"],
-            run_id=loop_config["run_id"] or (resume or {}).get("mlflow_run_id", ""),
-            params=_tracking.params_from(config_lib.flatten(cfg)), tags=loop_config["tags"],
-            system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s,
-            enabled=cfg.tracking.enabled, node_id=None, journal=True)
-        tracker.connect()
+    ledger = Ledger.resumed((resume or {}).get("metrics", {}), read_ledger(loop_config["run_folder"]))
+    ledger.add("restore", time.perf_counter() - t0 if resume else 0.0)
+    tracker = rank0_tracker(cfg, loop_config, resume) if rank == 0 else None
 
     def report(metrics: dict[str, float], folder: str | None, best: bool) -> None:
         name = f"{ckpt.PREFIX}{int(metrics['step']):010d}"
@@ -84,6 +83,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         if tracker is not None:
             tracker.log_metrics(metrics, step)
+        if rank == 0 and goodput.key("compute") in metrics:    # what a restart will count as lost
+            files.atomic_write(files.join(loop_config["run_folder"], LEDGER), json.dumps(metrics).encode())
 
     stop = files.join(loop_config["run_folder"], DATA_ERROR)
     try:
@@ -91,7 +92,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             raise DataError(files.read_bytes(stop).decode())
         result = run_worker(cfg, worker, report=report, log=log_metrics, resume=resume,
                             run_id=lambda: tracker.run_id if tracker else "",
-                            wrap=lambda net, w: ray.train.torch.prepare_model(net))  # RAY: DDP
+                            wrap=lambda net, w: ray.train.torch.prepare_model(net),  # RAY: DDP
+                            ledger=ledger, started=started)
         if tracker is not None and result.tally is not None:
             classes = dataset.read_info(cfg.data.root).get("classes", [])
             tracker.log_dict(per_class_table(result.tally, classes), f"eval/val_{cfg.data.val_mode}_per_class.json")
@@ -101,6 +103,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if tracker is not None:
             tracker.close()
+
+
+def rank0_tracker(cfg: config_lib.Config, loop_config: dict[str, Any],
+                  resume: dict[str, Any] | None) -> _tracking.Tracker:
+    """Rank 0's MLflow tracker: the driver's run (or the checkpoint's), and the run's journal."""
+    tracker = _tracking.Tracker(
+        cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, loop_config["run_folder"],
+        run_id=loop_config["run_id"] or (resume or {}).get("mlflow_run_id", ""),
+        params=_tracking.params_from(config_lib.flatten(cfg)), tags=loop_config["tags"],
+        system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s,
+        enabled=cfg.tracking.enabled, node_id=None, journal=True)
+    tracker.connect()
+    return tracker
+
+
+def read_ledger(run_folder: str) -> dict[str, float]:
+    """The goodput totals rank 0 last recorded in the run folder ({} before any)."""
+    path = files.join(run_folder, LEDGER)
+    return json.loads(files.read_bytes(path)) if files.exists(path) else {}
 
 
 def store_checkpoint(folder: Path, run_folder: str, name: str, best: bool) -> None:

@@ -99,6 +99,7 @@ def parse(argv):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(sys.argv[1:] if argv is None else argv)
+    args.started_ms = int(time.time() * 1000)   # the MLflow child run spans the whole evaluation
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     check_workers(args.workers)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -160,7 +161,7 @@ def publish(args, members, data: config_lib.DataConfig, protocol: E.Protocol, sh
         tags = {"eval.runs": " ".join(m.spec for m in members),
                 "eval.checkpoints": " ".join(m.checkpoint for m in members)}
         run_id = report.log_child_run(resolve_uri(uri), parent, rows, files, params, headline, tags,
-                                      args.experiment)
+                                      args.experiment, started_ms=args.started_ms, storage=str(out.parent))
         print(f"MLflow: run {run_id}" + (f" (child of {parent})" if parent else ""))
     return {"rows": rows, "files": [str(f) for f in files], "mlflow_run_id": run_id, "per_class": per_class}
 

@@ -20,24 +20,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from jobs import _preflight, _ray, _resume, _tracking
+from jobs import _mlflow_outputs, _preflight, _ray, _resume, _tracking
 from jobs._train_worker import DATA_ERROR, train_loop_per_worker
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
-from pipeline import dataset
+from pipeline import dataset, goodput
 from storage import files
 
 log = logging.getLogger("jobs.train")
 # Environment forwarded from the driver to the Ray workers: the tests' fault knobs and MLflow client
 # settings. Credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN) are deliberately not forwarded:
 # a runtime env is visible in Ray's dashboard; set them on every node instead (docs/cluster.md).
+WALL = "goodput-wall.json"    # the wall time of every command that trained this run
 FORWARD_PREFIXES = ("VGG_", "MLFLOW_HTTP_", "MLFLOW_SYSTEM_METRICS_", "MLFLOW_TRACKING_INSECURE_TLS",
                     "MLFLOW_TRACKING_SERVER_CERT_PATH", "GIT_COMMIT")
 
@@ -135,6 +138,7 @@ def final_weights(folder: str) -> Path | None:
 def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
     """Run, resume or complete the training ``cfg`` describes; returns its summary. Everything the
     driver can check is checked before Ray starts (jobs/_resume.py, jobs/_preflight.py)."""
+    started = time.perf_counter()
     cfg, tags = resolve(cfg)
     folder = run_folder(cfg)
     plan = _resume.plan(cfg, folder, tags["dataset_fingerprint"])
@@ -160,11 +164,33 @@ def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
         try:
             summary.update(fit(cfg, folder, run_id, tags))
         except Exception as e:
+            record_wall(folder, time.perf_counter() - started)
             tracker.replay()
             tracker.close("FAILED")
             _preflight.explain_failure(cfg, folder, plan, e)
             raise
+        log_goodput(tracker, folder, record_wall(folder, time.perf_counter() - started))
     return {**summary, **finish(cfg, folder, tracker)}
+
+
+def record_wall(folder: str, seconds: float) -> float:
+    """Add this command's wall time to the run's (every command that trained it); returns the total."""
+    path = files.join(folder, WALL)
+    total = (json.loads(files.read_bytes(path))["wall_s"] if files.exists(path) else 0.0) + seconds
+    files.atomic_write(path, json.dumps({"wall_s": total}).encode())
+    return total
+
+
+def log_goodput(tracker: _tracking.Tracker, folder: str, wall_s: float) -> None:
+    """The goodput ledger of the finished run, as metrics and as a table (pipeline/goodput.py)."""
+    state = ckpt.load_checkpoint(folder, "latest")
+    ledger = goodput.Ledger.from_metrics(state.get("metrics", {}))
+    fraction = goodput.goodput(ledger, wall_s)
+    tracker.log_metrics({"goodput/wall_s": wall_s, "goodput/fraction": fraction}, state["images_seen"])
+    tracker.call("log goodput", lambda c: c.log_table(tracker.run_id, data=goodput.summary(ledger, wall_s),
+                                                      artifact_file="goodput.json"))
+    log.info("goodput %.1f%% of %.0f s: %s", 100 * fraction, wall_s,
+             ", ".join(f"{k} {v:.0f} s" for k, v in ledger.seconds.items()))
 
 
 def connect_run(tracker: _tracking.Tracker, cfg: config_lib.Config, folder: str) -> str:
@@ -176,6 +202,7 @@ def connect_run(tracker: _tracking.Tracker, cfg: config_lib.Config, folder: str)
     tracker.run_id = run_id
     if tracker.connect():
         tracker.log_text(config_lib.dump(cfg), "config.yaml")
+        tracker.call("log dataset", lambda c: _mlflow_outputs.log_dataset(c, tracker.run_id, cfg.data.root))
     return run_id
 
 
@@ -210,10 +237,12 @@ def finish(cfg: config_lib.Config, folder: str, tracker: _tracking.Tracker) -> d
         best_file = ckpt.resolve(folder, "best") if best else ""
         tracker.set_tags({"checkpoint": best_file, "run_folder": folder})
         tracker.log_text(config_lib.dump(cfg), "config.yaml")
+        tracker.call("log dataset", lambda c: _mlflow_outputs.log_dataset(c, tracker.run_id, cfg.data.root))
         if best is not None:
             tracker.log_artifact(best, "model")
-            if cfg.tracking.register_model:
-                tracker.register_model(cfg.tracking.register_model, "model")
+        if best is not None and (cfg.tracking.log_model or cfg.tracking.register_model):
+            tracker.call("log model", lambda c: _mlflow_outputs.log_model(
+                c, cfg.tracking.uri, tracker.run_id, best_file, cfg.tracking.register_model))
     delivered = tracker.close("FINISHED")
     return {"mlflow_run_id": tracker.run_id, "delivered": delivered}
 

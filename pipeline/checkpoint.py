@@ -41,6 +41,7 @@ from torch import nn
 import model
 from pipeline import config as config_lib
 from pipeline import faults
+from pipeline.errors import CheckpointError
 from storage import files
 
 FORMAT = 1
@@ -52,11 +53,6 @@ KEYS = ("model", "optimizer", "schedule", "epoch", "step", "step_in_epoch", "ima
 # What a finished model needs: no optimizer state, schedule or data positions.
 WEIGHT_KEYS = ("model", "config", "num_classes", "epoch", "step", "images_seen", "mlflow_run_id",
                "dataset_fingerprint", "metrics")
-
-
-class CheckpointError(ValueError):
-    """A file that is not a whole checkpoint of this format (truncated, another format, not one at
-    all); the message names it."""
 
 
 def pack(**fields: Any) -> dict[str, Any]:

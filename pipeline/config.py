@@ -72,11 +72,26 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     epochs: int = 74                     # the paper stopped after 370K iterations = 74 epochs
-    patience: int = 1                    # epochs without a val top-1 improvement before dividing lr
+    # patience, min_delta, cooldown, smoothing: assumption: the paper says only "when the validation set
+    # accuracy stopped improving"; these defaults are chosen by `python -m jobs.bench schedule --grid`, a
+    # simulation of noisy (50,000-image val) and creeping curves (docs/training.md, "The plateau rule")
+    patience: int = 5                    # counted epochs without a val top-1 improvement before dividing lr
     factor: float = 0.1
     max_decays: int = 3                  # the paper divided the rate 3 times in all
-    min_delta: float = 0.0               # an improvement must beat the best error by more than this
+    min_delta: float = 0.01              # an improvement must beat the last one's (smoothed) error by more
+                                         # than this (a fraction: 0.01 = 500 of ImageNet's 50,000 val images)
+    cooldown: int = 2                    # epochs after a decay whose lack of improvement is not counted
+    smoothing: float = 0.7               # the rule judges an exponential moving average of the val error
+                                         # with this weight on the past (0: each epoch's error alone)
+    milestones: list[int] = field(default_factory=list)  # epochs done after which lr is divided, e.g.
+                                         # [30, 50, 65]; replaces the plateau rule; [] = plateau rule
     stop_after_max_decays: bool = False  # stop early once the rate was divided max_decays times and stalls
+
+    def __post_init__(self) -> None:
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            raise ConfigError(f"schedule.milestones: {late} would never be reached in "
+                              f"schedule.epochs {self.epochs}; each must be below it")
 
 
 @dataclass
@@ -109,6 +124,7 @@ class TrackingConfig:
     uri: str = ""                        # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
     experiment: str = "vgg"
     system_metrics: bool = True
+    log_model: bool = True               # log the best weights as an MLflow PyTorch model at the end (torch.export)
     register_model: str = ""             # "" = don't register; else the registered model's name
     retry_s: float = 30.0                # while the server is unreachable, try again this often (training goes on)
 
@@ -222,6 +238,14 @@ RANGES = {
     "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
     "schedule.epochs": (lambda v: v >= 1, ">= 1"),
+    "schedule.patience": (lambda v: v >= 1, ">= 1"),
+    "schedule.factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "schedule.max_decays": (lambda v: v >= 0, ">= 0"),
+    "schedule.min_delta": (lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the val images)"),
+    "schedule.cooldown": (lambda v: v >= 0, ">= 0"),
+    "schedule.smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "schedule.milestones": (lambda v: all(1 <= a < b for a, b in zip(v, [*v[1:], float("inf")])),
+                            "strictly increasing epoch counts >= 1"),
     "run.workers": (lambda v: v >= 1, ">= 1"),
     "run.cpus_per_worker": (lambda v: v >= 1, ">= 1"),
     "run.global_batch_size": (lambda v: v >= 1, ">= 1"),

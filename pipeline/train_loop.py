@@ -31,8 +31,9 @@ from pipeline import config as config_lib
 from pipeline import evaluate as eval_lib
 from pipeline import faults, scoring
 from pipeline.ddp import apply_grad_compression
+from pipeline.goodput import Ledger
 from pipeline.loader import EvalLoader, TrainLoader
-from pipeline.schedule import improved, plateau_step, should_stop
+from pipeline.schedule import decay_metrics, improved, plateau_step, should_stop
 from pipeline.step import StepOptions, layout, prepare, sgd, train_step
 from pipeline.train_state import Progress, restore, save
 from pipeline.worker import Log, Report, Worker
@@ -112,20 +113,28 @@ def log_window(w: Window, *, step: int, lr: float, loader: TrainLoader, worker: 
 
 def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, *, step: int,
                     opts: StepOptions, worker: Worker, global_batch: int, log: Log, log_every: int,
-                    max_batches: int | None = None) -> int:
+                    max_batches: int | None = None, ledger: Ledger | None = None) -> int:
     """Train on the rest of the loader's current epoch, or on ``max_batches`` of it; returns the global
-    optimizer step count. Every ``log_every`` steps rank 0 logs (``log_window``)."""
+    optimizer step count. Every ``log_every`` steps rank 0 logs (``log_window``), its goodput ledger
+    first: that needs no other rank, so it is recorded even when another rank has just died."""
+    ledger = ledger if ledger is not None else Ledger()
     net.train()
     w = Window.new(worker.device)
     console = Throttle(CONSOLE_EVERY_S)
     batches = iter(loader)
     done = 0
+    mark = None             # when the last batch arrived: from then to the next request is compute
     while max_batches is None or done < max_batches:
         t0 = time.perf_counter()
+        if mark is not None:   # the step, and at log points the sync that waits for the device
+            ledger.add("compute", t0 - mark)
         batch = next(batches, None)
+        mark = time.perf_counter()
         if batch is None:
+            mark = None
             break
-        w.data_s += time.perf_counter() - t0
+        w.data_s += mark - t0
+        ledger.add("data_wait", mark - t0)
         images = layout(batch.images.to(worker.device, non_blocking=True), opts)
         labels = batch.labels.to(worker.device, non_blocking=True)
         loss, logits = train_step(net, optimizer, images, labels, opts.amp_dtype)
@@ -135,9 +144,13 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: Tr
         step, done = step + 1, done + 1
         faults.after_step(worker.rank, step)
         if step % log_every == 0:
+            if worker.rank == 0:
+                log(ledger.metrics(), step * global_batch)
             log_window(w, step=step, lr=optimizer.param_groups[0]["lr"], loader=loader, worker=worker,
                        global_batch=global_batch, log=log, console=console)
             w = Window.new(worker.device)
+    if mark is not None:
+        ledger.add("compute", time.perf_counter() - mark)
     return step
 
 
@@ -190,6 +203,7 @@ class Run:
     report: Report
     log: Log
     run_id: Callable[[], str]
+    ledger: Ledger = field(default_factory=Ledger)
 
 
 def default_wrap(net: nn.Module, worker: Worker) -> nn.Module:
@@ -301,24 +315,30 @@ def fit(run: Run) -> Result:
         prog.step = train_one_epoch(run.net, run.optimizer, run.loader, step=prog.step, opts=run.opts,
                                     worker=worker, global_batch=cfg.run.global_batch_size, log=run.log,
                                     log_every=cfg.run.log_every_steps,
-                                    max_batches=steps_to_checkpoint(prog.step, cfg.run))
+                                    max_batches=steps_to_checkpoint(prog.step, cfg.run), ledger=run.ledger)
         epoch_over = run.loader.step == len(run.loader)
         best = False
         if epoch_over:
             epoch_s = time.perf_counter() - epoch_start
+            t0 = time.perf_counter()
             tally, val_loss = evaluate(ckpt.unwrap(run.net), run.val_loader, worker=worker,
                                        num_classes=cfg.model.num_classes, mode=cfg.data.val_mode,
                                        amp_dtype=run.opts.amp_dtype)
+            run.ledger.add("validation", time.perf_counter() - t0)
             before = prog.schedule
             prog.schedule = plateau_step(before, tally.top1_error, prog.epoch, cfg.schedule)
             prog.epoch += 1
             best = improved(before, prog.schedule)
             prog.metrics = {"val/top1_err": tally.top1_error, "val/top5_err": tally.top5_error,
                             "val/loss": val_loss, "epoch_time_s": epoch_s, "lr_next": prog.schedule.lr,
-                            "schedule/decays": prog.schedule.decays}
+                            "schedule/decays": prog.schedule.decays,
+                            **decay_metrics(before, prog.schedule, prog.epoch, tally.top1_error)}
             log_epoch(run, tally)
+        t0 = time.perf_counter()
+        prog.metrics = {**prog.metrics, **run.ledger.metrics()}      # the checkpoint carries the ledger
         save(run.net, run.optimizer, run.loader, prog, cfg=cfg, worker=worker, report=run.report,
              run_id=run.run_id, best=best)
+        run.ledger.add("checkpoint", time.perf_counter() - t0)
         if epoch_over:
             epoch_start = time.perf_counter()
     return Result(prog.metrics, tally)
@@ -336,7 +356,8 @@ def log_epoch(run: Run, tally: scoring.Tally) -> None:
 
 def run_worker(cfg: config_lib.Config, worker: Worker, *, report: Report, log: Log,
                resume: dict[str, Any] | None = None, run_id: Callable[[], str] = lambda: "",
-               wrap: Callable[[nn.Module, Worker], nn.Module] = default_wrap) -> Result:
+               wrap: Callable[[nn.Module, Worker], nn.Module] = default_wrap,
+               ledger: Ledger | None = None, started: float | None = None) -> Result:
     """Train (or resume) one run of ``cfg`` as ``worker``: ``fit(setup(...))``.
 
     ``resume`` is a loaded checkpoint dict (``pipeline.checkpoint.load_checkpoint``): the model,
@@ -344,5 +365,12 @@ def run_worker(cfg: config_lib.Config, worker: Worker, *, report: Report, log: L
     resolved (``model.num_classes`` > 0, ``model.init_from`` a location). ``wrap`` turns the net into
     its data-parallel form (jobs/train.py passes Ray's prepare_model). ``run_id()`` is the MLflow
     run id to keep in checkpoints (it may become known mid-run, when the server comes back).
+    ``ledger`` is where the run's time went so far (``pipeline.goodput``; fresh when None); the time
+    from ``started`` (a ``time.perf_counter()`` of the worker's start) to the first step is startup.
     """
-    return fit(setup(cfg, worker, report=report, log=log, resume=resume, run_id=run_id, wrap=wrap))
+    started = time.perf_counter() if started is None else started
+    run = setup(cfg, worker, report=report, log=log, resume=resume, run_id=run_id, wrap=wrap)
+    if ledger is not None:
+        run.ledger = ledger
+    run.ledger.add("startup", time.perf_counter() - started)
+    return fit(run)

@@ -21,7 +21,7 @@ def small(dataset: Path, storage: Path, name: str, uri: str, **over) -> list[str
         "model.name": "A", "model.num_classes": 0, "run.workers": 2, "run.global_batch_size": 16,
         "run.storage_path": storage, "run.name": name, "run.log_every_steps": 1, "run.keep_last": 2,
         "schedule.epochs": 2, "schedule.patience": 100, "tracking.uri": uri, "tracking.experiment": name,
-        "tracking.retry_s": 1.0, "tracking.system_metrics": False, **over})
+        "tracking.retry_s": 1.0, "tracking.system_metrics": False, "tracking.log_model": False, **over})
     out = []
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]
@@ -58,3 +58,18 @@ def only_run(client, experiment: str):
 
 def steps_of(client, run_id: str, key: str) -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def submit_job(cluster, args: list[str], cwd: Path, log: Path, timeout: float = 300) -> str:
+    """``python -m jobs.submit`` from ``cwd`` to the cluster's Jobs API, waiting for the job to end
+    (the nodes share this machine's environment: --python is this interpreter); its output."""
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.submit", "--address", cluster["dashboard"],
+                             "--python", sys.executable, *args], cwd=cwd, env=cluster["env"],
+                            stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        stop_group(proc)
+    text = log.read_text()
+    assert rc == 0, text[-6000:]
+    return text

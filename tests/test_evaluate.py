@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -239,10 +240,14 @@ def test_mlflow_child_run_of_the_training_run(trained, tmp_path, mlflow_server, 
     parent = client.create_run(exp, run_name="A-tiny", tags={"run_folder": str(trained)}).info.run_id
     from jobs import evaluate as J
 
+    started = time.time()
     res = J.main(["--run", parent, "--mode", "both", "--scales", "64,96", "--no-ray", "--workers", "2",
                   "--quiet", "--batch-size", "5", "--out", str(tmp_path / "ml2")])
+    took_ms = (time.time() - started) * 1000
     child = client.get_run(res["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == parent
+    # Its duration is the evaluation's, not the few milliseconds of logging at the end.
+    assert 0.8 * took_ms <= child.info.end_time - child.info.start_time <= took_ms + 1000
     assert child.info.experiment_id == exp and child.info.status == "FINISHED"
     both = [r for r in res["rows"] if r["mode"] == "both" and r["test Q"] == "64,96"][0]
     assert child.data.metrics["both/q64-96/top1_error"] == pytest.approx(both["top-1 err %"] / 100)

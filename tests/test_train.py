@@ -130,6 +130,51 @@ def test_two_nodes_learn_log_to_mlflow_and_survive_a_killed_worker(ray_cluster, 
     net, cfg = ckpt.model_from_checkpoint(local)
     assert cfg.run.name == "spread" and "optimizer" not in ckpt.load_checkpoint(local)
     assert [v.run_id for v in client.search_model_versions("name='vgg-test'")] == [run.info.run_id]
+    assert_the_mlflow_model_is_the_checkpoint(shared_mlflow, run, net, cfg)
+    assert_the_dataset_is_the_input(run, learnable_dataset)
+    assert_the_ledger_counts_the_lost_work(client, run)
+
+
+def assert_the_mlflow_model_is_the_checkpoint(server, run, net, cfg) -> None:
+    """The registered MLflow model loads with mlflow.pytorch.load_model (no pickled code: pt2) and
+    gives the best checkpoint's logits on a batch of any size."""
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(server.uri)
+    loaded = mlflow.pytorch.load_model(run.data.tags["model_uri"])
+    x = torch.randn(3, 3, cfg.data.crop_size, cfg.data.crop_size)
+    torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-4)
+    info = mlflow.models.get_model_info(run.data.tags["model_uri"])
+    assert len(info.metadata["classes"]) == 10 and info.metadata["crop"] == cfg.data.crop_size
+    assert len(info.metadata["mean_rgb"]) == 3 and info.metadata["test_scale"] > 0
+
+
+def assert_the_dataset_is_the_input(run, dataset_root: Path) -> None:
+    import json
+
+    from storage import dataformat as fmt
+
+    (given,) = run.inputs.dataset_inputs
+    info = fmt.read_info(dataset_root)
+    assert given.dataset.digest == info["fingerprint"][:36] and given.dataset.name == dataset_root.name
+    profile = json.loads(given.dataset.profile)
+    assert profile["splits"] == {"train": 600, "val": 100} and profile["classes"] == 10
+    assert [t.value for t in given.tags if t.key == "mlflow.data.context"] == ["training"]
+
+
+def assert_the_ledger_counts_the_lost_work(client, run) -> None:
+    """Rank 1 died after step 40: the steps since the checkpoint resumed from were done twice, and the
+    ledger says so (goodput/lost_s > 0); every category is there, and goodput is a fraction."""
+    m = run.data.metrics
+    assert m["goodput/lost_s"] > 0 and m["goodput/compute_s"] > 0 and m["goodput/startup_s"] > 0
+    assert m["goodput/restore_s"] > 0 and m["goodput/validation_s"] > 0 and m["goodput/checkpoint_s"] > 0
+    assert 0 < m["goodput/fraction"] < 1
+    total = sum(m[f"goodput/{c}_s"] for c in ("compute", "data_wait", "validation", "checkpoint", "startup",
+                                               "restore", "lost"))
+    assert total <= m["goodput/wall_s"] * 1.05     # the ledger cannot hold more time than passed
+    table = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "goodput.json" in table
 
 
 def test_killed_driver_rerun_resumes_into_the_same_run_while_mlflow_comes_and_goes(ray_cluster, mlflow_server,
