@@ -109,13 +109,13 @@ def ray_cluster():
     registers the machine's address whatever --node-ip-address says; the token keeps others out.)"""
     RAY_TEMP_ROOT.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix="t", dir=RAY_TEMP_ROOT))  # short: Ray's unix sockets live here
-    port = free_port(6391)
+    port, dashboard = free_port(6391), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--port", str(port), "--include-dashboard=true",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
          "--temp-dir", str(temp), "--ray-client-server-port", str(free_port()),
          "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
          "--resources", json.dumps({"node_a": 1}), *common],
@@ -132,7 +132,9 @@ def ray_cluster():
         wait_for(lambda: "Ray runtime started" in (temp / "node.log").read_text(), 120, "the second Ray node",
                  proc=node)
         # RAY_ADDRESS: jobs.train connects to this cluster instead of starting its own.
-        yield {"address": f"127.0.0.1:{port}", "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, "temp": temp}
+        # dashboard: the Jobs API's URL (ray.job_submission, jobs.submit)
+        yield {"address": f"127.0.0.1:{port}", "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, "temp": temp,
+               "dashboard": f"http://127.0.0.1:{dashboard}"}
     finally:
         for p in reversed(procs):
             stop_group(p)

@@ -1,0 +1,127 @@
+"""Submitting training to a cluster: ``python -m jobs.submit train ...`` through Ray's Jobs API.
+
+The first tests read what the wrapper would send (``--print-only``) and the mistakes it refuses
+before anything leaves; the last submits a real job to the session's two-node Ray cluster (token
+auth, Jobs API on the head's dashboard, 127.0.0.1) from a folder outside the project, with a relative
+config path and a relative data.root, logging to the session's real MLflow server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster import REPO, checkpoints, only_run, small, steps_of, submit_job
+from jobs import _cli, submit
+from jobs import _tracking as tracking
+from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError
+from services import free_port
+
+DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+
+
+def printed(capsys, argv: list[str]) -> dict:
+    assert submit.main(["--print-only", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_relative_paths_are_resolved_against_the_submitting_folder(tmp_path, monkeypatch, capsys, sample_dataset):
+    here = tmp_path / "me"
+    shutil.copytree(sample_dataset, here / "shards")
+    (here / "parent").mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = printed(capsys, ["train", "--config", os.path.relpath(DEMO, here), "--set", "data.root=shards",
+                           "--set", "model.init_from=parent", "--set", "run.name=rel"])
+    sets = job["entrypoint"].split("--set ")[1:]
+    final = {s.split("=", 1)[0]: s.split("=", 1)[1].strip() for s in sets}    # the last --set of a key wins
+    commit = tracking.git_commit(REPO)
+    assert job["entrypoint"].startswith(f"GIT_COMMIT={commit} python -m jobs.train --config jobs/configs/demo.yaml ")
+    assert final["data.root"] == str(here / "shards")
+    assert final["run.storage_path"] == str(here / "demo-out" / "runs")          # demo.yaml's, made absolute
+    assert final["model.init_from"] == str(here / "parent")                      # an existing path: a checkpoint
+    assert final["tracking.uri"] == f"sqlite:///{here / 'mlflow.db'}"             # jobs.train's default, here
+    env = job["runtime_env"]
+    assert env["working_dir"] == str(REPO) and ".git" in env["excludes"]
+    assert job["metadata"]["git_commit"] == commit and "env_vars" not in env
+    assert "py_executable" not in env and "uv" not in env                       # the nodes' own environment
+
+
+def test_absolute_paths_uris_and_run_names_are_sent_as_given(tmp_path, monkeypatch, capsys, sample_dataset):
+    monkeypatch.chdir(tmp_path)
+    job = printed(capsys, ["--python", "/opt/vgg/bin/python", "train", "--set", f"data.root={sample_dataset}",
+                           "--set", "run.storage_path=s3://bucket/runs", "--set", "model.init_from=A-256",
+                           "--set", "tracking.uri=http://mlflow.internal:5000"])
+    assert " /opt/vgg/bin/python -m jobs.train --set " in job["entrypoint"]
+    assert job["entrypoint"].count("--set ") == 4                                # nothing added
+    assert job["runtime_env"]["py_executable"] == "/opt/vgg/bin/python"
+
+
+def test_uv_puts_the_projects_requirements_in_the_runtime_env(tmp_path, monkeypatch, capsys, sample_dataset):
+    monkeypatch.chdir(tmp_path)
+    job = printed(capsys, ["--uv", "train", "--set", f"data.root={sample_dataset}"])
+    names = {p.split(">")[0].split("<")[0].split("[")[0].strip() for p in job["runtime_env"]["uv"]["packages"]}
+    assert {"torch", "nvidia-dali-cuda120", "ray", "mlflow", "pyarrow"} <= names
+    assert not names & {"pytest", "scipy"}                                       # the dev extra stays out
+
+
+@pytest.mark.parametrize("argv, cls, names", [
+    (["train", "--set", "data.root=nowhere"], ConfigError, "does not exist here"),
+    (["train", "--config", "elsewhere.yaml"], _cli.UsageError, "outside the project folder"),
+    (["train", "--config", "missing.yaml"], FileNotFoundError, "missing.yaml"),
+    (["evaluate", "--run", "x"], _cli.UsageError, "ray job submit"),
+    (["--uv", "--python", "python3", "train"], _cli.UsageError, "give one"),
+    (["train", "--set", "run.workers=0"], ConfigError, "run.workers"),
+])
+def test_mistakes_are_refused_before_the_job_leaves(tmp_path, monkeypatch, argv, cls, names):
+    (tmp_path / "elsewhere.yaml").write_text("run:\n  workers: 2\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cls, match=names):
+        submit.main(["--print-only", *argv])
+
+
+def test_no_cluster_at_the_address_is_one_error_line_and_status_2(tmp_path, sample_dataset):
+    address = f"http://127.0.0.1:{free_port()}"                                  # nobody listens there
+    proc = subprocess.run([sys.executable, "-m", "jobs.submit", "--address", address, "train",
+                           "--set", f"data.root={sample_dataset}", "--set", "tracking.uri=http://127.0.0.1:1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no Ray Jobs API at " + address), proc.stderr
+
+
+def test_a_job_submitted_with_relative_paths_finds_its_data_and_records_the_commit(
+        ray_cluster, shared_mlflow, sample_dataset, tmp_path):
+    """From a folder outside the project: the config named relative to it, the data and the run
+    storage relative to it. The job runs in Ray's copy of the project on the head node, one Ray Train
+    worker on each node, and logs into the MLflow server with the submitting tree's commit."""
+    here = tmp_path / "me"
+    shutil.copytree(sample_dataset, here / "shards")
+    expected = tracking.git_commit(REPO)
+    args = ["--config", os.path.relpath(DEMO, here),
+            *small(Path("shards"), Path("runs"), "submitted", shared_mlflow.uri,
+                   **{"run.placement_strategy": "STRICT_SPREAD", "schedule.epochs": 1})]
+    text = submit_job(ray_cluster, ["train", *args], cwd=here, log=tmp_path / "submit.log")
+
+    assert f"(commit {expected})" in text and "--config jobs/configs/demo.yaml" in text
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", expected)
+    client = shared_mlflow.client()
+    run = only_run(client, "submitted")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["git_commit"] == expected != "unknown"
+    assert run.data.params["data.root"] == str(here / "shards")                  # not Ray's copy of the project
+    assert run.data.params["run.storage_path"] == str(here / "runs")
+    assert steps_of(client, run.info.run_id, "train/loss") == [16, 32, 48]       # it read its 48 images
+    saved = [ckpt.load_checkpoint(p) for p in checkpoints(here / "runs" / "submitted")]
+    assert saved and saved[-1]["mlflow_run_id"] == run.info.run_id
+    assert saved[-1]["workers"][0]["node"] != saved[-1]["workers"][1]["node"]    # both nodes took part
+    uploaded = list(Path(ray_cluster["temp"]).glob("session_*/runtime_resources/working_dir_files/*/jobs/submit.py"))
+    assert uploaded, "the project was not unpacked as the job's working_dir"
+    assert not (uploaded[0].parent.parent / ".git").exists() and not (uploaded[0].parent.parent / ".venv").exists()
