@@ -4,6 +4,7 @@ like argparse's own errors; anything else is a bug and keeps its traceback. ``ma
 still raises, so tests see the exception."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -21,6 +22,9 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, UsageError
 
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    # MLflow's INFO lines (database migrations, "View run at ...") only when asked for, with
+    # MLFLOW_LOGGING_LEVEL=INFO; it reads the variable when it is first imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         result = main(argv)
     except USER_ERRORS as e:

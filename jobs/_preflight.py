@@ -39,6 +39,20 @@ def check_data(cfg: config_lib.Config) -> DataFacts:
     return DataFacts(train.num_samples, val.num_samples, train.num_samples // batch)
 
 
+def check_parent(cfg: config_lib.Config) -> None:
+    """A new run's ``model.init_from`` fits the net: its FC8 has this dataset's class count, or the
+    config asks for a new one (``model.reinit_head``)."""
+    if not cfg.model.init_from or cfg.model.reinit_head:
+        return
+    from pipeline import checkpoint as ckpt
+
+    weights, path = ckpt.load_weights(cfg.model.init_from)
+    head = weights.get("classifier.6.weight")
+    if head is not None and head.shape[0] != cfg.model.num_classes:
+        raise ConfigError(f"model.init_from {path} has {head.shape[0]} classes, {cfg.data.root} has "
+                          f"{cfg.model.num_classes}: set model.reinit_head=true to start a new last layer")
+
+
 def checkpoint_bytes(cfg: config_lib.Config, existing: str = "") -> int:
     """The size of one checkpoint: an existing one's, else the weights and the momentum buffers
     (float32) of the net the config builds, counted without allocating it."""

@@ -24,7 +24,7 @@ MAY_CHANGE = {
     "run.log_every_steps", "run.resume", "run.compile", "run.fuse_conv_relu", "run.amp", "run.channels_last",
     "data.threads", "data.prefetch", "data.decode", "data.hw_decoder_load", "data.eval_batch_size",
     "data.root",            # the same data elsewhere: the dataset fingerprint is compared instead
-    "model.init_from", "model.init_from_mode",   # a resumed run takes its weights from its checkpoint
+    "model.init_from", "model.init_from_mode", "model.reinit_head",   # a resume takes its checkpoint's weights
 }
 
 

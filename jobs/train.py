@@ -41,7 +41,7 @@ log = logging.getLogger("jobs.train")
 # settings. Credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN) are deliberately not forwarded:
 # a runtime env is visible in Ray's dashboard; set them on every node instead (docs/cluster.md).
 WALL = "goodput-wall.json"    # the wall time of every command that trained this run
-FORWARD_PREFIXES = ("VGG_", "MLFLOW_HTTP_", "MLFLOW_SYSTEM_METRICS_", "MLFLOW_TRACKING_INSECURE_TLS",
+FORWARD_PREFIXES = ("VGG_", "MLFLOW_HTTP_", "MLFLOW_LOGGING_LEVEL", "MLFLOW_SYSTEM_METRICS_", "MLFLOW_TRACKING_INSECURE_TLS",
                     "MLFLOW_TRACKING_SERVER_CERT_PATH", "GIT_COMMIT")
 
 
@@ -143,6 +143,8 @@ def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
     folder = run_folder(cfg)
     plan = _resume.plan(cfg, folder, tags["dataset_fingerprint"])
     facts = _preflight.check_data(cfg)
+    if plan.kind == "new":
+        _preflight.check_parent(cfg)
     if plan.kind != "complete":
         _preflight.check_storage(cfg, folder, _preflight.checkpoint_bytes(cfg, plan.checkpoint))
     print(_resume.describe(plan, cfg), flush=True)

@@ -52,13 +52,14 @@ def cfg_conv_positions(cfg: list) -> list[tuple[tuple[int, int], str]]:
     return out
 
 
-def init_from_a(net: nn.Module, a_state: dict[str, torch.Tensor]) -> list[str]:
+def init_from_a(net: nn.Module, a_state: dict[str, torch.Tensor], head: bool = True) -> list[str]:
     """Copy net A's first four conv layers and its three FC layers into ``net`` (the paper, 3.1).
 
     A's convs are matched by position within their block: A's first four convs are block 1 conv 1,
     block 2 conv 1, block 3 convs 1 and 2, and land on the same positions of B, C, D or E, the only
     placement where their shapes fit. Returns the state_dict keys copied; a missing key or a shape
-    mismatch (another width, another class count) is an error naming the layer.
+    mismatch (another width, another class count) is an error naming the layer. ``head`` False
+    leaves FC8 as it is (a new head for another class count).
     """
     from model.vgg import cfgs
 
@@ -69,7 +70,7 @@ def init_from_a(net: nn.Module, a_state: dict[str, torch.Tensor]) -> list[str]:
             raise ValueError(f"target net has no conv at block {pos[0] + 1}, position {pos[1] + 1} "
                              f"for A's {src}")
         pairs.append((src, target[pos]))
-    pairs += [(f"classifier.{i}", f"classifier.{i}") for i in (0, 3, 6)]
+    pairs += [(f"classifier.{i}", f"classifier.{i}") for i in ((0, 3, 6) if head else (0, 3))]
 
     own = net.state_dict()
     copied = []

@@ -183,6 +183,24 @@ def load_checkpoint(location: str | Path, which: str = "best") -> dict[str, Any]
     return state
 
 
+def load_weights(location: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(a net's state_dict, the file it came from) from one of our checkpoints (its best weights) or
+    from a bare state_dict file such as torchvision's ``vgg16-397923af.pth`` (loaded weights-only)."""
+    try:
+        state = load_checkpoint(location, "best")
+        return state["model"], state["path"]
+    except CheckpointError:
+        path = resolve(location, "best")
+        source = io.BytesIO(files.read_bytes(path)) if files.is_uri(path) else path
+        try:
+            bare = torch.load(source, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"{path}: neither a checkpoint nor a state_dict ({e})") from e
+        if not isinstance(bare, dict) or not all(isinstance(v, torch.Tensor) for v in bare.values()):
+            raise CheckpointError(f"{path}: neither a checkpoint of format {FORMAT} nor a state_dict of tensors")
+        return bare, str(path)
+
+
 def config_of(state: dict[str, Any]) -> config_lib.Config:
     """The resolved config a checkpoint was trained with."""
     cfg = config_lib.from_dict(config_lib.Config, yaml.safe_load(state["config"]))

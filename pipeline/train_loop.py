@@ -95,25 +95,36 @@ def all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def log_window(w: Window, *, step: int, lr: float, loader: TrainLoader, worker: Worker, global_batch: int,
-               log: Log, console: Throttle) -> None:
-    """Rank 0 logs the window's train loss, top-1/top-5 error, images/s and data-wait fraction over all
-    ranks (every rank takes part in the reduction: a CPU-GPU sync point)."""
+               log: Log, console: Throttle, total_steps: int = 0) -> None:
+    """Rank 0 logs the window's train loss, top-1/top-5 error, images/s, data-wait fraction (over all
+    ranks: every rank takes part in the reduction, a CPU-GPU sync point) and the epoch as a fraction,
+    so charts can put epochs on their x axis; its console line adds the time to ``total_steps``."""
     images = torch.tensor([w.images], device=worker.device, dtype=torch.float32)
     loss, top1, top5, n = all_reduce(torch.cat([w.loss[None], w.wrong, images]), worker.world_size).tolist()
     seconds = time.perf_counter() - w.start
     if worker.rank != 0:
         return
     log({"train/loss": loss / n, "train/top1_err": top1 / n, "train/top5_err": top5 / n, "lr": lr,
-         "train/images_per_s": n / seconds, "train/data_wait_frac": w.data_s / seconds}, step * global_batch)
+         "train/images_per_s": n / seconds, "train/data_wait_frac": w.data_s / seconds,
+         "epoch": loader.epoch + loader.step / len(loader)}, step * global_batch)
     if console.due():
-        log_.info("epoch %d, step %d/%d: train loss %.4f, top-1 err %.3f, %.0f img/s, data wait %.0f%%",
-                  loader.epoch + 1, loader.step, len(loader), loss / n, top1 / n, n / seconds,
-                  100 * w.data_s / seconds)
+        eta = max(0, total_steps - step) * seconds / (n / global_batch)
+        log_.info("epoch %d, step %d/%d: train loss %.4f, top-1 err %.1f %%, %.0f img/s, data wait %.0f %%, "
+                  "ETA %s", loader.epoch + 1, loader.step, len(loader), loss / n, 100 * top1 / n, n / seconds,
+                  100 * w.data_s / seconds, duration(eta))
+
+
+def duration(seconds: float) -> str:
+    """'1 h 02 min', '3 min 05 s', '42 s': how long, for people."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, *, step: int,
                     opts: StepOptions, worker: Worker, global_batch: int, log: Log, log_every: int,
-                    max_batches: int | None = None, ledger: Ledger | None = None) -> int:
+                    max_batches: int | None = None, ledger: Ledger | None = None, total_steps: int = 0) -> int:
     """Train on the rest of the loader's current epoch, or on ``max_batches`` of it; returns the global
     optimizer step count. Every ``log_every`` steps rank 0 logs (``log_window``), its goodput ledger
     first: that needs no other rank, so it is recorded even when another rank has just died."""
@@ -147,7 +158,7 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: Tr
             if worker.rank == 0:
                 log(ledger.metrics(), step * global_batch)
             log_window(w, step=step, lr=optimizer.param_groups[0]["lr"], loader=loader, worker=worker,
-                       global_batch=global_batch, log=log, console=console)
+                       global_batch=global_batch, log=log, console=console, total_steps=total_steps)
             w = Window.new(worker.device)
     if mark is not None:
         ledger.add("compute", time.perf_counter() - mark)
@@ -215,17 +226,21 @@ def default_wrap(net: nn.Module, worker: Worker) -> nn.Module:
 
 
 def initial_weights(net: nn.Module, cfg: config_lib.Config) -> None:
-    """The parent's weights, when ``model.init_from`` names one (a checkpoint location, resolved by
-    the job): all of them (S=384 from S=256, multi-scale from S=384) or the paper's "from A" subset."""
+    """The parent's weights, when ``model.init_from`` names one (a checkpoint location resolved by the
+    job, or a bare state_dict such as torchvision's): all of them (S=384 from S=256, multi-scale from
+    S=384) or the paper's "from A" subset; with ``model.reinit_head`` all but FC8, kept fresh."""
     if not cfg.model.init_from:
         return
-    parent = ckpt.load_checkpoint(cfg.model.init_from, "best")
+    weights, path = ckpt.load_weights(cfg.model.init_from)
+    head = not cfg.model.reinit_head
     if cfg.model.init_from_mode == "a":
-        copied = model.init_from_a(net, parent["model"])
-        log_.info("initialised %d tensors from A at %s", len(copied), parent["path"])
-    else:
-        net.load_state_dict(parent["model"])
-        log_.info("initialised every weight from %s", parent["path"])
+        copied = model.init_from_a(net, weights, head=head)
+        log_.info("initialised %d tensors from A at %s", len(copied), path)
+        return
+    if not head:
+        weights = {k: v for k, v in weights.items() if k not in model.HEAD_KEYS}
+    net.load_state_dict(weights, strict=head)
+    log_.info("initialised %s from %s", "every weight" if head else "every weight but FC8", path)
 
 
 def build_net(cfg: config_lib.Config, worker: Worker, opts: StepOptions, resume: dict[str, Any] | None,
@@ -315,7 +330,9 @@ def fit(run: Run) -> Result:
         prog.step = train_one_epoch(run.net, run.optimizer, run.loader, step=prog.step, opts=run.opts,
                                     worker=worker, global_batch=cfg.run.global_batch_size, log=run.log,
                                     log_every=cfg.run.log_every_steps,
-                                    max_batches=steps_to_checkpoint(prog.step, cfg.run), ledger=run.ledger)
+                                    max_batches=steps_to_checkpoint(prog.step, cfg.run), ledger=run.ledger,
+                                    total_steps=min(n for n in (cfg.schedule.epochs * len(run.loader),
+                                                                cfg.run.max_steps) if n))
         epoch_over = run.loader.step == len(run.loader)
         best = False
         if epoch_over:
@@ -350,8 +367,9 @@ def log_epoch(run: Run, tally: scoring.Tally) -> None:
         return
     prog = run.prog
     run.log({**prog.metrics, "epoch": prog.epoch}, prog.step * run.cfg.run.global_batch_size)
-    log_.info("epoch %d: val top-1 %.4f top-5 %.4f (%d images), %.1f s, next lr %g", prog.epoch,
-              tally.top1_error, tally.top5_error, tally.n, prog.metrics["epoch_time_s"], prog.schedule.lr)
+    log_.info("epoch %d: val top-1 err %.2f %%, top-5 err %.2f %% (%d images), %.1f s, next lr %g", prog.epoch,
+              100 * tally.top1_error, 100 * tally.top5_error, tally.n, prog.metrics["epoch_time_s"],
+              prog.schedule.lr)
 
 
 def run_worker(cfg: config_lib.Config, worker: Worker, *, report: Report, log: Log,

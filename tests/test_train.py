@@ -236,7 +236,10 @@ def test_killed_driver_rerun_resumes_into_the_same_run_while_mlflow_comes_and_go
     assert_every_point_once(server.client(), run, steps=24, log_every=1, epochs=8, batch=16)
 
 
-TRAIN_KEYS = {"train/loss", "train/top1_err", "train/top5_err", "lr", "train/images_per_s", "train/data_wait_frac"}
+TRAIN_KEYS = {"train/loss", "train/top1_err", "train/top5_err", "lr", "train/images_per_s", "train/data_wait_frac",
+              "epoch", *(f"goodput/{c}_s" for c in ("compute", "data_wait", "validation", "checkpoint", "startup",
+                                                   "restore", "lost"))}
+END_KEYS = {"goodput/wall_s", "goodput/fraction"}   # once, at the run's end
 
 
 def assert_every_point_once(client, run, steps: int, log_every: int, epochs: int, batch: int) -> None:
@@ -245,7 +248,9 @@ def assert_every_point_once(client, run, steps: int, log_every: int, epochs: int
     assert TRAIN_KEYS <= set(run.data.metrics) and "val/top1_err" in run.data.metrics
     for key in run.data.metrics:
         logged = steps_of(client, run.info.run_id, key)
-        if key in TRAIN_KEYS:
+        if key in END_KEYS:
+            assert logged == [batch * steps], key
+        elif key in TRAIN_KEYS:
             assert logged == [batch * s for s in range(log_every, steps + 1, log_every)], key
         else:
             assert logged == [batch * steps // epochs * e for e in range(1, epochs + 1)], key

@@ -65,7 +65,13 @@ def test_loop_trains_validates_and_checkpoints_in_one_process(sample_dataset, ca
     assert train_steps == [16, 32, 48, 64, 80, 96]
     val = [m for _, m in rec.logged if "val/top1_err" in m]
     assert len(val) == 2 and all(0 <= m["val/top1_err"] <= 1 and m["val/top5_err"] <= m["val/top1_err"] for m in val)
-    assert {"train/top1_err", "train/top5_err", "lr", "train/images_per_s", "train/data_wait_frac"} <= set(rec.logged[0][1])
+    first_train = next(m for _, m in rec.logged if "train/loss" in m)
+    assert {"train/top1_err", "train/top5_err", "lr", "train/images_per_s", "train/data_wait_frac",
+            "epoch"} <= set(first_train)
+    # The goodput ledger at every log point, growing (pipeline/goodput.py).
+    ledgers = [m for _, m in rec.logged if "goodput/compute_s" in m]
+    assert len(ledgers) == len(train_steps) and ledgers[-1]["goodput/compute_s"] > ledgers[0]["goodput/compute_s"] > 0
+    assert state["metrics"]["goodput/validation_s"] > 0 and state["metrics"]["goodput/startup_s"] > 0
     assert result.tally.n == 32  # every validation image once
     assert result.metrics["val/top1_err"] == val[-1]["val/top1_err"]
 
@@ -173,6 +179,23 @@ def test_init_from_a_and_dense_validation(sample_dataset, tmp_path):
         torch.testing.assert_close(d_state[f"{d_key}.weight"], a_state[f"{a_key}.weight"], atol=1e-6, rtol=0)
     assert not torch.equal(d_state["features.2.weight"][:, :, 0], torch.zeros_like(d_state["features.2.weight"][:, :, 0]))
     assert result.tally.n == 32 and 0 <= result.metrics["val/top1_err"] <= 1  # dense: every image once
+
+
+def test_init_from_a_bare_state_dict_with_a_new_head(sample_dataset, tmp_path):
+    """A torchvision-style weights file (a bare state_dict, 10 classes) starts a 4-class run: every
+    layer but FC8 comes from it, FC8 is a fresh layer of the new size."""
+    import model
+
+    parent = model.build("A", num_classes=10, width=0.0625, image_size=32).state_dict()
+    torch.save(parent, tmp_path / "vgg11-10-classes.pth")
+    rec = Recorder()
+    cfg = one_process_cfg(sample_dataset, **{"model.init_from": tmp_path / "vgg11-10-classes.pth",
+                                             "model.reinit_head": True, "run.max_steps": 1, "optim.lr": 1e-9})
+    run_worker(cfg, Worker(), report=rec.report, log=rec.log)
+    got = rec.reported[-1][1]["model"]
+    for key in ("features.0.weight", "features.8.bias", "classifier.0.weight", "classifier.3.weight"):
+        torch.testing.assert_close(got[key], parent[key], atol=1e-6, rtol=0)
+    assert got["classifier.6.weight"].shape[0] == 4 != parent["classifier.6.weight"].shape[0]
 
 
 def test_uneven_global_batch_is_an_error(sample_dataset):

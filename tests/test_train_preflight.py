@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import model
 from jobs import _cli, _ray
 from jobs import train as J
 from pipeline import checkpoint as ckpt
@@ -39,6 +41,7 @@ def places(tmp_path, sample_dataset):
     shutil.copytree(sample_dataset, cut)
     shard = sorted(cut.glob("train-*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[:-4096])
+    torch.save(model.build("A", num_classes=10, width=0.0625, image_size=32).state_dict(), tmp_path / "tv.pth")
     return tmp_path
 
 
@@ -58,6 +61,7 @@ CASES = [  # (id, overrides; {tmp} is the test's folder, what the error line mus
     ("no-room-for-checkpoints", {"run.keep_last": 10 ** 7}, "run.keep_last"),
     ("must-resume-nothing", {"run.resume": "must"}, "run.resume"),
     ("missing-parent", {"model.init_from": "{tmp}/no-parent"}, "no-parent"),
+    ("parent-with-other-classes", {"model.init_from": "{tmp}/tv.pth"}, "model.reinit_head"),
 ]
 
 
