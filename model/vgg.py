@@ -23,6 +23,7 @@ cfgs: dict[str, list] = {
 
 ALIASES = {"vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16_c": "C", "vgg16": "D", "vgg19": "E"}
 FC_WIDTH = 4096
+HEAD_KEYS = ("classifier.6.weight", "classifier.6.bias")   # FC8: the one layer sized by the class count
 STRIDE = 32  # five 2x2 pools
 
 
@@ -59,6 +60,12 @@ def make_layers(cfg: list, width: float = 1.0) -> nn.Sequential:
         if v == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         elif v == "L":
+            # AlexNet's LRN with the parameters of its paper (size n 5, alpha 1e-4, beta 0.75, k 2),
+            # which VGG's A-LRN names. torch computes b = a / (k + alpha/n * sum a^2)^beta: alpha is
+            # divided by n, as in Caffe's LRN layer (VGG's framework) and Krizhevsky's cuda-convnet
+            # (layer.py: scale /= size), while AlexNet's paper writes alpha without /n. So alpha=1e-4
+            # here is the frameworks' reading; the paper's formula taken literally is alpha=5e-4.
+            # docs/models.md.
             layers.append(nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0))
         else:
             channels, kernel = v if isinstance(v, tuple) else (v, 3)

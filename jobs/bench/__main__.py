@@ -11,6 +11,7 @@ BENCHES = {
     "preprocess": "preprocessing images/s vs the naive webdataset ShardWriter + PIL re-encode baseline",
     "eval": "dense-evaluation images/s",
     "scaling": "DDP all-reduce time and scaling efficiency on paper (no GPU needed)",
+    "schedule": "the plateau rule's decay epochs on simulated noisy and creeping val curves (no GPU)",
 }
 
 
