@@ -33,6 +33,7 @@ class ModelConfig:
     init_from: str = ""                  # "" | checkpoint path or "runs:/<mlflow run id>" of the parent
     init_from_mode: str = "all"          # all: the parent's whole state_dict (S=384 from S=256) |
                                          # a: the paper's first-four-convs + FCs from a trained A
+    reinit_head: bool = False            # start FC8 afresh instead of taking the parent's (another class count)
     dropout: float = 0.5
 
 
