@@ -47,6 +47,9 @@ CASES = [
     ("demo-unknown-key", config.ConfigError, ["jobs.demo", "--out", "{tmp}/demo", "--set", "run.colour=red"],
      "run.colour"),
     ("bench-unknown", UsageError, ["jobs.bench", "speed"], "speed"),
+    ("transfer-one-split", UsageError, ["jobs.transfer", "--run", "{tmp}/good.pt", "--out", "{tmp}/t",
+                                        "--split", "train"], "--train-per-class"),
+    ("config-unknown-section", UsageError, ["jobs.config", "optimiser"], "optimiser"),
 ]
 IDS = [c[0] for c in CASES]
 FIRST_OF_EACH = [c for i, c in enumerate(CASES) if c[2][0] not in {d[2][0] for d in CASES[:i]}]
