@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo install clean ui-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo
+
+# Not part of `make test`: the demo's runs in the MLflow UI, rendered by headless Chromium (Debian's
+# package; Playwright drives it and downloads no browser); screenshots to docs/images/.
+ui-check: $(STAMP)
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium chromium-driver)
+	$(PY) -m pip install -q playwright
+	$(PY) -m jobs.ui_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out
