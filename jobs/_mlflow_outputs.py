@@ -8,7 +8,7 @@
   and the preprocessing history;
 - the best weights as an MLflow PyTorch model in the ``pt2`` format (``torch.export``: loading it runs
   no pickled code), with its signature, class names and the preprocessing it expects, its validation
-  errors attached, and registered when ``tracking.register_model`` names a model.
+  errors attached (as the logged model's tags), and registered when ``tracking.register_model`` names a model.
 Each is done once per run, whatever the number of reruns (the run's tags say what is there).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def experiment_id(client, name: str, tracking_uri: str, storage_path: str) -> st
 
 def log_dataset(client, run_id: str, root: str) -> None:
     """The dataset as the run's training input, once."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
@@ -62,7 +62,11 @@ def log_dataset(client, run_id: str, root: str) -> None:
         def to_dict(self):
             return {**super().to_dict(), "profile": json.dumps(profile)}
 
-    dataset = ShardDataset(resolve_dataset_source(str(root)), name=Path(root).name, digest=info["fingerprint"][:36])
+    # A local folder matches two registered source kinds (file: and bare paths): name the first, or
+    # MLflow warns that it is ambiguous.
+    local = [s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource"][:1]
+    source = resolve_dataset_source(str(root), candidate_sources=None if files.is_uri(root) else local)
+    dataset = ShardDataset(source, name=Path(root).name, digest=info["fingerprint"][:36])
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
                                                      tags=[InputTag("mlflow.data.context", "training")])])
 
@@ -99,8 +103,10 @@ def log_model(client, tracking_uri: str, run_id: str, checkpoint: str, register:
             net, name="model", input_example=np.zeros((2, 3, crop, crop), np.float32), metadata=metadata,
             serialization_format="pt2", registered_model_name=register or None,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
-        errors = {k: float(v) for k, v in state.get("metrics", {}).items() if k.startswith("val/")}
+        # The model's own record, not the run's: a metric logged here would also land in the run's
+        # history, a second point at a step the training already logged.
+        errors = {k: f"{v:.6f}" for k, v in state.get("metrics", {}).items() if k.startswith("val/")}
         if errors:
-            mlflow.log_metrics(errors, model_id=model.model_id)
+            mlflow.set_logged_model_tags(model.model_id, errors)
     client.set_tag(run_id, MODEL_URI_TAG, model.model_uri)
     return model.model_uri

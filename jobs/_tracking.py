@@ -252,7 +252,11 @@ class Tracker:
         from mlflow.entities import Metric
 
         head = min(1000, len(self._pending))  # MLflow's MAX_METRICS_PER_BATCH
-        batch = [m for m in list(self._pending)[:head] if m[3] > self._last_step.get(m[0], -1)]
+        batch, newest = [], dict(self._last_step)
+        for m in list(self._pending)[:head]:  # each key's steps once: a replay, or one value logged twice
+            if m[3] > newest.get(m[0], -1):
+                batch.append(m)
+                newest[m[0]] = m[3]
         if batch:
             ok, _ = self._call("log metrics", lambda: self._client.log_batch(
                 self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in batch]))

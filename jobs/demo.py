@@ -44,6 +44,15 @@ def prepare_data(out: Path, classes: int, train_per_class: int, val_per_class: i
     return data
 
 
+def ui_link(db: Path, run_id: str) -> str:
+    """The run's page in the MLflow UI, in its model-training view: MLflow 3's UI opens an experiment
+    in its GenAI view unless the link asks (the experiment's kind tag is not enough for it)."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(f"sqlite:///{db}").get_run(run_id).info.experiment_id if run_id else "0"
+    return f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Checkpoints: {summary['run_folder']}")
     print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n"
           f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000\n"
-          f"  then browse http://127.0.0.1:5000")
+          f"  then browse {ui_link(db, summary['mlflow_run_id'])}")
     if top1 > chance - 0.4:
         print(f"the net did not learn enough: {top1:.1%} is not far below chance ({chance:.0%})", file=sys.stderr)
         return 1

@@ -214,7 +214,7 @@ def fit(cfg: config_lib.Config, folder: str, run_id: str, tags: dict[str, str]) 
     from ray.train.torch import TorchTrainer                            # RAY
 
     files.remove(files.join(folder, DATA_ERROR))   # an earlier command's verdict on data since repaired
-    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES) and k not in job_env_vars()}
     _ray.connect(cfg.run.workers * cfg.run.cpus_per_worker, {"env_vars": forwarded} if forwarded else None)
     trainer = TorchTrainer(
         train_loop_per_worker,                                     # RAY: runs on every worker
@@ -228,6 +228,13 @@ def fit(cfg: config_lib.Config, folder: str, run_id: str, tags: dict[str, str]) 
     )
     result = trainer.fit()
     return {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else ""}
+
+
+def job_env_vars() -> dict[str, str]:
+    """The env_vars of the Ray job this driver runs in (``ray job submit`` / ``jobs.submit``): Ray
+    refuses to merge a runtime env that sets one of them again, even to the same value."""
+    spec = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return (json.loads(spec).get("runtime_env") or {}).get("env_vars") or {} if spec else {}
 
 
 def finish(cfg: config_lib.Config, folder: str, tracker: _tracking.Tracker) -> dict[str, Any]:

@@ -97,7 +97,8 @@ def test_a_disk_full_mid_run_leaves_every_checkpoint_whole_and_says_so(ray_clust
     assert rc == 2, text[-4000:]
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(storage) in errors[0] and "full" in errors[0] and "MiB" in errors[0]
-    assert "Traceback" not in text.split("error: ")[-1]
+    driver = [line for line in text.splitlines() if "RayTrainWorker" not in line and "(Train" not in line]
+    assert not [line for line in driver if "Traceback" in line]     # the workers' own say why, in Ray's log
     saved = sorted(storage.rglob(ckpt.FILENAME))
     assert len(saved) >= 2
     for path in saved:                                   # nothing cut short under a final name

@@ -50,6 +50,8 @@ CASES = [
     ("transfer-one-split", UsageError, ["jobs.transfer", "--run", "{tmp}/good.pt", "--out", "{tmp}/t",
                                         "--split", "train"], "--train-per-class"),
     ("config-unknown-section", UsageError, ["jobs.config", "optimiser"], "optimiser"),
+    ("submit-missing-data", config.ConfigError, ["jobs.submit", "train", "--set", "data.root=nowhere-to-be-found"],
+     "data.root"),
 ]
 IDS = [c[0] for c in CASES]
 FIRST_OF_EACH = [c for i, c in enumerate(CASES) if c[2][0] not in {d[2][0] for d in CASES[:i]}]
