@@ -35,7 +35,11 @@ def train_proc(cluster, args: list[str], log: Path, **env) -> subprocess.Popen:
 
 
 def run_train(cluster, args: list[str], log: Path, timeout: float = 400, **env) -> str:
-    proc = train_proc(cluster, args, log, **env)
+    return succeeded(train_proc(cluster, args, log, **env), log, timeout)
+
+
+def succeeded(proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    """Wait for ``proc`` (then stop its group whatever happened), assert it exited 0; its output."""
     try:
         rc = proc.wait(timeout=timeout)
     finally:
@@ -66,10 +70,4 @@ def submit_job(cluster, args: list[str], cwd: Path, log: Path, timeout: float = 
     proc = subprocess.Popen([sys.executable, "-m", "jobs.submit", "--address", cluster["dashboard"],
                              "--python", sys.executable, *args], cwd=cwd, env=cluster["env"],
                             stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout)
-    finally:
-        stop_group(proc)
-    text = log.read_text()
-    assert rc == 0, text[-6000:]
-    return text
+    return succeeded(proc, log, timeout)

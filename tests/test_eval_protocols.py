@@ -16,16 +16,6 @@ from pipeline import scoring as S
 CLASSES = 10
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny nets on a shared 2-core machine: two intra-op threads contend with every other process
-    (a width-1/32 forward measured 30x slower with 2 threads than with 1 under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(name="A", crop=32, seed=0, classes=CLASSES):
     torch.manual_seed(seed)
     return model.build(name, num_classes=classes, width=1 / 16, image_size=crop, init="glorot").eval()

@@ -17,16 +17,6 @@ from pipeline.dataset import stored_labels
 from storage.dataformat import DataError
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny nets on a shared 2-core machine: two intra-op threads contend with every other process
-    (a width-1/32 forward measured 30x slower with 2 threads than with 1 under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------- metrics, no data
 
 def test_average_precision_is_sklearns_with_and_without_ties():
