@@ -299,3 +299,14 @@ def test_descriptor_averages_or_stacks_scales_and_stacks_nets():
     torch.testing.assert_close(big[:, :6].norm(dim=1), torch.full((4,), 0.5 ** 0.5))
     with pytest.raises(ValueError, match="Only mean, stack"):
         F.descriptor([d], "max")
+
+
+def test_both_is_the_mean_of_the_dense_and_multicrop_posteriors():
+    """Table 5's "dense + multi-crop": the two protocols' posteriors averaged, neither left out."""
+    net = tiny()
+    imgs = images([(40, 56), (48, 48)], seed=2)
+    got = E.posteriors_at_scale([net], imgs, E.Protocol(modes=("both",), scales=(40,), crop=32))["both"]
+    alone = [E.posteriors_at_scale([net], imgs, E.Protocol(modes=(m,), scales=(40,), crop=32))[m]
+             for m in ("dense", "multicrop")]
+    torch.testing.assert_close(got, (alone[0] + alone[1]) / 2, atol=1e-6, rtol=0)
+    assert (alone[0] - alone[1]).abs().max() > 1e-4  # the two differ, so leaving one out would show

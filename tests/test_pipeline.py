@@ -334,3 +334,20 @@ def test_bad_arguments_are_named(sample_dataset, data_config):
         TrainLoader(cfg, 8, 2, 2)
     with pytest.raises(ValueError, match="Only center, dense, multicrop"):
         EvalLoader(cfg, 4, 0, 1, mode="tencrop")
+
+
+def test_evaluation_subtracts_the_training_mean_in_every_mode(pattern_dataset, data_config, tmp_path):
+    """The paper's one preprocessing step holds at test time too: each eval mode's pixels are the
+    unnormalised ones less dataset.json's mean RGB, as in training."""
+    root = with_stats(pattern_dataset, tmp_path, mean_rgb=[11.0, 22.0, 33.0])
+    mean = torch.tensor([11.0, 22.0, 33.0])[:, None, None]                # (3, 1, 1)
+
+    def by_key(cfg, mode):
+        return {k: img for b in EvalLoader(cfg, 4, 0, 1, mode=mode) for k, img in zip(b.keys, b.images)}
+
+    for mode in ("center", "dense", "multicrop"):
+        plain = by_key(data_config(root, mean_subtraction=False), mode)
+        centred = by_key(data_config(root), mode)
+        assert plain.keys() == centred.keys() and len(plain) == 8, mode
+        for k in plain:
+            torch.testing.assert_close(plain[k] - centred[k], mean.expand_as(plain[k]))
