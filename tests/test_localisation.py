@@ -1,0 +1,227 @@
+"""Localisation groundwork (issue 16): box arithmetic, the ILSVRC metric, greedy merging, the SCR/PCR
+heads and their loss, and the annotation parsers, each on cases computed by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import model
+from model.heads import box_loss, box_outputs, init_from_classification, to_localisation
+from pipeline.boxes import (box_iou, cxcywh_to_xyxy, greedy_merge, is_correct, localisation_error,
+                            top_guesses, xyxy_to_cxcywh)
+from preprocessing.annotations import (Annotations, check_boxes, read_kaggle_csv, read_voc_dir,
+                                       read_voc_xml)
+from storage.dataformat import DataError
+
+T = torch.tensor
+
+
+# ---------------------------------------------------------------- boxes and the metric
+
+def test_conversions_by_hand_and_round_trip():
+    assert xyxy_to_cxcywh(T([10., 20., 30., 60.])).tolist() == [20., 40., 20., 40.]
+    assert cxcywh_to_xyxy(T([[20., 40., 20., 40.]])).tolist() == [[10., 20., 30., 60.]]
+    b = T([[0., 1., 5., 9.], [2.5, 3., 4., 7.5]])
+    assert torch.equal(cxcywh_to_xyxy(xyxy_to_cxcywh(b)), b)
+
+
+def test_iou_by_hand():
+    a = T([[0., 0., 2., 2.]])
+    b = T([[1., 1., 3., 3.],      # overlap 1, union 4 + 4 - 1 = 7
+           [0., 0., 2., 2.],      # identical
+           [2., 0., 4., 2.],      # touching edge: no area in common
+           [0., 0., 4., 2.]])     # contains a: 4 / 8
+    iou = box_iou(a, b)
+    assert iou.shape == (1, 4)
+    assert iou[0].tolist() == pytest.approx([1 / 7, 1.0, 0.0, 0.5])
+    assert box_iou(T([[1., 1., 1., 1.]]), T([[1., 1., 1., 1.]])).item() == 0.0   # degenerate: 0, not NaN
+
+
+def test_correct_needs_the_right_class_and_iou_strictly_above_half():
+    gt_labels, gt_boxes = T([7, 4]), T([[0., 0., 10., 10.], [20., 20., 30., 30.]])
+    assert is_correct(4, T([21., 20., 30., 30.]), gt_labels, gt_boxes)            # IoU 0.9
+    assert not is_correct(7, T([20., 20., 30., 30.]), gt_labels, gt_boxes)        # box of the other class
+    assert not is_correct(7, T([0., 0., 20., 10.]), gt_labels, gt_boxes)          # IoU exactly 0.5
+    assert is_correct(7, T([0., 0., 19., 10.]), gt_labels, gt_boxes)              # 100 / 190 > 0.5
+    assert not is_correct(3, T([0., 0., 10., 10.]), gt_labels, gt_boxes)          # class not in the image
+    assert not is_correct(7, T([0., 0., 10., 10.]), T([], dtype=torch.long), torch.zeros(0, 4))
+
+
+def test_top1_and_top5_localisation_error_by_hand():
+    far = [999, [0., 0., 1., 1.]]
+
+    def guesses(*gs):
+        gs = list(gs) + [far] * (5 - len(gs))
+        return [g[0] for g in gs], [g[1] for g in gs]
+
+    images = [
+        guesses([1, [0., 0., 10., 10.]], [3, [0., 0., 10., 10.]]),   # right at guess 2: top-5 only
+        guesses([2, [5., 0., 15., 10.]]),                             # right class, IoU 1/3: wrong
+        guesses([4, [21., 20., 30., 30.]]),                           # right at guess 1
+    ]
+    labels = T([g[0] for g in images])
+    boxes = T([g[1] for g in images])
+    gt = [(T([3]), T([[0., 0., 10., 10.]])), (T([2]), T([[0., 0., 10., 10.]])),
+          (T([7, 4]), T([[0., 0., 10., 10.], [20., 20., 30., 30.]]))]
+    assert localisation_error(labels, boxes, gt, k=1) == pytest.approx(2 / 3)
+    assert localisation_error(labels, boxes, gt, k=5) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="disagree"):
+        localisation_error(labels, boxes, gt[:2], k=5)
+
+
+# ---------------------------------------------------------------- greedy merging
+
+def merge_case():
+    boxes = T([[0., 0., 10., 10.],     # A, class 0
+               [1., 0., 11., 10.],     # B, class 0: IoU(A, B) = 90/110
+               [2., 0., 12., 10.],     # C, class 0: IoU(B, C) = 90/110, IoU(A, C) = 80/120
+               [50., 50., 60., 60.],   # D, class 0, far from the rest
+               [0., 0., 10., 10.]])    # E, class 1: A's box, another class, so never merged with A
+    scores = T([0.5, 0.25, 0.125, 0.9, 0.3])
+    labels = T([0, 0, 0, 0, 1])
+    return boxes, scores, labels
+
+
+def test_greedy_merging_by_hand():
+    # A+B first (IoU 0.818), then AB's mean (0.5, 0, 10.5, 10) with C: overlap 85, union 115, 0.739 > 0.5.
+    # The result is the mean of A, B, C, (1, 0, 11, 10) (pairwise averaging would give x1 = 1.25),
+    # scored 0.5 + 0.25 + 0.125; D stays alone and ranks first on its own 0.9.
+    b, s, lab = greedy_merge(*merge_case())
+    assert lab.tolist() == [0, 0, 1]
+    assert s.tolist() == pytest.approx([0.9, 0.875, 0.3])
+    assert b.tolist() == [[50., 50., 60., 60.], [1., 0., 11., 10.], [0., 0., 10., 10.]]
+
+
+def test_greedy_merging_threshold_is_strict_and_raising_it_keeps_boxes_apart():
+    half = T([[0., 0., 10., 10.], [0., 0., 10., 20.]])      # IoU exactly 0.5
+    b, s, _ = greedy_merge(half, T([1., 2.]), T([0, 0]))
+    assert len(b) == 2 and s.tolist() == [2., 1.]
+    b, _, _ = greedy_merge(*merge_case(), threshold=0.8)     # only A+B (0.818) and then nothing else
+    assert len(b) == 4
+    assert [0.5, 0., 10.5, 10.] in b.tolist()
+    empty = greedy_merge(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    assert [len(x) for x in empty] == [0, 0, 0]
+
+
+def test_top_guesses_keep_the_best_box_of_each_class():
+    merged = greedy_merge(*merge_case())
+    labels, boxes = top_guesses(*merged, k=5)
+    assert labels.tolist() == [0, 1]                          # two classes, so two guesses
+    assert boxes.tolist() == [[50., 50., 60., 60.], [0., 0., 10., 10.]]
+    labels, _ = top_guesses(*merged, k=1)
+    assert labels.tolist() == [0]
+
+
+# ---------------------------------------------------------------- heads and loss
+
+def tiny(num_classes: int = 10):
+    torch.manual_seed(0)
+    return model.build("A", num_classes=num_classes, width=1 / 16, image_size=32)
+
+
+@pytest.mark.parametrize("head, width", [("scr", 4), ("pcr", 40)])
+def test_heads_output_shapes(head, width):
+    net = to_localisation(tiny(), head).eval()
+    assert box_outputs(head, 10) == width
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, width)
+    assert net.classifier[6].bias.abs().sum() == 0                        # fresh layer: zero bias
+    assert 0.005 < net.classifier[6].weight.std().item() < 0.02           # N(0, 0.01)
+    with pytest.raises(ValueError, match="Only scr, pcr"):
+        box_outputs("box", 10)
+
+
+@pytest.mark.parametrize("head", ["scr", "pcr"])
+def test_init_from_a_classification_net_keeps_every_weight_but_the_head(head):
+    cls_state = tiny().state_dict()
+    torch.manual_seed(1)                                                  # other weights than cls's
+    loc = to_localisation(model.build("A", num_classes=10, width=1 / 16, image_size=32), head)
+    fresh_head = loc.classifier[6].weight.clone()
+    copied = init_from_classification(loc, cls_state)
+    assert set(copied) == set(cls_state) - set(model.HEAD_KEYS)
+    for k, v in loc.state_dict().items():
+        if k not in model.HEAD_KEYS:
+            assert torch.equal(v, cls_state[k]), k
+    assert torch.equal(loc.classifier[6].weight, fresh_head)              # the head stays random
+    other = model.build("B", num_classes=10, width=1 / 16, image_size=32).state_dict()
+    with pytest.raises(ValueError, match="do not fit"):
+        init_from_classification(to_localisation(tiny(), head), other)
+
+
+def test_box_loss_by_hand():
+    pred, target = T([[1., 2., 3., 4.], [0., 0., 0., 0.]]), T([[0., 2., 3., 6.], [1., 1., 1., 1.]])
+    assert box_loss(pred, target).item() == pytest.approx((1 + 0 + 0 + 4 + 4) / 8)
+    # PCR with 3 classes: sample 0 is class 2 (outputs 8..11), sample 1 class 0 (outputs 0..3); the
+    # other classes' outputs are 100 and must not count.
+    pcr = torch.full((2, 12), 100.)
+    pcr[0, 8:12], pcr[1, 0:4] = pred[0], pred[1]
+    assert box_loss(pcr, target, T([2, 0])).item() == pytest.approx(9 / 8)
+    with pytest.raises(ValueError, match="labels"):
+        box_loss(pcr, target)
+
+
+# ---------------------------------------------------------------- annotations
+
+def test_kaggle_csv(tmp_path):
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\n"
+                   "v1,n01 10 20 30 40 n01 50 60 70 80 \n"
+                   "v2,n02 0 0 600 400\n"
+                   "v3,\n"
+                   "v4,n03 1 2 3\n"
+                   "v5,n03 1 2 3 4 n03 a b c d\n\n")
+    ann = read_kaggle_csv(csv)
+    assert ann.boxes == {"v1": [("n01", 10., 20., 30., 40.), ("n01", 50., 60., 70., 80.)],
+                         "v2": [("n02", 0., 0., 600., 400.)], "v3": [], "v4": [],
+                         "v5": [("n03", 1., 2., 3., 4.)]}
+    assert len(ann.problems) == 2
+    assert ann.problems[0].startswith(f"{csv}:5: v4:") and "groups of 5" in ann.problems[0]
+    assert "box 2" in ann.problems[1] and ":6: v5:" in ann.problems[1]
+    (tmp_path / "bad.csv").write_text("id,label\nv1,n01\n")
+    with pytest.raises(DataError, match="ImageId,PredictionString"):
+        read_kaggle_csv(tmp_path / "bad.csv")
+
+
+def voc(objects: str, size: str = "<size><width>500</width><height>375</height><depth>3</depth></size>"):
+    return f"<annotation><folder>val</folder><filename>x</filename>{size}{objects}</annotation>"
+
+
+def obj(name, *coords):
+    tags = ("xmin", "ymin", "xmax", "ymax")
+    return f"<object><name>{name}</name><bndbox>" + "".join(
+        f"<{t}>{c}</{t}>" for t, c in zip(tags, coords)) + "</bndbox></object>"
+
+
+def test_voc_xml(tmp_path):
+    d = tmp_path / "Annotations" / "CLS-LOC" / "val"
+    d.mkdir(parents=True)
+    (d / "v1.xml").write_text(voc(obj("n01", 10, 20, 30, 40) + obj("n02", 100, 0, 520, 375)
+                                  + obj("n03", 1, "two", 3, 4)))
+    (d / "v2.xml").write_text(voc(""))                                    # an image without boxes
+    (d / "v3.xml").write_text("<annotation><object>")                     # truncated file
+    ann = read_voc_dir(tmp_path / "Annotations")
+    assert ann.boxes == {"v1": [("n01", 10., 20., 30., 40.), ("n02", 100., 0., 520., 375.)], "v2": []}
+    assert ann.sizes == {"v1": (500, 375), "v2": (500, 375)}
+    assert len(ann.problems) == 2
+    assert "v1.xml: object 3" in ann.problems[0] and "v3.xml: not readable XML" in ann.problems[1]
+    one = Annotations()
+    read_voc_xml(d / "v1.xml", one)
+    read_voc_xml(d / "v1.xml", one)     # a second file for the same image adds to its boxes
+    assert len(one.boxes["v1"]) == 4
+
+
+def test_check_boxes_clips_counts_and_rejects_with_reasons():
+    boxes = [("a", 10., 10., 20., 20.),       # fine
+             ("b", -5., 0., 20., 600.),       # clipped to (0, 0, 20, 375)
+             ("c", 100., 0., 520., 375.),     # xmax = 520 > 500: clipped
+             ("d", 30., 10., 20., 40.),       # reversed in x
+             ("e", 10., 40., 20., 40.),       # zero height
+             ("f", 600., 10., 700., 20.),     # wholly right of the image
+             ("g", math.nan, 0., 1., 1.)]
+    c = check_boxes(boxes, 500, 375)
+    assert c.kept == [("a", 10., 10., 20., 20.), ("b", 0., 0., 20., 375.), ("c", 100., 0., 500., 375.)]
+    assert c.clipped == 2
+    assert [(b[0], r) for b, r in c.rejected] == [("d", "x1 >= x2"), ("e", "y1 >= y2"),
+                                                  ("f", "outside the image"), ("g", "not finite")]
+    assert check_boxes([], 10, 10) == type(c)([], 0, [])
