@@ -8,6 +8,7 @@ driver leaves Ray's DashboardAgent and RuntimeEnvAgent behind (~230 MB): they no
 death, then block for 60 s trying to report it to the dead GCS, deaf to SIGTERM meanwhile."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -98,10 +99,8 @@ def _reap_session(marker: Path) -> list[int]:
     anyone could write). SIGKILL: the agents' SIGTERM handler waits for their 60 s report to end."""
     procs = members(str(marker.parent))
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):   # gone already: what we wanted
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     deadline = time.monotonic() + 10
     while any(map(_running, procs)) and time.monotonic() < deadline:
         time.sleep(0.05)

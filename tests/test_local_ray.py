@@ -5,6 +5,7 @@ PlacementGroupCleaner warnings. Every Ray here lives in its own RAY_TMPDIR, so o
 these tests' sessions are looked at or killed."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,10 +36,8 @@ def ray_tmp():
     yield tmp, {**env, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0"}
     for session in (tmp / "ray").glob("session_2*"):
         for proc in _ray.members(str(session)):
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):   # gone already
                 proc.kill()
-            except psutil.NoSuchProcess:
-                pass
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -65,11 +64,9 @@ def running(procs: list[psutil.Process]) -> list[str]:
     """Those still running (a zombie has ended; psutil.Process checks the pid was not reused)."""
     out = []
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):   # gone between listing and asking: not running
             if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
                 out.append(f"{proc.pid} {proc.name()}")
-        except psutil.NoSuchProcess:
-            pass
     return out
 
 
