@@ -100,8 +100,10 @@ def explain_failure(cfg: config_lib.Config, run_folder: str, plan, error: Except
         raise DataError(message) from error
     if files.is_uri(run_folder) or not Path(run_folder).is_dir():
         return
-    latest = sorted(Path(run_folder).glob("checkpoint_*/checkpoint.pt"))
-    one = checkpoint_bytes(cfg, str(latest[-1]) if latest else plan.checkpoint)
+    from pipeline import checkpoint as ckpt
+
+    newest = ckpt.step_folders(run_folder)[:1]
+    one = checkpoint_bytes(cfg, files.join(newest[0], ckpt.FILENAME) if newest else plan.checkpoint)
     free = shutil.disk_usage(run_folder).free
     if free < one:
         raise StorageError(f"run.storage_path {cfg.run.storage_path}: full ({mib(free)} free) while writing a "

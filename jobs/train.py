@@ -157,7 +157,7 @@ def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
     tracker = _tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, folder,
                                params=_tracking.params_from(config_lib.flatten(cfg)), tags=tags,
                                retry_s=cfg.tracking.retry_s, enabled=cfg.tracking.enabled)
-    run_id = connect_run(tracker, cfg, folder)
+    run_id = connect_run(tracker, cfg, folder, (plan.state or {}).get("mlflow_run_id", ""))
     if plan.changed:
         tracker.set_tags({f"resume.step{plan.step}.changed": _resume.describe(plan, cfg)})
     if plan.kind == "complete":
@@ -195,12 +195,13 @@ def log_goodput(tracker: _tracking.Tracker, folder: str, wall_s: float) -> None:
              ", ".join(f"{k} {v:.0f} s" for k, v in ledger.seconds.items()))
 
 
-def connect_run(tracker: _tracking.Tracker, cfg: config_lib.Config, folder: str) -> str:
+def connect_run(tracker: _tracking.Tracker, cfg: config_lib.Config, folder: str, checkpoint_run_id: str) -> str:
     """The MLflow run id. Reachable: the run (found through the id file, or created). Unreachable:
-    the id a previous attempt left, so the workers log into that run once the server is back."""
+    the id a previous attempt left (the id file, else its checkpoint), so the workers log into that
+    run once the server is back."""
     if not cfg.tracking.enabled:
         return ""
-    run_id = tracker.connect() or _tracking.read_run_id(folder) or _run_id_from_latest_checkpoint(folder)
+    run_id = tracker.connect() or _tracking.read_run_id(folder) or checkpoint_run_id
     tracker.run_id = run_id
     if tracker.connect():
         tracker.log_text(config_lib.dump(cfg), "config.yaml")
@@ -254,14 +255,6 @@ def finish(cfg: config_lib.Config, folder: str, tracker: _tracking.Tracker) -> d
                 c, cfg.tracking.uri, tracker.run_id, best_file, cfg.tracking.register_model))
     delivered = tracker.close("FINISHED")
     return {"mlflow_run_id": tracker.run_id, "delivered": delivered}
-
-
-def _run_id_from_latest_checkpoint(folder: str) -> str:
-    """The run id a checkpoint kept, when the id file is gone but checkpoints are not."""
-    try:
-        return ckpt.load_checkpoint(folder, "latest").get("mlflow_run_id", "")
-    except FileNotFoundError:
-        return ""
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -168,14 +168,7 @@ def load_checkpoint(location: str | Path, which: str = "best") -> dict[str, Any]
     """Load a checkpoint dict (tensors on the CPU) from a file, a checkpoint folder or a run folder
     (see ``resolve``); never unpickles code (``weights_only=True``)."""
     path = resolve(location, which)
-    # A local file is mapped, not read: a driver that only looks at the config and progress of a
-    # checkpoint of D (1 GB with momentum) touches a few pages of it.
-    local = not files.is_uri(path)
-    source = path if local else io.BytesIO(files.read_bytes(path))
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=True, mmap=local)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a cut-short zip raises any of these
-        raise CheckpointError(f"{path}: not a readable checkpoint, damaged or cut short ({e})") from e
+    state = _load_file(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of format {FORMAT} "
                          f"(got format {state.get('format') if isinstance(state, dict) else type(state)})")
@@ -183,22 +176,28 @@ def load_checkpoint(location: str | Path, which: str = "best") -> dict[str, Any]
     return state
 
 
+def _load_file(path: str) -> Any:
+    """What ``torch.load(weights_only=True)`` finds in ``path``. A local file is mapped, not read: a
+    driver that only looks at the config and progress of a checkpoint of D (1 GB with momentum)
+    touches a few pages of it."""
+    local = not files.is_uri(path)
+    source = path if local else io.BytesIO(files.read_bytes(path))
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=local)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a cut-short zip raises any of these
+        raise CheckpointError(f"{path}: not a readable checkpoint, damaged or cut short ({e})") from e
+
+
 def load_weights(location: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """(a net's state_dict, the file it came from) from one of our checkpoints (its best weights) or
     from a bare state_dict file such as torchvision's ``vgg16-397923af.pth`` (loaded weights-only)."""
-    try:
-        state = load_checkpoint(location, "best")
-        return state["model"], state["path"]
-    except CheckpointError:
-        path = resolve(location, "best")
-        source = io.BytesIO(files.read_bytes(path)) if files.is_uri(path) else path
-        try:
-            bare = torch.load(source, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"{path}: neither a checkpoint nor a state_dict ({e})") from e
-        if not isinstance(bare, dict) or not all(isinstance(v, torch.Tensor) for v in bare.values()):
-            raise CheckpointError(f"{path}: neither a checkpoint of format {FORMAT} nor a state_dict of tensors")
-        return bare, str(path)
+    path = resolve(location, "best")
+    found = _load_file(path)
+    if isinstance(found, dict) and found.get("format") == FORMAT:
+        return found["model"], path
+    if not isinstance(found, dict) or not all(isinstance(v, torch.Tensor) for v in found.values()):
+        raise CheckpointError(f"{path}: neither a checkpoint of format {FORMAT} nor a state_dict of tensors")
+    return found, path
 
 
 def config_of(state: dict[str, Any]) -> config_lib.Config:

@@ -11,6 +11,7 @@ ever removed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -124,11 +125,9 @@ class Lock:
         try:
             fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
+            with contextlib.suppress(FileNotFoundError):   # the other breaker finished meanwhile
                 if time.time() - breaker.stat().st_mtime > BREAKER_STALE_S:
                     breaker.unlink(missing_ok=True)  # its writer was killed while breaking a lock
-            except FileNotFoundError:
-                pass  # the other breaker finished meanwhile
             time.sleep(0.05)
             return False
         try:
