@@ -9,16 +9,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 EXIT_AT_ENV = "VGG_TEST_EXIT_AT"           # "<rank>:<step>:<marker file>": that rank dies after that step, once
-STEP_DELAY_ENV = "VGG_TEST_STEP_DELAY_S"   # seconds added to every step, to time outside events
+GATE_ENV = "VGG_TEST_STEP_GATE"            # a file holding the last step a rank may finish before it waits
 CRASH_ENV = "VGG_TEST_CRASH_DURING_SAVE"   # any value: a checkpoint write dies halfway
 CRASH_EXIT = 17
 
 
 def after_step(rank: int, step: int) -> None:
-    """Slow the step down, or end the process the way a dying node does (``os._exit``: no cleanup),
-    once: the marker file records that it happened, so the retried worker carries on."""
-    if os.environ.get(STEP_DELAY_ENV):
-        time.sleep(float(os.environ[STEP_DELAY_ENV]))
+    """Hold the step until the test allows it, or end the process the way a dying node does
+    (``os._exit``: no cleanup), once: the marker file records that it happened, so the retried worker
+    carries on."""
+    if os.environ.get(GATE_ENV):
+        _wait_at_gate(Path(os.environ[GATE_ENV]), step)
     spec = os.environ.get(EXIT_AT_ENV)
     if not spec:
         return
@@ -26,6 +27,13 @@ def after_step(rank: int, step: int) -> None:
     if int(r) == rank and int(s) == step and not os.path.exists(marker):
         Path(marker).write_text(f"rank {rank} exited at step {step}\n")
         os._exit(1)
+
+
+def _wait_at_gate(gate: Path, step: int, poll_s: float = 0.05) -> None:
+    """Wait until ``gate`` allows ``step``: a test sets when outside events happen by the step, not by
+    the clock, so a loaded machine cannot run past them. The file is rewritten atomically by the test."""
+    while step > int(gate.read_text() or 0):
+        time.sleep(poll_s)
 
 
 def during_write(f: BinaryIO) -> None:

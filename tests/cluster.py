@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from pipeline import checkpoint as ckpt
+from pipeline import faults
+from storage import files
 from services import stop_group
 from tiny import tiny_sets
 
@@ -32,6 +34,13 @@ def train_proc(cluster, args: list[str], log: Path, **env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=REPO,
                             env={**cluster["env"], **env}, stdout=open(log, "a"), stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def gate(path: Path, step: int) -> dict[str, str]:
+    """Let the workers finish steps up to ``step``, then hold them (pipeline/faults.py); the env that
+    points them at the gate file."""
+    files.atomic_write(path, f"{step}\n".encode())
+    return {faults.GATE_ENV: str(path)}
 
 
 def run_train(cluster, args: list[str], log: Path, timeout: float = 400, **env) -> str:

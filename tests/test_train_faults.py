@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cluster import REPO, checkpoints, only_run, run_train, small, train_proc
+from cluster import REPO, checkpoints, gate, only_run, run_train, small, train_proc
 from pipeline import checkpoint as ckpt
 from services import free_port, stop_group, wait_for
 from test_train import assert_every_point_once
@@ -83,13 +83,15 @@ def test_a_disk_full_mid_run_leaves_every_checkpoint_whole_and_says_so(ray_clust
     args = [*DEMO, *small(sample_dataset, storage, "full", "", **{
         "schedule.epochs": 12, "run.checkpoint_every_steps": 1, "run.keep_last": 8,   # Ray deletes none
         "tracking.enabled": "false"})]
-    proc = train_proc(ray_cluster, args, tmp_path / "train.log", VGG_TEST_STEP_DELAY_S="0.3")
+    held = gate(tmp_path / "gate", 2)       # the workers wait after step 2 until the disk is full
+    proc = train_proc(ray_cluster, args, tmp_path / "train.log", **held)
     try:
         wait_for(lambda: len(checkpoints(storage / "full")) >= 2, 300, "two checkpoints", proc=proc)
         one = checkpoints(storage / "full")[-1].stat().st_size
         free = subprocess.run(["df", "--output=avail", "-B1", str(small_disk)], capture_output=True,
                               text=True).stdout.split()[-1]
         (small_disk / "filler").write_bytes(b"\0" * max(0, int(free) - one // 2))   # room for half of one
+        gate(tmp_path / "gate", 36)
         rc = proc.wait(timeout=300)
     finally:
         stop_group(proc)
