@@ -1,7 +1,8 @@
 """Deterministic WebDataset shards: ustar tar members in a fixed order, with their DALI index lines.
 
 A shard's bytes depend only on its samples: every member has mtime 0, mode 0644, uid/gid 0, empty
-user/group names, and a sample's members come in the order ``cls, jpg, key, lbl`` (sorted extensions).
+user/group names, and a sample's members come in the order ``box, cls, jpg, key, lbl`` (sorted
+extensions; ``box`` only for a sample with boxes).
 The index (``storage.dataformat``) is written from the offsets known while writing: no second pass,
 no ``tar`` subprocess.
 """
@@ -11,17 +12,20 @@ import hashlib
 import struct
 from pathlib import Path
 
+from storage.dataformat import BOX_EXT
 from storage.files import AtomicFile
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's record size: GNU tar and Python's tarfile pad archives to it
-EXTENSIONS = ("cls", "jpg", "key", "lbl")  # the member order of every sample
+EXTENSIONS = ("cls", "jpg", "key", "lbl")  # every sample's members, in order, after an optional BOX_EXT
 
 
-def members(key: str, label: int, jpg: bytes) -> list[tuple[str, bytes]]:
-    """A sample's (extension, bytes) members in shard order (docs/data-format.md)."""
-    return [("cls", str(label).encode("ascii")), ("jpg", jpg), ("key", key.encode("ascii")),
-            ("lbl", struct.pack("<i", label))]
+def members(key: str, label: int, jpg: bytes, boxes: bytes = b"") -> list[tuple[str, bytes]]:
+    """A sample's (extension, bytes) members in shard order (docs/data-format.md). ``boxes``: the
+    ``storage.dataformat.encode_boxes`` bytes; a sample without boxes has no ``box`` member."""
+    box = [(BOX_EXT, boxes)] if boxes else []
+    return box + [("cls", str(label).encode("ascii")), ("jpg", jpg), ("key", key.encode("ascii")),
+                  ("lbl", struct.pack("<i", label))]
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -62,9 +66,9 @@ class ShardWriter:
         if not self.out.done:
             self.out.discard()
 
-    def add(self, key: str, label: int, jpg: bytes) -> None:
+    def add(self, key: str, label: int, jpg: bytes, boxes: bytes = b"") -> None:
         parts, chunks = [], []
-        for ext, data in members(key, label, jpg):
+        for ext, data in members(key, label, jpg, boxes):
             name = f"{key}.{ext}"
             pad = -len(data) % BLOCK
             chunks += [tar_header(name, len(data)), data, b"\0" * pad]

@@ -43,12 +43,36 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
+# A sample's boxes (localisation, the paper's Appendix A): the shard member ``<key>.box``, float32
+# little-endian, 4 per box, corners (x1, y1, x2, y2) in pixels of the stored JPEG; only samples with at
+# least one kept box have it, so a dataset without annotations has no such member at all.
+BOX_EXT = "box"
+BOX_DTYPE = "<f4"
+
 # A sample's index components: (extension, data offset, size, member name).
 Component = tuple[str, int, int, str]
 
 
 class DataError(ValueError):
     """A source, dataset folder or option that cannot be used; the message names the file or setting."""
+
+
+# ---------------------------------------------------------------- boxes
+
+def encode_boxes(boxes) -> bytes:
+    """(N, 4) corners in stored-image pixels -> the ``box`` member's bytes."""
+    import numpy as np   # pyarrow needs numpy anyway; imported here to keep the module's top light
+
+    return np.asarray(boxes, dtype=BOX_DTYPE).reshape(-1, 4).tobytes()
+
+
+def decode_boxes(data: bytes, name: str = "box member"):
+    """The ``box`` member's bytes -> (N, 4) float32 corners; ``name`` goes into the error."""
+    import numpy as np
+
+    if len(data) % 16:
+        raise DataError(f"{name}: {len(data)} bytes is not a whole number of 4-float boxes")
+    return np.frombuffer(data, dtype=BOX_DTYPE).reshape(-1, 4)
 
 
 # ---------------------------------------------------------------- dataset.json
