@@ -51,6 +51,19 @@ def is_correct(label: int, box: torch.Tensor, gt_labels: torch.Tensor, gt_boxes:
     return bool((box_iou(box.reshape(1, 4), gt_boxes.reshape(-1, 4)[same]) > threshold).any())
 
 
+def localisation_hits(pred_labels: torch.Tensor, pred_boxes: torch.Tensor,
+                      gt: list[tuple[torch.Tensor, torch.Tensor]], k: int = 5) -> torch.Tensor:
+    """(N,) bool: whether one of image i's first ``k`` guesses is correct (arguments as
+    ``localisation_error``). Per image, so that workers' shares can be gathered before counting."""
+    n = pred_labels.shape[0]
+    if n != len(gt) or pred_boxes.shape[:2] != pred_labels.shape:
+        raise ValueError(f"shapes disagree: labels {tuple(pred_labels.shape)}, boxes "
+                         f"{tuple(pred_boxes.shape)}, {len(gt)} ground truths")
+    return torch.tensor([any(is_correct(int(pred_labels[i, j]), pred_boxes[i, j], gt_labels, gt_boxes)
+                             for j in range(min(k, pred_labels.shape[1])))
+                         for i, (gt_labels, gt_boxes) in enumerate(gt)], dtype=torch.bool)
+
+
 def localisation_error(pred_labels: torch.Tensor, pred_boxes: torch.Tensor,
                        gt: list[tuple[torch.Tensor, torch.Tensor]], k: int = 5) -> float:
     """Top-k localisation error: the fraction of images none of whose first ``k`` guesses is correct.
@@ -58,18 +71,10 @@ def localisation_error(pred_labels: torch.Tensor, pred_boxes: torch.Tensor,
     ``pred_labels`` (N, K) and ``pred_boxes`` (N, K, 4) hold each image's guesses best first (K >= k;
     top-1 is ``k=1``); ``gt[i]`` is image i's (labels (G,), boxes (G, 4)). Returns a fraction in [0, 1].
     """
-    n = pred_labels.shape[0]
-    if n != len(gt) or pred_boxes.shape[:2] != pred_labels.shape:
-        raise ValueError(f"shapes disagree: labels {tuple(pred_labels.shape)}, boxes "
-                         f"{tuple(pred_boxes.shape)}, {len(gt)} ground truths")
-    if n == 0:
+    if pred_labels.shape[0] == 0 and len(gt) == 0:
         raise ValueError("no images to score")
-    wrong = 0
-    for i, (gt_labels, gt_boxes) in enumerate(gt):
-        hit = any(is_correct(int(pred_labels[i, j]), pred_boxes[i, j], gt_labels, gt_boxes)
-                  for j in range(min(k, pred_labels.shape[1])))
-        wrong += not hit
-    return wrong / n
+    hits = localisation_hits(pred_labels, pred_boxes, gt, k)
+    return int((~hits).sum()) / len(hits)
 
 
 def _merge_one_class(boxes: torch.Tensor, scores: torch.Tensor, threshold: float):

@@ -225,3 +225,96 @@ def test_check_boxes_clips_counts_and_rejects_with_reasons():
     assert [(b[0], r) for b, r in c.rejected] == [("d", "x1 >= x2"), ("e", "y1 >= y2"),
                                                   ("f", "outside the image"), ("g", "not finite")]
     assert check_boxes([], 10, 10) == type(c)([], 0, [])
+
+
+# ---------------------------------------------------------------- testing: boxes from nets (pipeline/localise.py)
+
+def test_a_dense_box_map_to_image_pixels_by_hand():
+    from pipeline.localise import map_to_boxes, mirror
+
+    scr = torch.zeros(1, 4, 2, 3)                 # SCR, a 2 x 3 map: windows of 64 px every 32 px
+    scr[0, :, 1, 2] = T([0.5, 0.5, 1.0, 1.0])     # the whole window at row 1, column 2: it starts at (64, 32)
+    got = map_to_boxes(scr, crop=64)
+    assert got.shape == (1, 6, 1, 4)
+    assert got[0, 5, 0].tolist() == [64., 32., 128., 96.]
+    assert got[0, 0, 0].tolist() == [0., 0., 0., 0.]                  # a zero box at the origin
+    pcr = torch.zeros(1, 4 * 3, 1, 2)             # PCR, 3 classes, a 1 x 2 map
+    pcr[0, 4:8, 0, 1] = T([0.25, 0.5, 0.5, 0.25])  # class 1 at column 1: window at (32, 0)
+    got = map_to_boxes(pcr, crop=64)
+    assert got.shape == (1, 2, 3, 4)
+    assert got[0, 1, 1].tolist() == [32., 24., 64., 40.]             # centre (48, 32), 32 x 16
+    assert mirror(T([[32., 24., 64., 40.]]), 100).tolist() == [[36., 24., 68., 40.]]
+
+
+def test_the_window_of_a_dense_output_is_the_crop_the_plain_net_would_see():
+    """Location j of the dense net's map on a 64 x 160 image equals the plain net on the 64 px window
+    starting at x = 32 j: the offsets map_to_boxes uses are the dense net's own."""
+    from pipeline.localise import window_origins
+
+    torch.manual_seed(0)
+    net = to_localisation(model.build("A", num_classes=3, width=1 / 16, image_size=64, dropout=0.0), "pcr").eval()
+    x = torch.randn(1, 3, 64, 160)
+    with torch.no_grad():
+        dense = model.to_dense(net)(x)                                # (1, 12, 1, 4)
+        origins = window_origins(*dense.shape[-2:])
+        assert origins.tolist() == [[0., 0.], [32., 0.], [64., 0.], [96., 0.]]
+        for j, (ox, oy) in enumerate(origins.long().tolist()):
+            plain = net(x[:, :, oy:oy + 64, ox:ox + 64])
+            torch.testing.assert_close(dense[0, :, 0, j], plain[0], rtol=1e-4, atol=1e-5)
+
+
+class Fixed(torch.nn.Module):
+    """A 'net' whose output for sample i is row i of ``out``, whatever the input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        assert x.shape[-2:] == (64, 64)                               # protocol (a) feeds the central crop
+        return self.out[:x.shape[0]]
+
+
+def test_protocol_a_uses_the_central_crop_and_the_ground_truth_class_box():
+    from pipeline.localise import MEAN_BOX, WHOLE, protocol_a
+
+    x = torch.zeros(2, 3, 100, 120)               # central 64 crop at top 18, left 28
+    labels = T([0, 1])
+    gt = [T([[28., 18., 92., 82.]]),              # image 0: exactly the crop
+          T([[28., 18., 60., 50.]])]              # image 1: the crop's top-left quarter
+    scr = Fixed(T([[0.5, 0.5, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0]]))   # the whole crop for both
+    pcr = Fixed(T([[0.5, 0.5, 1.0, 1.0, 0.0, 0.0, 0.1, 0.1],      # class 0's box right, class 1's wrong
+                   [0.5, 0.5, 1.0, 1.0, 0.25, 0.25, 0.5, 0.5]]))   # class 1 (the truth): the quarter
+    mean_box = T([28 / 120, 18 / 100, 92 / 120, 82 / 100])         # the crop, as fractions of the image
+    got = protocol_a([scr, pcr], x, labels, gt, 64, mean_box)
+    assert {k: v.tolist() for k, v in got.items()} == {
+        "net1": [True, False],        # the whole crop has IoU 1/4 with the quarter
+        "net2": [True, True],         # image 1 takes class 1's box, not class 0's
+        WHOLE: [True, False], MEAN_BOX: [True, False]}
+    shifted = protocol_a([pcr], x, labels, [g + 5 for g in gt], 64, mean_box)   # 5 px off: still > 0.5
+    assert shifted["net1"].tolist() == [True, True]
+    off = protocol_a([pcr], x, labels, [g + 20 for g in gt], 64, mean_box)      # 20 px: IoU < 0.5
+    assert off["net1"].tolist() == [False, False]
+
+
+def test_protocol_b_ranks_merged_boxes_by_class_scores_and_an_ensemble_merges_the_union():
+    """Class 0's true box is proposed once by each of two nets (score 0.3 each); class 1's wrong box
+    once, by net 1 (0.5). Alone, each net's best guess is class 1; the union merges class 0's two
+    boxes into one of score 0.6, first."""
+    from pipeline.localise import ENSEMBLE, MEAN_BOX, WHOLE, LocProtocol, _b_hits, _Image
+
+    truth = T([[0.1, 0.1, 0.5, 0.5]])
+    near, wrong = T([[0.12, 0.1, 0.5, 0.52]]), T([[0.6, 0.6, 0.9, 0.9]])
+    im = _Image(boxes=[[truth, wrong]], scores=[[T([0.3]), T([0.5])]], labels=[[T([0]), T([1])]],
+                posterior=T([0.7, 0.2, 0.1]), gt=truth)
+    im.boxes.append([near])
+    im.scores.append([T([0.3])])
+    im.labels.append([T([0])])
+    got = _b_hits(im, 0, T([0.0, 0.0, 0.5, 0.5]), LocProtocol(scales=(64,), crop=64))
+    assert got["net1"] == (False, True)          # class 1 first, class 0's box second
+    assert got["net2"] == (True, True)           # net 2 only has class 0
+    assert got[ENSEMBLE] == (True, True)
+    assert got[WHOLE] == (False, False)          # IoU of the whole image with the truth: 0.16
+    assert got[MEAN_BOX] == (True, True)         # (0, 0, .5, .5): IoU 0.64, with the top class 0
+    im.boxes[1][0], im.scores[1][0] = T([[0.6, 0.1, 0.9, 0.5]]), T([0.2])   # far away: no merge, class 1 wins
+    assert _b_hits(im, 0, T([0.0, 0.0, 0.5, 0.5]), LocProtocol(scales=(64,), crop=64))[ENSEMBLE] == (False, True)
