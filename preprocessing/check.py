@@ -47,6 +47,10 @@ class Checked:
     width: int  # of the stored image; of the source when quarantined (0 if unknown)
     height: int
     pixels: np.ndarray | None  # (h, w, 3) uint8 at ~1/8 scale, for colour statistics; None if quarantined
+    # (width, height) of the decoded source when the stored image was resized from it, else None. Boxes
+    # are given in source pixels and scale by stored / source per axis. No other outcome moves a pixel:
+    # an EXIF orientation is reset, never applied, so boxes need no rotation.
+    resized_from: tuple[int, int] | None = None
 
 
 @dataclass
@@ -154,7 +158,8 @@ def _reencode(im: Image.Image, reasons: list[str], max_side: int | None) -> Chec
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=REENCODE_QUALITY)  # baseline, 4:2:0, no EXIF, no ICC
     pixels = np.asarray(rgb.reduce(8) if min(rgb.size) >= 8 else rgb)
-    return Checked(status, "; ".join(reasons), buf.getvalue(), rgb.width, rgb.height, pixels)
+    return Checked(status, "; ".join(reasons), buf.getvalue(), rgb.width, rgb.height, pixels,
+                   (w, h) if max_side else None)
 
 
 def _to_rgb(im: Image.Image, reasons: list[str]) -> Image.Image:

@@ -27,12 +27,31 @@ def tool_version() -> str:
 
 
 def fingerprint(manifests: dict[str, list[dict]]) -> str:
-    """sha256 over the manifest rows of every split, each split's rows sorted by key."""
+    """sha256 over the manifest rows of every split, each split's rows sorted by key. The box columns
+    count only in rows that have them, so a dataset without annotations keeps the fingerprint it had
+    before boxes existed (a rerun does not make it look changed)."""
     h = hashlib.sha256()
     for split in sorted(manifests):
         for row in sorted(manifests[split], key=lambda r: r["key"]):
-            h.update(json.dumps([split] + [row[c] for c in fmt.MANIFEST_COLUMNS]).encode() + b"\n")
+            values = [row[c] for c in fmt.BASE_COLUMNS]
+            if fmt.has_boxes(row):
+                values += [row.get(c) for c in fmt.BOX_COLUMNS]
+            h.update(json.dumps([split] + values).encode() + b"\n")
     return h.hexdigest()
+
+
+def box_counts(rows: list[dict]) -> dict[str, int] | None:
+    """dataset.json's per-split ``boxes`` entry (``storage.dataformat.SPLIT_BOXES``) from manifest rows;
+    None when no input of the split has an annotation."""
+    if not any(fmt.has_boxes(r) for r in rows):
+        return None
+    stored = [r for r in rows if r["status"] != "quarantined"]
+    annotated = [r for r in stored if fmt.has_boxes(r)]
+    return {"images": sum(bool(r["boxes"]) for r in annotated),
+            "boxes": sum(len(r["boxes"] or []) // 4 for r in annotated),
+            "clipped": sum(r["boxes_clipped"] or 0 for r in annotated),
+            "rejected": sum(len(r["boxes_rejected"] or []) for r in annotated),
+            "annotated": len(annotated), "without": len(stored) - len(annotated)}
 
 
 def source_fingerprint(plan_rows: list[dict]) -> str:

@@ -8,6 +8,7 @@ rows.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ from storage import dataformat as fmt
 from storage.files import write_if_changed
 
 SKIPPED = "skipped.parquet"
+BOX_PROBLEMS = "box_problems.json"  # the last run's annotation rows or objects that could not be read
 SKIPPED_SCHEMA = pa.schema([("source", pa.string()), ("status", pa.string()), ("reason", pa.string())])
 SHOWN = 10  # quarantined or skipped entries a run's summary shows
 
@@ -50,10 +52,29 @@ def summarize(out: Path, layout: Layout, changes: dict, written: dict, log) -> d
         log(f"{split}: {c['inputs']} inputs -> {c['stored']} stored ({c['kept']} kept, {c['converted']} "
             f"converted, {c['resized']} resized), {c['quarantined']} quarantined; {c['shards']} shards, "
             f"{c['shards_written']} written this run")
+        if fmt.SPLIT_BOXES in s:
+            b = c["boxes"] = s[fmt.SPLIT_BOXES]
+            log(f"{split}: boxes: {b['images']} of {c['stored']} stored images have boxes ({b['boxes']} boxes, "
+                f"{b['clipped']} clipped into the image, {b['rejected']} rejected); {b['without']} have no "
+                "annotation")
     _write_skipped(out, layout.others)
+    _box_problems(out, layout, log)
     summary["SOURCE"] = _account(out, layout, info, log)
     _warn_classes_without_val(out, info, log)
     return summary
+
+
+def _box_problems(out: Path, layout: Layout, log) -> None:
+    """Log the annotation rows or objects that could not be read (the first ``SHOWN``) and keep them
+    all for ``report``."""
+    path = out / STATE_DIR / BOX_PROBLEMS
+    if layout.boxes or path.is_file():
+        write_if_changed(path, (json.dumps(layout.box_problems, indent=0) + "\n").encode())
+    if layout.box_problems:
+        log(f"annotations: {len(layout.box_problems)} rows or objects could not be read (all of them: "
+            f"python -m jobs.preprocess report {out}):")
+        for line in layout.box_problems[:SHOWN]:
+            log(f"  {line}")
 
 
 def _account(out: Path, layout: Layout, info: dict, log) -> dict:
@@ -93,18 +114,24 @@ def report_lines(out) -> list[str]:
     run's SOURCE, one a line, then the counts and the history of runs."""
     out = Path(out)
     info = fmt.read_info(out)
-    lines, quarantined = [], 0
+    lines, quarantined, rejected = [], 0, 0
     for split in info["splits"]:
-        for r in _rows(out, split, info, ["source", "status", "reason"]):
+        for r in _rows(out, split, info, ["source", "status", "reason", "boxes_rejected"]):
             if r["status"] == "quarantined":
                 lines.append(f"quarantined  {r['source']}: {r['reason']}")
                 quarantined += 1
+            for why in r["boxes_rejected"] or []:
+                lines.append(f"box rejected {r['source']}: {why}")
+                rejected += 1
+    problems = out / STATE_DIR / BOX_PROBLEMS
+    for line in json.loads(problems.read_text()) if problems.is_file() else []:
+        lines.append(f"box unreadable {line}")
     others = pq.read_table(skipped_path(out)).to_pylist() if skipped_path(out).is_file() else []
     lines += [f"{o['status']:<11}  {o['source']}: {o['reason']}" for o in others]
     skipped = sum(o["status"] == "skipped" for o in others)
     lines.append(f"{quarantined} quarantined inputs (manifests of {', '.join(info['splits'])}); "
                  f"{skipped} skipped and {len(others) - skipped} quarantined other entries of SOURCE "
-                 f"(its listing by the last run)")
+                 f"(its listing by the last run)" + (f"; {rejected} rejected boxes" if rejected else ""))
     for h in fmt.read_history(out):
         added = ", ".join(f"{split} +{a.get('inputs', 0)} inputs" for split, a in h.get("added", {}).items())
         lines.append(f"run {h['run']}: {h.get('when') or h.get('note')}; {h.get('source', '')}; {added}; "

@@ -59,6 +59,11 @@ class Layout:
     # why). Quarantined here: links that cannot be followed, loops, FIFOs, unreadable folders.
     others: list[tuple[str, str, str]] = field(default_factory=list)
     new_classes: list[ClassInfo] = field(default_factory=list)  # appended after ``known`` this time
+    # Localisation annotations (``preprocessing.boxfiles.attach``): {split: {source: [(wnid, x1, y1,
+    # x2, y2), ...]}} in annotation pixels, for the inputs an annotation names; and the annotation rows
+    # or objects that could not be read.
+    boxes: dict[str, dict[str, list]] = field(default_factory=dict)
+    box_problems: list[str] = field(default_factory=list)
 
 
 def discover(source, splits: tuple[str, ...] | list[str] | None = None,

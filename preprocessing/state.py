@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from preprocessing import boxfiles
 from preprocessing import manifest as mf
 from preprocessing.lock import LOCK
 from preprocessing.plan import STATE_DIR, normal_shard_size, read_plan
@@ -61,6 +62,7 @@ def prepare(out: Path, source, given: dict, splits, log) -> tuple[Options, Layou
         opts = _against_record(out, have, given, splits)
         known = [ClassInfo(*c[:3]) for c in have["classes"]]
     layout = discover(source, opts.splits, known)
+    boxfiles.attach(layout)
     if have is not None:
         _refuse_another_source(out, layout, have)
     for note in layout.notes:

@@ -5,7 +5,8 @@
 
     OUT/train/<wnid>/<wnid>_<n>.JPEG         class folders, as ILSVRC2012 train
     OUT/val/ILSVRC2012_val_NNNNNNNN.JPEG      flat, numbered in shuffled class order, as ILSVRC2012 val
-    OUT/LOC_val_solution.csv                  Kaggle's val labels (wnid and one box per image)
+    OUT/LOC_train_solution.csv                Kaggle's train boxes (one per image, as below)
+    OUT/LOC_val_solution.csv                  Kaggle's val labels and boxes (one per image, as below)
     OUT/LOC_synset_mapping.txt                wnid and name per class, sorted by wnid
     OUT/oddities.json                         with --oddities: each odd file, its kind, its expected status
                                               (a hidden image and a README are expected "skipped")
@@ -14,6 +15,14 @@ A class is a kind of shape or texture (disc, square, stripes, checkerboard, ...)
 colours, position, scale and a noisy background, so a small VGG learns it from 64 px crops. Every image
 has its own RNG seeded from (seed, split, class, index): the output is identical byte for byte for a
 given seed whatever ``workers`` is.
+
+Every image's box (both CSVs, Kaggle's layout, so preprocessing reads them the way it reads ImageNet's)
+is exact: the bounds of the pixels its object changed, ``(x1, y1, x2, y2)`` as pixel edges (the object
+covers columns ``x1 .. x2 - 1`` and rows ``y1 .. y2 - 1``). For a shape (disc, square, triangle, ring,
+cross, diamond, star, target, hexagon, halfdisc) that is the shape's own pixels, which may be clipped by
+the image border; for a texture (stripes, checker, dots, grid) it is the whole textured rectangle, its
+gaps included (they are tinted), which covers 60-100% of each side. Oddities that are images get the
+box of the image they were made from; the zero-byte and not-an-image files get none.
 """
 from __future__ import annotations
 
@@ -81,16 +90,17 @@ def generate(out_dir, classes: int = 10, train_per_class: int = 20, val_per_clas
             boxes = pool.map(_write_image, tasks, chunksize=16)
     else:
         boxes = [_write_image(t) for t in tasks]
-    val_boxes = boxes[len(boxes) - len(val_rows):]
-
-    lines = ["ImageId,PredictionString"]
-    for (stem, c), box in zip(val_rows, val_boxes):
-        lines.append(f"{stem},{wnids[c][0]} {box[0]} {box[1]} {box[2]} {box[3]} ")
     odd = _write_oddities(root, wnids, seed, size_range, len(val_rows) + 1) if oddities else {}
-    for rel, info in odd.items():
-        if rel.startswith("val/"):
-            lines.append(f"{Path(rel).stem},{info['wnid']} 0 0 10 10 ")
-    _write_text(root / "LOC_val_solution.csv", "\n".join(lines) + "\n")
+    for split in ("train", "val"):
+        rows = [(t[0], wnids[t[2]][0], box) for t, box in zip(tasks, boxes)
+                if t[0].relative_to(root).parts[0] == split]
+        rows += [(root / rel, info["wnid"], info["box"]) for rel, info in odd.items()
+                 if rel.startswith(split + "/") and info.get("box")]
+        lines = ["ImageId,PredictionString"] + [f"{path.stem},{wnid} {' '.join(map(str, box))} "
+                                                for path, wnid, box in rows]
+        _write_text(root / f"LOC_{split}_solution.csv", "\n".join(lines) + "\n")
+    for info in odd.values():
+        info.pop("box", None)
     _write_text(root / "LOC_synset_mapping.txt", "".join(f"{w} {n}\n" for w, n in wnids))
     if odd:
         _write_text(root / "oddities.json", json.dumps(odd, indent=1, sort_keys=True) + "\n")
@@ -111,7 +121,18 @@ def _write_image(task) -> tuple[int, int, int, int]:
 
 
 def draw(rng: np.random.Generator, kind: str, size_range=(300, 640)) -> tuple[Image.Image, tuple]:
-    """One RGB image of ``kind`` and its object box (x0, y0, x1, y1)."""
+    """One RGB image of ``kind`` and its exact object box (x1, y1, x2, y2), pixel edges (module doc)."""
+    img, mask = render(rng, kind, size_range)
+    box = mask.getbbox()
+    if box is None:  # cannot happen (an object is at least 6 px wide); an inexact box must never go out
+        raise RuntimeError(f"drew a {kind} that covers no pixel")
+    return img, box
+
+
+def render(rng: np.random.Generator, kind: str, size_range=(300, 640)) -> tuple[Image.Image, Image.Image]:
+    """One RGB image of ``kind`` and its object mask (mode "L", 255 on every pixel the object changed).
+    The mask is drawn with the same calls as the object, so it costs no random numbers: the image is
+    the same with or without it."""
     lo, hi = size_range
     w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
     bg = rng.integers(0, 256, 3)
@@ -131,9 +152,10 @@ def draw(rng: np.random.Generator, kind: str, size_range=(300, 640)) -> tuple[Im
     size = s * rng.uniform(0.4, 0.8)
     cx = rng.uniform(size / 2, w - size / 2)
     cy = rng.uniform(size / 2, h - size / 2)
-    box = (int(cx - size / 2), int(cy - size / 2), int(cx + size / 2), int(cy + size / 2))
-    _DRAW[kind](img, rng, box, tuple(int(v) for v in fg), tuple(int(v) for v in fg2))
-    return img, box
+    box = (int(cx - size / 2), int(cy - size / 2), int(cx + size / 2), int(cy + size / 2))  # nominal
+    mask = Image.new("L", (w, h), 0)
+    _DRAW[kind](img, mask, rng, box, tuple(int(v) for v in fg), tuple(int(v) for v in fg2))
+    return img, mask
 
 
 def _polygon(cx, cy, r, n, rot):
@@ -142,8 +164,8 @@ def _polygon(cx, cy, r, n, rot):
 
 
 def _shape(kind):
-    def paint(img, rng, box, fg, fg2):
-        d = ImageDraw.Draw(img)
+    def paint(img, mask, rng, box, fg, fg2):
+        d = _Both(img, mask)
         x0, y0, x1, y1 = box
         cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
         tilt = rng.uniform(-0.3, 0.3)  # radians: small, so a square never becomes a diamond
@@ -180,7 +202,7 @@ def _shape(kind):
 
 
 def _texture(kind):
-    def paint(img, rng, box, fg, fg2):
+    def paint(img, drawn, rng, box, fg, fg2):
         # Textures fill a large region so that any crop of the object shows the pattern.
         w, h = img.size
         x0, y0 = int(rng.uniform(0, w * 0.2)), int(rng.uniform(0, h * 0.2))
@@ -205,7 +227,23 @@ def _texture(kind):
         region[mask] = fg
         region[~mask] = (region[~mask].astype(np.uint16) + fg2) // 2  # the gaps: tinted background
         img.paste(Image.fromarray(arr))
+        drawn.paste(255, (x0, y0, x1, y1))  # every pixel of the rectangle changed: stripes and tinted gaps
     return paint
+
+
+class _Both:
+    """ImageDraw calls made on the image (in the colour given) and on the mask (255)."""
+
+    def __init__(self, img: Image.Image, mask: Image.Image):
+        self.draws = (ImageDraw.Draw(img), ImageDraw.Draw(mask))
+
+    def __getattr__(self, name):
+        def call(*args, **kw):
+            image, mask = self.draws
+            getattr(image, name)(*args, **kw)
+            getattr(mask, name)(*args, **{k: 255 if k in ("fill", "outline") and v is not None else v
+                                           for k, v in kw.items()})
+        return call
 
 
 _DRAW = {k: _texture(k) if k in ("hstripes", "vstripes", "dstripes", "checker", "grid", "dots")
@@ -213,13 +251,14 @@ _DRAW = {k: _texture(k) if k in ("hstripes", "vstripes", "dstripes", "checker", 
 
 
 def _write_oddities(root: Path, wnids, seed: int, size_range, first_val: int) -> dict:
-    """One file of each case preprocessing must handle; returns {relpath: {kind, expect, wnid}}."""
+    """One file of each case preprocessing must handle; returns {relpath: {kind, expect, wnid, box}}
+    (box: of the image the file was made from, None for the files that are no image)."""
     rng = np.random.default_rng([seed, 2])
     wnid = wnids[0][0]
 
     def base(big=False):
         sr = (2000, 2400) if big else size_range
-        return draw(rng, KINDS[0], sr)[0]
+        return draw(rng, KINDS[0], sr)  # (image, its exact box)
 
     def enc(img, fmt="JPEG", **kw):
         buf = io.BytesIO()
@@ -228,32 +267,38 @@ def _write_oddities(root: Path, wnids, seed: int, size_range, first_val: int) ->
 
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 CW to display
-    rgba = base().convert("RGBA")
+    img, rgba_box = base()
+    rgba = img.convert("RGBA")
     alpha = np.full(rgba.size[::-1], 255, np.uint8)
     alpha[: alpha.shape[0] // 2] = 0
     rgba.putalpha(Image.fromarray(alpha))
-    good = enc(base(), quality=JPEG_QUALITY)
+    img, good_box = base()
+    good = enc(img, quality=JPEG_QUALITY)
     sof = good.index(b"\xff\xc0")
     no_height = good[: sof + 5] + b"\x00\x00" + good[sof + 7:]  # SOF0 height 0: no decoder accepts it
-    cases = {  # kind: (bytes, expected status without --max-side)
-        "png_named_jpeg": (enc(base(), "PNG"), "converted"),
-        "cmyk_jpeg": (enc(base().convert("CMYK"), quality=JPEG_QUALITY), "converted"),
-        "grayscale_jpeg": (enc(base().convert("L"), quality=JPEG_QUALITY), "converted"),
-        "palette_png": (enc(base().convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "converted"),
-        "alpha_png": (enc(rgba, "PNG"), "converted"),
-        "exif_rotated_jpeg": (enc(base(), quality=JPEG_QUALITY, exif=exif.tobytes()), "converted"),
-        "progressive_jpeg": (enc(base(), quality=JPEG_QUALITY, progressive=True), "converted"),
-        "large_jpeg": (enc(base(big=True), quality=JPEG_QUALITY), "kept"),
-        "zero_bytes": (b"", "quarantined"),
-        "truncated_jpeg": (good[: len(good) // 2], "quarantined"),
-        "undecodable_jpeg": (no_height, "quarantined"),
-        "not_an_image": (b"<html><body>404 Not Found</body></html>\n", "quarantined"),
+    # The images are drawn in this order (the RNG's): the cases' bytes do not depend on their boxes.
+    drawn = [base() for _ in range(6)] + [base(big=True)]
+    (png, png_box), (cmyk, cmyk_box), (gray, gray_box), (pal, pal_box), (rot, rot_box), (prog, prog_box), \
+        (large, large_box) = drawn
+    cases = {  # kind: (bytes, expected status without --max-side, box or None)
+        "png_named_jpeg": (enc(png, "PNG"), "converted", png_box),
+        "cmyk_jpeg": (enc(cmyk.convert("CMYK"), quality=JPEG_QUALITY), "converted", cmyk_box),
+        "grayscale_jpeg": (enc(gray.convert("L"), quality=JPEG_QUALITY), "converted", gray_box),
+        "palette_png": (enc(pal.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "converted", pal_box),
+        "alpha_png": (enc(rgba, "PNG"), "converted", rgba_box),
+        "exif_rotated_jpeg": (enc(rot, quality=JPEG_QUALITY, exif=exif.tobytes()), "converted", rot_box),
+        "progressive_jpeg": (enc(prog, quality=JPEG_QUALITY, progressive=True), "converted", prog_box),
+        "large_jpeg": (enc(large, quality=JPEG_QUALITY), "kept", large_box),
+        "zero_bytes": (b"", "quarantined", None),
+        "truncated_jpeg": (good[: len(good) // 2], "quarantined", good_box),
+        "undecodable_jpeg": (no_height, "quarantined", good_box),
+        "not_an_image": (b"<html><body>404 Not Found</body></html>\n", "quarantined", None),
     }
     out = {}
-    for n, (kind, (data, expect)) in enumerate(cases.items()):
+    for n, (kind, (data, expect, box)) in enumerate(cases.items()):
         rel = f"train/{wnid}/{wnid}_{900001 + n}.JPEG"
         (root / rel).write_bytes(data)
-        out[rel] = {"kind": kind, "expect": expect, "wnid": wnid}
+        out[rel] = {"kind": kind, "expect": expect, "wnid": wnid, "box": box}
     # Files that are no input: counted and listed as skipped, never stored.
     for kind, name, data in (("hidden_image", "..evil.jpg", good), ("not_an_image_extension", "README.txt",
                                                                       b"notes about this class\n")):
@@ -264,5 +309,5 @@ def _write_oddities(root: Path, wnids, seed: int, size_range, first_val: int) ->
     for n, kind in enumerate(("truncated_jpeg", "grayscale_jpeg")):
         rel = f"val/ILSVRC2012_val_{first_val + n:08d}.JPEG"
         (root / rel).write_bytes(cases[kind][0])
-        out[rel] = {"kind": kind, "expect": cases[kind][1], "wnid": wnid}
+        out[rel] = {"kind": kind, "expect": cases[kind][1], "wnid": wnid, "box": cases[kind][2]}
     return out

@@ -79,6 +79,9 @@ def _check_manifest(split: str, s: dict, rows: list[dict]) -> list[Problem]:
     if len(rows) - c["quarantined"] != s["num_samples"]:
         out.append(Problem(split, "", "", f"manifest has {len(rows) - c['quarantined']} stored rows, "
                                           f"dataset.json num_samples {s['num_samples']}"))
+    if mf.box_counts(rows) != s.get(fmt.SPLIT_BOXES):
+        out.append(Problem(split, "", "", f"manifest box counts {mf.box_counts(rows)} differ from dataset.json "
+                                          f"{s.get(fmt.SPLIT_BOXES)}"))
     seen = set()
     for r in rows:
         if r["key"] in seen:
@@ -136,7 +139,8 @@ def _verify_shard(out: Path, split: str, shard: str, rows: list[dict], decode: b
     with open(tar, "rb") as f:
         pos = 0
         for row, entry in zip(rows, index):
-            content, pos = _read_sample(f, row["key"], entry, pos, size)
+            exts = ([fmt.BOX_EXT] if row.get("boxes") else []) + list(EXTENSIONS)
+            content, pos = _read_sample(f, row["key"], exts, entry, pos, size)
             why = content if isinstance(content, str) else _sample_problem(row, content, decode)
             if why:
                 return bad(row["key"], why)
@@ -148,14 +152,15 @@ def _verify_shard(out: Path, split: str, shard: str, rows: list[dict], decode: b
     return None
 
 
-def _read_sample(f, key: str, entry: list, pos: int, size: int) -> tuple[dict[str, bytes] | str, int]:
-    """({extension: bytes} of the sample's members read at ``pos``, or what is wrong; the next position),
-    checking each tar header against the index ``entry``."""
-    names = [f"{key}.{e}" for e in EXTENSIONS]
-    if [c[3] for c in entry] != names or [c[0] for c in entry] != list(EXTENSIONS):
+def _read_sample(f, key: str, exts: list[str], entry: list, pos: int,
+                 size: int) -> tuple[dict[str, bytes] | str, int]:
+    """({extension: bytes} of the sample's members ``exts`` read at ``pos``, or what is wrong; the next
+    position), checking each tar header against the index ``entry``."""
+    names = [f"{key}.{e}" for e in exts]
+    if [c[3] for c in entry] != names or [c[0] for c in entry] != exts:
         return f"index entry lists {[c[3] for c in entry]}, expected {names}", pos
     content = {}
-    for ext, name, (_, ioff, isize, _) in zip(EXTENSIONS, names, entry):
+    for ext, name, (_, ioff, isize, _) in zip(exts, names, entry):
         head = f.read(BLOCK)
         if len(head) < BLOCK:
             return f"truncated: the shard ends at byte {size}, in the header of {name}", pos
@@ -187,7 +192,27 @@ def _sample_problem(row: dict, content: dict[str, bytes], decode: bool) -> str |
     jpg = content["jpg"]
     if len(jpg) != row["bytes"] or hashlib.sha256(jpg).hexdigest() != row["sha256"]:
         return f"sha256 of {key}.jpg differs from the manifest (bytes {len(jpg)} vs {row['bytes']})"
+    if fmt.BOX_EXT in content:
+        why = _box_problem(content[fmt.BOX_EXT], row)
+        if why:
+            return why
     return _decode_problem(jpg, row) if decode else None
+
+
+def _box_problem(data: bytes, row: dict) -> str | None:
+    """Why the ``box`` member is not the manifest's boxes, each a box inside the stored image, or None."""
+    name = f"{row['key']}.{fmt.BOX_EXT}"
+    try:
+        boxes = fmt.decode_boxes(data, name)
+    except fmt.DataError as e:
+        return str(e)
+    if boxes.reshape(-1).tolist() != row["boxes"]:
+        return f"{name} holds {boxes.reshape(-1).tolist()}, the manifest {row['boxes']}"
+    w, h = row["width"], row["height"]
+    for x1, y1, x2, y2 in boxes.tolist():
+        if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+            return f"{name}: box {[x1, y1, x2, y2]} is not inside the stored {w}x{h} image with x1 < x2, y1 < y2"
+    return None
 
 
 def _decode_problem(jpg: bytes, row: dict) -> str | None:

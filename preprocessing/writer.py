@@ -17,13 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
 from preprocessing import manifest as mf
 from preprocessing import plan, report, state
+from preprocessing.annotations import check_boxes
 from preprocessing.check import check_image, quarantine
 from preprocessing.lock import Lock
 from preprocessing.plan import parse_shard_size  # noqa: F401  (public: jobs and tests parse with it)
@@ -46,6 +49,8 @@ class ShardJob:
     rows: list[tuple[str, str, int, str]]  # (key, source path, label, wnid), in shard order
     max_side: int | None
     stats: bool  # accumulate colour statistics (train)
+    # key -> its raw annotation boxes [(wnid, x1, y1, x2, y2)] in source pixels; keys absent: no annotation
+    boxes: dict[str, list] = field(default_factory=dict)
 
 
 def preprocess(source, out, splits=None, shard_size=None, seed: int | None = None, max_side: int | None = None,
@@ -87,11 +92,13 @@ def _update(out: Path, opts: state.Options, layout: Layout, lock: Lock, workers:
     jobs, changes = [], {}
     for split, inputs in layout.splits.items():
         rows, changes[split] = plan.update_plan(out, split, inputs, opts.seed, opts.shard_size, log)
+        boxes = layout.boxes.get(split, {})
         for shard, shard_rows in plan.by_shard(rows).items():
             if not plan.done(out, split, shard, [r["key"] for r in shard_rows]):
                 jobs.append(ShardJob(split, shard, str(layout.root), str(out),
                                      [(r["key"], r["source"], r["label"], r["wnid"]) for r in shard_rows],
-                                     opts.max_side, split == "train"))
+                                     opts.max_side, split == "train",
+                                     {r["key"]: boxes[r["source"]] for r in shard_rows if r["source"] in boxes}))
     all_splits = sorted(p.name[: -len(".plan.parquet")] for p in (out / plan.STATE_DIR).glob("*.plan.parquet"))
     up_to_date = not jobs and _published(out, all_splits)
     written = _run(jobs, workers, progress, map_fn)
@@ -155,7 +162,11 @@ def process_shard(job: ShardJob) -> dict:
                    "status": c.status, "reason": c.reason, "width": c.width, "height": c.height,
                    "bytes": 0, "sha256": None}
             if c.data is not None:
-                tw.add(key, label, c.data)
+                box_bytes = b""
+                if key in job.boxes:
+                    row.update(box_columns(job.boxes[key], wnid, c))
+                    box_bytes = fmt.encode_boxes(row["boxes"]) if row["boxes"] else b""
+                tw.add(key, label, c.data, box_bytes)
                 row.update(shard=f"{job.shard}.tar", bytes=len(c.data),
                            sha256=hashlib.sha256(c.data).hexdigest())
                 stored += 1
@@ -176,6 +187,31 @@ def process_shard(job: ShardJob) -> dict:
     atomic_write(part_path, (json.dumps(head) + "\n" + json.dumps(body) + "\n").encode())
     return {"split": job.split, "shard": job.shard, "inputs": len(rows), "stored": stored,
             "quarantined": len(rows) - stored, "seconds": time.perf_counter() - t0}
+
+
+def box_columns(raw: list, wnid: str, c) -> dict:
+    """The manifest's box columns of a stored image with an annotation: its boxes of class ``wnid``
+    clipped into the source image (``check_boxes``) and scaled to the stored one when it was resized;
+    every other box rejected with its reason, in the annotation's order. Values are float32, the box
+    member's, so the manifest and the shard agree bit for bit."""
+    w, h = c.resized_from or (c.width, c.height)
+    sx, sy = c.width / w, c.height / h
+    kept, rejected, clipped = [], [], 0
+    for box in raw:
+        if box[0] != wnid:  # the contract: every box of a sample is of the sample's class
+            rejected.append(_describe(box, f"class {box[0]}, not the image's class {wnid}"))
+            continue
+        checked = check_boxes([box], w, h)
+        for _, x1, y1, x2, y2 in checked.kept:
+            kept += [float(np.float32(v)) for v in (x1 * sx, y1 * sy, x2 * sx, y2 * sy)]
+        clipped += checked.clipped
+        rejected += [_describe(b, why) for b, why in checked.rejected]
+    return {"boxes": kept, "boxes_clipped": clipped, "boxes_rejected": rejected}
+
+
+def _describe(box, why: str) -> str:
+    wnid, *coords = box
+    return f"{wnid} {' '.join(f'{v:g}' for v in coords)}: {why}"
 
 
 def _check(path: Path, label: int, wnid: str, max_side: int | None):
@@ -230,4 +266,7 @@ def _gather(out: Path, splits: list[str]):
                              "source_fingerprint": mf.source_fingerprint(rows_plan)}
         if all(digests):  # parts written before shard checksums existed have none: leave it out
             split_info[split][fmt.SHARDS_SHA256] = digests
+        boxes = mf.box_counts(rows)
+        if boxes is not None:  # only a split with annotations has the entry (readers go by it)
+            split_info[split][fmt.SPLIT_BOXES] = boxes
     return manifests, split_info, moments

@@ -36,18 +36,34 @@ HISTORY_JSON = "history.json"
 SHARDS_SHA256 = "shards_sha256"
 # Per class in dataset.json: the history.json run that added it (0: the first build).
 CLASS_RUN = "run"
-MANIFEST_SCHEMA = pa.schema([
+BASE_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("label", pa.int32()), ("wnid", pa.string()),
     ("shard", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("width", pa.int32()),
     ("height", pa.int32()), ("bytes", pa.int64()), ("sha256", pa.string()),
 ])
+# Localisation columns, all null for an input without an annotation (or quarantined):
+#   boxes           the kept boxes, flat x1, y1, x2, y2, ... in stored-image pixels (the box member's
+#                   values); [] when annotated but no box was kept
+#   boxes_clipped   how many of them were clipped into the image
+#   boxes_rejected  each box not kept, "<wnid> <x1> <y1> <x2> <y2>: <reason>" (annotation pixels)
+# A manifest of a dataset without annotations is written without them (the bytes it always had);
+# ``read_manifest`` gives every manifest all of them, null where the file has none.
+BOX_SCHEMA = pa.schema([("boxes", pa.list_(pa.float32())), ("boxes_clipped", pa.int32()),
+                        ("boxes_rejected", pa.list_(pa.string()))])
+BOX_COLUMNS = tuple(BOX_SCHEMA.names)
+MANIFEST_SCHEMA = pa.schema(list(BASE_SCHEMA) + list(BOX_SCHEMA))
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+BASE_COLUMNS = tuple(BASE_SCHEMA.names)
 
 # A sample's boxes (localisation, the paper's Appendix A): the shard member ``<key>.box``, float32
 # little-endian, 4 per box, corners (x1, y1, x2, y2) in pixels of the stored JPEG; only samples with at
 # least one kept box have it, so a dataset without annotations has no such member at all.
 BOX_EXT = "box"
 BOX_DTYPE = "<f4"
+# Per split in dataset.json, only when the split has any annotation: {"images": stored images with at
+# least one kept box, "boxes": kept boxes, "clipped": of them clipped, "rejected": boxes not kept,
+# "annotated": stored images with an annotation, "without": stored images without one}.
+SPLIT_BOXES = "boxes"
 
 # A sample's index components: (extension, data offset, size, member name).
 Component = tuple[str, int, int, str]
@@ -107,10 +123,18 @@ def manifest_path(root: str | os.PathLike, split: str) -> Path:
     return Path(root) / split / MANIFEST
 
 
+def has_boxes(row: dict) -> bool:
+    """Whether a manifest row carries an annotation (any of ``BOX_COLUMNS`` set)."""
+    return any(row.get(c) is not None for c in BOX_COLUMNS)
+
+
 def manifest_bytes(rows: list[dict]) -> bytes:
-    """Parquet bytes of manifest rows (dicts with ``MANIFEST_COLUMNS``), deterministic for the same rows."""
+    """Parquet bytes of manifest rows (dicts with ``BASE_COLUMNS``, and ``BOX_COLUMNS`` for annotated
+    inputs), deterministic for the same rows. Without any annotation the box columns are left out, so
+    such a dataset's manifest is byte for byte what it was before boxes existed."""
+    schema = MANIFEST_SCHEMA if any(has_boxes(r) for r in rows) else BASE_SCHEMA
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), sink, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd")
     return sink.getvalue().to_pybytes()
 
 
@@ -129,7 +153,7 @@ def read_manifest(root: str | os.PathLike, split: str, columns: list[str] | None
     path = manifest_path(root, split)
     if not path.is_file():
         raise DataError(f"{path}: manifest of split {split!r} not found")
-    table = pq.read_table(path, columns=columns)
+    table = _with_box_columns(path, columns)
     rows = info.get("splits", {}).get(split, {}).get("inputs")
     if rows is None:  # written before "inputs" existed: the whole manifest
         return table
@@ -137,6 +161,18 @@ def read_manifest(root: str | os.PathLike, split: str, columns: list[str] | None
         raise DataError(f"{path}: {table.num_rows} rows, but {info_path(root)} says split {split!r} has "
                         f"{rows} inputs; the manifest is older than dataset.json or damaged")
     return table.slice(0, rows)
+
+
+def _with_box_columns(path: Path, columns: list[str] | None) -> pa.Table:
+    """The manifest's ``columns`` (default ``MANIFEST_COLUMNS``); box columns a manifest written
+    without them lacks come back null (no annotation), in the order asked for."""
+    want = list(MANIFEST_COLUMNS if columns is None else columns)
+    have = set(pq.read_schema(path).names)
+    table = pq.read_table(path, columns=[c for c in want if c in have or c not in BOX_COLUMNS])
+    for c in want:
+        if c not in have and c in BOX_COLUMNS:
+            table = table.append_column(BOX_SCHEMA.field(c), pa.nulls(table.num_rows, BOX_SCHEMA.field(c).type))
+    return table.select(want)
 
 
 # ---------------------------------------------------------------- history.json
