@@ -41,16 +41,40 @@ def check_data(cfg: config_lib.Config) -> DataFacts:
 
 def check_parent(cfg: config_lib.Config) -> None:
     """A new run's ``model.init_from`` fits the net: its FC8 has this dataset's class count, or the
-    config asks for a new one (``model.reinit_head``)."""
-    if not cfg.model.init_from or cfg.model.reinit_head:
+    config asks for a new one (``model.reinit_head``); for a box head, every weight but FC8 fits."""
+    if not cfg.model.init_from or (cfg.model.reinit_head and cfg.model.head == "classes"):
         return
     from pipeline import checkpoint as ckpt
 
     weights, path = ckpt.load_weights(cfg.model.init_from)
+    if cfg.model.head != "classes":
+        check_box_parent(cfg, weights, path)
+        return
     head = weights.get("classifier.6.weight")
     if head is not None and head.shape[0] != cfg.model.num_classes:
         raise ConfigError(f"model.init_from {path} has {head.shape[0]} classes, {cfg.data.root} has "
                           f"{cfg.model.num_classes}: set model.reinit_head=true to start a new last layer")
+
+
+def check_box_parent(cfg: config_lib.Config, weights: dict, path: str) -> None:
+    """A localisation net takes every weight but FC8 from its parent (``model.heads``): the parent
+    must be the same model at the same width and crop, whatever its FC8 (classes or another head)."""
+    import torch
+
+    import model
+    from pipeline import checkpoint as ckpt
+
+    with torch.device("meta"):     # shapes only, nothing allocated
+        net = ckpt.build_model(cfg, cfg.model.num_classes)
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items() if k not in model.HEAD_KEYS}
+    got = {k: tuple(v.shape) for k, v in weights.items() if k not in model.HEAD_KEYS}
+    if want == got:
+        return
+    wrong = sorted(set(want) ^ set(got)) + sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    m = cfg.model
+    raise ConfigError(f"model.init_from {path} is not a net {m.name} of width {m.width} on "
+                      f"{cfg.data.crop_size} px crops, the body the {m.head} net takes from its parent: "
+                      f"{len(wrong)} tensors differ ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
 
 
 def checkpoint_bytes(cfg: config_lib.Config, existing: str = "") -> int:

@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     m = summary["metrics"]
     print(f"run folder: {summary['run_folder']}")
+    if "val/loc_err" in m:
+        print(f"validation (centre crop, the ground-truth class's box): localisation error {m['val/loc_err']:.4f} "
+              f"after {int(m['epoch'])} epochs")
     if "val/top1_err" in m:
         print(f"validation ({cfg.data.val_mode}): top-1 error {m['val/top1_err']:.4f}, "
               f"top-5 error {m['val/top5_err']:.4f} after {int(m['epoch'])} epochs")

@@ -25,6 +25,7 @@ ALIASES = {"vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16_c": "C", "vg
 FC_WIDTH = 4096
 HEAD_KEYS = ("classifier.6.weight", "classifier.6.bias")   # FC8: the one layer sized by the class count
 STRIDE = 32  # five 2x2 pools
+HEADS = ("classes", "scr", "pcr")  # what FC8 predicts: class scores, or a box (Appendix A, model/heads.py)
 
 
 class VGG(nn.Module):
@@ -95,16 +96,23 @@ def list_models() -> list[str]:
 
 
 def build(name: str, num_classes: int = 1000, width: float = 1.0, init: str = "paper",
-          image_size: int = 224, dropout: float = 0.5) -> VGG:
+          image_size: int = 224, dropout: float = 0.5, head: str = "classes") -> VGG:
     """Build a VGG by name ("A", "A-LRN", "B", "C", "D", "E" or vgg11, vgg11_lrn, vgg13, vgg16_c,
-    vgg16, vgg19). ``width`` scales every channel count, conv and FC, for CPU-sized runs."""
-    from model.init import init_weights  # keeps vgg.py importable on its own
+    vgg16, vgg19). ``width`` scales every channel count, conv and FC, for CPU-sized runs. ``head``:
+    "classes" (FC8 scores ``num_classes`` classes), or a localisation head, "scr" (FC8 predicts one
+    box, 4 outputs) or "pcr" (one box per class, 4 x ``num_classes``), see ``model.heads``."""
+    from model.heads import to_localisation  # keeps vgg.py importable on its own
+    from model.init import init_weights
 
     if image_size % STRIDE or image_size < STRIDE:
         raise ValueError(f"image_size must be a positive multiple of {STRIDE}, got {image_size}")
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
+    if head not in HEADS:
+        raise ValueError(f"Invalid head {head!r}. Only {', '.join(HEADS)} are supported.")
     net = VGG(make_layers(cfgs[canonical_name(name)], width), num_classes,
               scaled(FC_WIDTH, width), image_size // STRIDE, dropout)
     init_weights(net, init)
-    return net
+    # A box head draws its own FC8 after the rest, so a classification net's random numbers, and so its
+    # initial weights, do not depend on whether localisation exists.
+    return net if head == "classes" else to_localisation(net, head)

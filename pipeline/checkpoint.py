@@ -46,7 +46,8 @@ from storage import files
 
 FORMAT = 1
 FILENAME = "checkpoint.pt"
-BEST = "best"               # <run folder>/best/checkpoint.pt: the best validation top-1 error so far
+BEST = "best"               # <run folder>/best/checkpoint.pt: the best validation error so far (top-1, or
+                            # localisation error for a box head: pipeline/task.py)
 PREFIX = "checkpoint_"      # <run folder>/checkpoint_<step>/checkpoint.pt: the last K, Ray-managed
 KEYS = ("model", "optimizer", "schedule", "epoch", "step", "step_in_epoch", "images_seen", "workers", "config",
         "num_classes", "mlflow_run_id", "dataset_fingerprint", "metrics")
@@ -208,10 +209,12 @@ def config_of(state: dict[str, Any]) -> config_lib.Config:
 
 
 def build_model(cfg: config_lib.Config, num_classes: int) -> nn.Module:
-    """The net a config describes (the training crop sets FC6's grid), freshly initialised."""
+    """The net a config describes (the training crop sets FC6's grid; ``model.head`` FC8: class
+    scores, or the localisation heads' boxes), freshly initialised. Every checkpoint, classification
+    or localisation, loads into the net its own config builds."""
     m = cfg.model
     return model.build(m.name, num_classes=num_classes, width=m.width, init=m.init,
-                       image_size=cfg.data.crop_size, dropout=m.dropout)
+                       image_size=cfg.data.crop_size, dropout=m.dropout, head=m.head)
 
 
 def model_from_checkpoint(location: str | Path, which: str = "best") -> tuple[nn.Module, config_lib.Config]:

@@ -35,6 +35,9 @@ class ModelConfig:
                                          # a: the paper's first-four-convs + FCs from a trained A
     reinit_head: bool = False            # start FC8 afresh instead of taking the parent's (another class count)
     dropout: float = 0.5
+    head: str = "classes"                # classes | scr | pcr: FC8 scores the classes, or predicts one box
+                                         # (scr) or one per class (pcr), the paper's localisation (Appendix A)
+    train_layers: str = "all"            # all | fc: fine-tune every layer, or only FC6-FC8 (the convs frozen)
 
 
 @dataclass
@@ -218,6 +221,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
 # net starts from its parent, Ray's placement strategies.
 OWN_CHOICES = {
     "model.init_from_mode": ("all", "a"),
+    "model.train_layers": ("all", "fc"),
     "data.val_mode": ("center", "dense"),
     "run.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "run.resume": ("auto", "never", "must"),
@@ -266,7 +270,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     import model
     from pipeline import augment, ddp, loader
 
-    return {"model.init": model.INITS, "data.decode": loader.DECODES, "data.layout": tuple(augment.LAYOUTS),
+    return {"model.init": model.INITS, "model.head": model.HEADS, "data.decode": loader.DECODES, "data.layout": tuple(augment.LAYOUTS),
             "data.dtype": augment.DTYPES, "run.grad_compression": tuple(ddp.HOOKS), **OWN_CHOICES}
 
 
@@ -289,9 +293,27 @@ def validate(cfg: Config) -> None:
     if not d.crop_size <= d.scale_min <= d.scale_max:
         raise ConfigError(f"data.scale_min/scale_max: need crop_size <= scale_min <= scale_max, got "
                           f"{d.crop_size}, {d.scale_min}, {d.scale_max}")
+    validate_localisation(cfg)
     if cfg.run.workers < 1 or cfg.run.global_batch_size % cfg.run.workers:
         raise ConfigError(f"run.global_batch_size {cfg.run.global_batch_size} does not split evenly "
                           f"across run.workers {cfg.run.workers}")
+
+
+def validate_localisation(cfg: Config) -> None:
+    """A box head starts from a classification net's body (every weight but FC8, which is always new)
+    and validates on the centre crop (the paper's protocol (a)); the options that mean otherwise are
+    refused instead of ignored."""
+    m = cfg.model
+    if m.head == "classes":
+        return
+    if m.init_from_mode != "all":
+        raise ConfigError(f"model.init_from_mode: {m.init_from_mode!r} with model.head {m.head!r}; a "
+                          f"localisation net starts from a classification net of the same model (all)")
+    if m.reinit_head:
+        raise ConfigError(f"model.reinit_head: a localisation head ({m.head}) is always new; leave it false")
+    if cfg.data.val_mode != "center":
+        raise ConfigError(f"data.val_mode: {cfg.data.val_mode!r} with model.head {m.head!r}; a localisation "
+                          f"run validates on the centre crop (center), dense boxes are jobs.evaluate's")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -29,9 +29,12 @@ class StepOptions:
 def sgd(net: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
         decay_bias: bool = False, nesterov: bool = False, fused: bool = False) -> torch.optim.SGD:
     """The paper's SGD. Biases are not decayed by default: the L2 penalty is meant to limit the
-    weights; decaying biases only pulls ReLU thresholds to zero (the paper does not say either way)."""
-    weights = [p for n, p in net.named_parameters() if p.ndim > 1 or decay_bias]
-    biases = [p for n, p in net.named_parameters() if p.ndim <= 1 and not decay_bias]
+    weights; decaying biases only pulls ReLU thresholds to zero (the paper does not say either way).
+    Frozen parameters (``requires_grad`` False, ``model.train_layers: fc``) are left out: they must not
+    decay, nor cost momentum buffers."""
+    trained = [p for p in net.parameters() if p.requires_grad]
+    weights = [p for p in trained if p.ndim > 1 or decay_bias]
+    biases = [p for p in trained if p.ndim <= 1 and not decay_bias]
     groups = [{"params": weights, "weight_decay": weight_decay}]
     if biases:
         groups.append({"params": biases, "weight_decay": 0.0})
@@ -71,12 +74,14 @@ def layout(images: torch.Tensor, opts: StepOptions) -> torch.Tensor:
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward, update. Returns (loss, logits), detached and still on the device: reading
-    them is a CPU-GPU sync point, left to the caller."""
+               labels: torch.Tensor, amp_dtype: torch.dtype | None = None,
+               loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, update. Returns (loss, the net's outputs), detached and still on the device:
+    reading them is a CPU-GPU sync point, left to the caller. The loss is ``loss_fn(outputs)``, by
+    default cross-entropy against ``labels`` (``pipeline.task.Task.loss`` for the others)."""
     with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = net(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels) if loss_fn is None else loss_fn(logits)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -19,22 +19,22 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import model
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
-from pipeline import evaluate as eval_lib
 from pipeline import faults, scoring
 from pipeline.ddp import apply_grad_compression
 from pipeline.goodput import Ledger
 from pipeline.loader import EvalLoader, TrainLoader
 from pipeline.schedule import decay_metrics, improved, plateau_step, should_stop
 from pipeline.step import StepOptions, layout, prepare, sgd, train_step
+from pipeline.task import CLASSES, Task, Validation, all_reduce, freeze, validate
 from pipeline.train_state import Progress, restore, save
 from pipeline.worker import Log, Report, Worker
 
@@ -61,7 +61,7 @@ def step_options(cfg: config_lib.Config, device: torch.device) -> StepOptions:
 class Window:
     """Running sums between two log points, kept on the device so no step waits for the host."""
     loss: torch.Tensor
-    wrong: torch.Tensor                  # (2,) top-1, top-5 misses
+    counts: torch.Tensor                 # (2,) Task.counts: top-1, top-5 misses; or box IoU, box misses
     images: int = 0
     data_s: float = 0.0                  # host time spent waiting for the loader
     start: float = field(default_factory=time.perf_counter)
@@ -88,30 +88,26 @@ class Throttle:
         return False
 
 
-def all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def log_window(w: Window, *, step: int, lr: float, loader: TrainLoader, worker: Worker, global_batch: int,
-               log: Log, console: Throttle, total_steps: int = 0) -> None:
-    """Rank 0 logs the window's train loss, top-1/top-5 error, images/s, data-wait fraction (over all
-    ranks: every rank takes part in the reduction, a CPU-GPU sync point) and the epoch as a fraction,
-    so charts can put epochs on their x axis; its console line adds the time to ``total_steps``."""
+               log: Log, console: Throttle, total_steps: int = 0, task: Task = CLASSES) -> None:
+    """Rank 0 logs the window's train loss, the task's two rates (top-1/top-5 error, or box IoU and box
+    error), images/s, data-wait fraction (over all ranks: every rank takes part in the reduction, a
+    CPU-GPU sync point) and the epoch as a fraction, so charts can put epochs on their x axis; its
+    console line adds the time to ``total_steps``."""
     images = torch.tensor([w.images], device=worker.device, dtype=torch.float32)
-    loss, top1, top5, n = all_reduce(torch.cat([w.loss[None], w.wrong, images]), worker.world_size).tolist()
+    loss, a, b, n = all_reduce(torch.cat([w.loss[None], w.counts, images]), worker.world_size).tolist()
     seconds = time.perf_counter() - w.start
     if worker.rank != 0:
         return
-    log({"train/loss": loss / n, "train/top1_err": top1 / n, "train/top5_err": top5 / n, "lr": lr,
+    (name_a, name_b) = task.count_names
+    log({"train/loss": loss / n, name_a: a / n, name_b: b / n, "lr": lr,
          "train/images_per_s": n / seconds, "train/data_wait_frac": w.data_s / seconds,
          "epoch": loader.epoch + loader.step / len(loader)}, step * global_batch)
     if console.due():
         eta = max(0, total_steps - step) * seconds / (n / global_batch)
-        log_.info("epoch %d, step %d/%d: train loss %.4f, top-1 err %.1f %%, %.0f img/s, data wait %.0f %%, "
-                  "ETA %s", loader.epoch + 1, loader.step, len(loader), loss / n, 100 * top1 / n, n / seconds,
-                  100 * w.data_s / seconds, duration(eta))
+        log_.info("epoch %d, step %d/%d: train loss %.4f, %s %.3f, %.0f img/s, data wait %.0f %%, ETA %s",
+                  loader.epoch + 1, loader.step, len(loader), loss / n, name_a.split("/")[1], a / n,
+                  n / seconds, 100 * w.data_s / seconds, duration(eta))
 
 
 def duration(seconds: float) -> str:
@@ -124,7 +120,8 @@ def duration(seconds: float) -> str:
 
 def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, *, step: int,
                     opts: StepOptions, worker: Worker, global_batch: int, log: Log, log_every: int,
-                    max_batches: int | None = None, ledger: Ledger | None = None, total_steps: int = 0) -> int:
+                    max_batches: int | None = None, ledger: Ledger | None = None, total_steps: int = 0,
+                    task: Task = CLASSES) -> int:
     """Train on the rest of the loader's current epoch, or on ``max_batches`` of it; returns the global
     optimizer step count. Every ``log_every`` steps rank 0 logs (``log_window``), its goodput ledger
     first: that needs no other rank, so it is recorded even when another rank has just died."""
@@ -148,9 +145,11 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: Tr
         ledger.add("data_wait", mark - t0)
         images = layout(batch.images.to(worker.device, non_blocking=True), opts)
         labels = batch.labels.to(worker.device, non_blocking=True)
-        loss, logits = train_step(net, optimizer, images, labels, opts.amp_dtype)
+        boxes = batch.boxes if task.boxes else None         # (N, 4) on the device (TrainLoader boxes=True)
+        loss, out = train_step(net, optimizer, images, labels, opts.amp_dtype,
+                               loss_fn=partial(task.loss, labels=labels, boxes=boxes) if task.boxes else None)
         w.loss += loss * labels.shape[0]
-        w.wrong += scoring.misses(logits.topk(min(5, logits.shape[1]), dim=1).indices, labels)
+        w.counts += task.counts(out, labels, boxes)
         w.images += labels.shape[0]
         step, done = step + 1, done + 1
         faults.after_step(worker.rank, step)
@@ -158,42 +157,11 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: Tr
             if worker.rank == 0:
                 log(ledger.metrics(), step * global_batch)
             log_window(w, step=step, lr=optimizer.param_groups[0]["lr"], loader=loader, worker=worker,
-                       global_batch=global_batch, log=log, console=console, total_steps=total_steps)
+                       global_batch=global_batch, log=log, console=console, total_steps=total_steps, task=task)
             w = Window.new(worker.device)
     if mark is not None:
         ledger.add("compute", time.perf_counter() - mark)
     return step
-
-
-@torch.no_grad()
-def evaluate(net: nn.Module, loader: EvalLoader, *, worker: Worker, num_classes: int, mode: str,
-             amp_dtype: torch.dtype | None) -> tuple[scoring.Tally, float]:
-    """Validation over every rank's share, exactly once: (Tally of top-1/top-5 misses and per-class
-    counts summed over ranks, mean negative log posterior). ``mode`` "center": the net on the centre
-    crop at Q; "dense": the fully convolutional net on the whole image at Q, averaged with its flip."""
-    net.eval()
-    tally, nll = scoring.Tally(num_classes), torch.zeros((), dtype=torch.float64)
-    protocol = eval_lib.Protocol(modes=("dense",), scales=(loader.scale,), crop=loader.crop,
-                                 amp_dtype=amp_dtype) if mode == "dense" else None
-    for batch in loader:
-        images = batch.images.to(worker.device, non_blocking=True)
-        if mode == "dense":
-            p = eval_lib.posteriors_at_scale([net], list(images), protocol)["dense"]
-        else:
-            with torch.autocast(worker.device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                p = scoring.posteriors(net(images))
-        labels = batch.labels.to(p.device)
-        tally.add(scoring.topk(p, 5), labels)
-        nll += -torch.log(p.gather(1, labels[:, None]).clamp_min(1e-12)).sum().double().cpu()
-    net.train()
-    counts = torch.cat([torch.tensor([tally.n, tally.top1_wrong, tally.top5_wrong], dtype=torch.long),
-                        tally.class_total, tally.class_correct]).to(worker.device)
-    counts = all_reduce(counts, worker.world_size).cpu()
-    loss = all_reduce(nll.to(worker.device), worker.world_size).item()
-    k = num_classes
-    total = scoring.Tally(k, int(counts[0]), int(counts[1]), int(counts[2]), counts[3:3 + k], counts[3 + k:])
-    return total, loss / max(total.n, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,6 +183,7 @@ class Run:
     log: Log
     run_id: Callable[[], str]
     ledger: Ledger = field(default_factory=Ledger)
+    task: Task = field(default_factory=Task)
 
 
 def default_wrap(net: nn.Module, worker: Worker) -> nn.Module:
@@ -228,10 +197,16 @@ def default_wrap(net: nn.Module, worker: Worker) -> nn.Module:
 def initial_weights(net: nn.Module, cfg: config_lib.Config) -> None:
     """The parent's weights, when ``model.init_from`` names one (a checkpoint location resolved by the
     job, or a bare state_dict such as torchvision's): all of them (S=384 from S=256, multi-scale from
-    S=384) or the paper's "from A" subset; with ``model.reinit_head`` all but FC8, kept fresh."""
+    S=384) or the paper's "from A" subset; with ``model.reinit_head`` all but FC8, kept fresh. A box
+    head takes every weight but FC8 from a classification net, its own FC8 random (Appendix A)."""
     if not cfg.model.init_from:
         return
     weights, path = ckpt.load_weights(cfg.model.init_from)
+    if cfg.model.head != "classes":
+        copied = model.init_from_classification(net, weights)
+        log_.info("initialised %d tensors, every weight but FC8 (a new %s head), from %s", len(copied),
+                  cfg.model.head, path)
+        return
     head = not cfg.model.reinit_head
     if cfg.model.init_from_mode == "a":
         copied = model.init_from_a(net, weights, head=head)
@@ -253,6 +228,8 @@ def build_net(cfg: config_lib.Config, worker: Worker, opts: StepOptions, resume:
         net.load_state_dict(resume["model"])
     else:
         initial_weights(net, cfg)
+    if freeze(net, cfg.model.train_layers):                 # before DDP and the optimizer see the net
+        log_.info("model.train_layers %s: the convolutions are frozen", cfg.model.train_layers)
     net = net.to(worker.device)
 
     def distribute(n: nn.Module) -> nn.Module:
@@ -286,15 +263,17 @@ def setup(cfg: config_lib.Config, worker: Worker, *, report: Report, log: Log,
     prog, data_state = restore(resume, optimizer, worker, cfg.optim.lr)
     # Without a data position (a fresh run, or another world size) the epoch's order comes from the
     # seed: offset it by the epoch so a resumed run does not replay epoch 0's order.
+    task = Task(cfg.model.head)
     loader = TrainLoader(cfg.data, batch, worker.rank, worker.world_size, worker.device_id,
-                         seed=cfg.run.seed + (prog.epoch if data_state is None else 0), state=data_state)
+                         seed=cfg.run.seed + (prog.epoch if data_state is None else 0), state=data_state,
+                         **boxes_kwarg(task))
     if resume is not None and resume.get("dataset_fingerprint", "") != loader.fingerprint:
         raise ValueError(f"{cfg.data.root}: its dataset fingerprint {loader.fingerprint!r} is not the one "
                          f"this run was trained on ({resume.get('dataset_fingerprint')!r}); resume on the "
                          f"same shards, or start a new run.name")
     val_loader = EvalLoader(cfg.data, cfg.data.eval_batch_size or batch, worker.rank, worker.world_size,
-                            worker.device_id, mode=cfg.data.val_mode)
-    return Run(cfg, worker, opts, net, optimizer, loader, val_loader, prog, report, log, run_id)
+                            worker.device_id, mode=cfg.data.val_mode, **boxes_kwarg(task))
+    return Run(cfg, worker, opts, net, optimizer, loader, val_loader, prog, report, log, run_id, task=task)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,8 +282,8 @@ def setup(cfg: config_lib.Config, worker: Worker, *, report: Report, log: Log,
 
 @dataclass
 class Result:
-    """What ``run_worker`` returns: the last metrics and the last validation's counts (None when
-    nothing was validated in this call, e.g. a rerun of a finished run)."""
+    """What ``run_worker`` returns: the last metrics and the last classification validation's counts
+    (None when nothing was validated in this call, e.g. a rerun of a finished run, or for a box head)."""
     metrics: dict[str, float]
     tally: scoring.Tally | None = None
 
@@ -332,25 +311,24 @@ def fit(run: Run) -> Result:
                                     log_every=cfg.run.log_every_steps,
                                     max_batches=steps_to_checkpoint(prog.step, cfg.run), ledger=run.ledger,
                                     total_steps=min(n for n in (cfg.schedule.epochs * len(run.loader),
-                                                                cfg.run.max_steps) if n))
+                                                                cfg.run.max_steps) if n), task=run.task)
         epoch_over = run.loader.step == len(run.loader)
         best = False
         if epoch_over:
             epoch_s = time.perf_counter() - epoch_start
             t0 = time.perf_counter()
-            tally, val_loss = evaluate(ckpt.unwrap(run.net), run.val_loader, worker=worker,
-                                       num_classes=cfg.model.num_classes, mode=cfg.data.val_mode,
-                                       amp_dtype=run.opts.amp_dtype)
+            v = validate(run.task, ckpt.unwrap(run.net), run.val_loader, worker=worker,
+                         num_classes=cfg.model.num_classes, mode=cfg.data.val_mode, amp_dtype=run.opts.amp_dtype)
             run.ledger.add("validation", time.perf_counter() - t0)
-            before = prog.schedule
-            prog.schedule = plateau_step(before, tally.top1_error, prog.epoch, cfg.schedule)
+            before, tally = prog.schedule, v.tally
+            # v.error: val top-1 error, or val localisation error for a box head (pipeline/task.py)
+            prog.schedule = plateau_step(before, v.error, prog.epoch, cfg.schedule)
             prog.epoch += 1
             best = improved(before, prog.schedule)
-            prog.metrics = {"val/top1_err": tally.top1_error, "val/top5_err": tally.top5_error,
-                            "val/loss": val_loss, "epoch_time_s": epoch_s, "lr_next": prog.schedule.lr,
+            prog.metrics = {**v.metrics, "epoch_time_s": epoch_s, "lr_next": prog.schedule.lr,
                             "schedule/decays": prog.schedule.decays,
-                            **decay_metrics(before, prog.schedule, prog.epoch, tally.top1_error)}
-            log_epoch(run, tally)
+                            **decay_metrics(before, prog.schedule, prog.epoch, v.error)}
+            log_epoch(run, v)
         t0 = time.perf_counter()
         prog.metrics = {**prog.metrics, **run.ledger.metrics()}      # the checkpoint carries the ledger
         save(run.net, run.optimizer, run.loader, prog, cfg=cfg, worker=worker, report=run.report,
@@ -361,15 +339,20 @@ def fit(run: Run) -> Result:
     return Result(prog.metrics, tally)
 
 
-def log_epoch(run: Run, tally: scoring.Tally) -> None:
+def log_epoch(run: Run, v: Validation) -> None:
     """Rank 0 logs the epoch's validation metrics, stepped by images seen, and a line in its log."""
     if run.worker.rank != 0:
         return
     prog = run.prog
     run.log({**prog.metrics, "epoch": prog.epoch}, prog.step * run.cfg.run.global_batch_size)
-    log_.info("epoch %d: val top-1 err %.2f %%, top-5 err %.2f %% (%d images), %.1f s, next lr %g", prog.epoch,
-              100 * tally.top1_error, 100 * tally.top5_error, tally.n, prog.metrics["epoch_time_s"],
+    log_.info("epoch %d: %s, %.1f s, next lr %g", prog.epoch, v.summary, prog.metrics["epoch_time_s"],
               prog.schedule.lr)
+
+
+def boxes_kwarg(task: Task) -> dict[str, bool]:
+    """The loaders' ``boxes=True`` for a box head; nothing for classification, whose loaders stay as
+    they were."""
+    return {"boxes": True} if task.boxes else {}
 
 
 def run_worker(cfg: config_lib.Config, worker: Worker, *, report: Report, log: Log,
