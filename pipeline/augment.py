@@ -142,8 +142,12 @@ def random_crop_window(jpegs, crop: int, scale_min: int, scale_max: int):
     return fn.stack(y0, x0), fn.stack(y0 + side, x0 + side)
 
 
-def train_augment(jpegs, cfg, stats: Stats, backend: str):
+def train_augment(jpegs, cfg, stats: Stats, backend: str, with_draws: bool = False):
     """Decode + the paper's training augmentation; ``cfg`` is a DataConfig.
+
+    ``with_draws``: also return the per-image numbers the pixels were made with, ``(roi_start,
+    roi_end, mirror)`` (crop window (y, x) in source pixels; mirror a 0/1 node, or the constant 0 when
+    ``cfg.flip`` is off), so boxes follow the very same crop and flip (``pipeline.box_augment``).
 
     "Rescale the shorter side to S, then take a random crop" is computed as one resampling of the
     crop's window in the source image (a region-of-interest resize straight to crop x crop): the same
@@ -159,4 +163,5 @@ def train_augment(jpegs, cfg, stats: Stats, backend: str):
                        interp_type=types.INTERP_LINEAR, antialias=True)
     mirror = fn.random.coin_flip(probability=0.5) if cfg.flip else 0
     mean = color_shift_mean(stats, cfg.color_shift_std, cfg.mean_subtraction)
-    return normalize(images, mean=mean, mirror=mirror, layout=cfg.layout, dtype=cfg.dtype)
+    images = normalize(images, mean=mean, mirror=mirror, layout=cfg.layout, dtype=cfg.dtype)
+    return (images, (start, end, mirror)) if with_draws else images

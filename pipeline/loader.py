@@ -12,16 +12,23 @@ import base64
 import json
 import math
 import re
+import shutil
+import tempfile
 import weakref
+from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 
-from pipeline import augment
+from pipeline import augment, box_augment
 from pipeline.config import test_scale
 from pipeline.dataset import DataError, Split, decode_failure, load_split, load_stats, read_info
 from pipeline.scoring import crop_grid
+# re-exported: callers and tests import them from here
+from pipeline.sharding import (read_window, reader_batches, shard_range, shards_holding,  # noqa: F401
+                               steps_per_epoch)
+from storage import dataformat as fmt
 from storage.dataformat import index_count
 
 STATE_FORMAT = 1
@@ -34,30 +41,17 @@ DATA_FAILURE = re.compile(r"fn\.(decoders|readers)\.|nvImageCodec")
 
 class Batch(NamedTuple):
     """``images``: (N, C, H, W) on the loader's device (channels_last strides when layout is NHWC);
-    multicrop: (N, 50, C, crop, crop). ``labels``: (N,) int64 on the same device. ``keys``: N str."""
+    multicrop: (N, 50, C, crop, crop). ``labels``: (N,) int64 on the same device. ``keys``: N str.
+    ``boxes`` (loaders built with ``boxes=True``, else None): training, (N, 4) float32 target
+    (cx, cy, w, h) in crop units on the device; evaluation, N (G, 4) float32 CPU corners in pixels of
+    the yielded image (``pipeline.box_augment``)."""
     images: torch.Tensor
     labels: torch.Tensor
     keys: list[str]
+    boxes: torch.Tensor | list[torch.Tensor] | None = None
 
 
-# --- pure functions: how DALI splits samples --------------------------------------------------------
-
-def shard_range(num_samples: int, num_shards: int, shard_id: int) -> tuple[int, int]:
-    """[start, end) of the samples (in shard-file order) DALI's reader gives ``shard_id``:
-    contiguous, disjoint, covering, sizes differing by at most one whatever the tar file count."""
-    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
-
-
-def reader_batches(num_samples: int, num_shards: int, batch_size: int) -> int:
-    """Batches in one reader epoch with ``pad_last_batch``: every rank pads to ceil(N / W) samples and
-    then to a whole batch, so every rank runs the same number of batches per epoch."""
-    return math.ceil(math.ceil(num_samples / num_shards) / batch_size)
-
-
-def steps_per_epoch(num_samples: int, num_shards: int, batch_size: int) -> int:
-    """floor(N / global batch): the same on every rank, so DDP never waits on a rank that ran out."""
-    return num_samples // (num_shards * batch_size)
-
+# --- pure functions --------------------------------------------------------------------------------
 
 def decode_backend(decode: str, device_id: int | None) -> str:
     if decode not in DECODES:
@@ -65,28 +59,6 @@ def decode_backend(decode: str, device_id: int | None) -> str:
     if device_id is None:
         return "cpu"                                  # DALI's CPU-only mode: no CUDA at all
     return "mixed" if decode == "mixed" else "cpu-gpu"
-
-
-def read_window(num_samples: int, num_shards: int, range_id: int, next_id: int, ahead: int,
-                behind: int) -> list[tuple[int, int]]:
-    """[start, end) sample ranges a reader of range ``range_id`` may hold when it has read ``ahead``
-    samples of it and still buffers up to ``behind`` of them; past the range's end it reads on into
-    range ``next_id`` (the next epoch's, or its own again for the eval reader)."""
-    start, end = shard_range(num_samples, num_shards, range_id % num_shards)
-    hi, out = start + ahead, []
-    if start + max(ahead - behind, 0) < end:
-        out.append((start + max(ahead - behind, 0), min(hi, end)))
-    if hi > end:
-        n_start, n_end = shard_range(num_samples, num_shards, next_id % num_shards)
-        out.append((n_start, min(n_end, n_start + hi - end)))
-    return out
-
-
-def shards_holding(counts: list[int], ranges: list[tuple[int, int]]) -> list[int]:
-    """Indices of the tar files (holding ``counts`` samples each, in order) with a sample in ``ranges``."""
-    ends = np.cumsum(counts)
-    return [i for i, (e, n) in enumerate(zip(ends.tolist(), counts))
-            if any(a < e and b > e - n for a, b in ranges)]
 
 
 def _seed(seed: int, shard_id: int, stream: int) -> int:
@@ -97,20 +69,24 @@ def _seed(seed: int, shard_id: int, stream: int) -> int:
 # --- DALI graph and conversion ----------------------------------------------------------------------
 
 def _read(split: Split, shard_id: int, num_shards: int, *, shuffle: bool, seed: int, buffer: int,
-          stick_to_shard: bool, backend: str):
-    """(jpegs, labels int32 (1,), keys uint8 padded to the batch's longest key) from the shards.
+          stick_to_shard: bool, backend: str, boxes: str | None = None):
+    """(jpegs, labels int32 (1,), keys uint8 padded to the batch's longest key) from the shards, and
+    the box members (float32, 4 per box) when ``boxes`` says what a sample without one gives
+    ("error", or "empty": no boxes).
 
     Labels go to the GPU inside DALI whenever the images do: torch copying them from pageable host
     memory would wait for the whole stream (the previous training step) on every batch."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    jpegs, labels, keys = fn.readers.webdataset(
-        paths=list(split.shards), index_paths=list(split.indexes), ext=["jpg", "lbl", "key"],
-        dtypes=[types.UINT8, types.INT32, types.UINT8], missing_component_behavior="error",
-        shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=max(buffer, 1),
-        seed=seed, pad_last_batch=True, stick_to_shard=stick_to_shard, name="reader")
-    return jpegs, labels if backend == "cpu" else labels.gpu(), fn.pad(keys, fill_value=0)
+    box = [fmt.BOX_EXT] if boxes else []
+    jpegs, labels, keys, *box = fn.readers.webdataset(
+        paths=list(split.shards), index_paths=list(split.indexes), ext=["jpg", "lbl", "key", *box],
+        dtypes=[types.UINT8, types.INT32, types.UINT8] + [types.FLOAT] * len(box),
+        missing_component_behavior=boxes or "error", shard_id=shard_id, num_shards=num_shards,
+        random_shuffle=shuffle, initial_fill=max(buffer, 1), seed=seed, pad_last_batch=True,
+        stick_to_shard=stick_to_shard, name="reader")
+    return (jpegs, labels if backend == "cpu" else labels.gpu(), fn.pad(keys, fill_value=0), *box)
 
 
 def _build(graph, *, batch_size: int, cfg, device_id: int | None, seed: int,
@@ -191,17 +167,22 @@ class TrainLoader:
     ``for batch in loader`` yields the rest of the current epoch (all of it, unless a previous
     iteration was cut short or the loader was restored mid-epoch), then stops; the next ``for``
     starts the next epoch. ``loader.epoch`` / ``loader.step`` say where it is; ``loader.state()``
-    is a JSON string that ``TrainLoader(..., state=...)`` resumes from bit-identically."""
+    is a JSON string that ``TrainLoader(..., state=...)`` resumes from bit-identically.
+    ``boxes=True``: only the samples with boxes, each batch with its target boxes (``Batch.boxes``)."""
 
     def __init__(self, cfg, batch_size: int, shard_id: int, num_shards: int,
                  device_id: int | None = None, seed: int = 0, state: str | bytes | None = None,
-                 check: bool = True):
+                 check: bool = True, boxes: bool = False):
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         info = read_info(cfg.root)
         self.split = load_split(cfg.root, cfg.train_split, info, check=check)
+        if boxes:   # DALI reads filtered copies of the indexes, removed with the loader
+            folder = tempfile.mkdtemp(prefix="vgg-box-index-")
+            weakref.finalize(self, shutil.rmtree, folder, True)
+            self.split = box_augment.boxed_split(cfg.root, self.split, info, Path(folder))
         self.stats = load_stats(cfg.root, info)
         self.fingerprint = info.get("fingerprint", "")
         self.batch_size, self.shard_id, self.num_shards, self.seed = batch_size, shard_id, num_shards, seed
@@ -221,11 +202,12 @@ class TrainLoader:
         backend = decode_backend(cfg.decode, device_id)
 
         def graph():
-            jpegs, labels, keys = _read(self.split, shard_id, num_shards, shuffle=True,
-                                        seed=_seed(seed, shard_id, 1), buffer=cfg.shuffle_buffer,
-                                        stick_to_shard=False, backend=backend)
-            images = augment.train_augment(jpegs, cfg, self.stats, backend)
-            return images, labels, keys
+            jpegs, labels, keys, *box = _read(self.split, shard_id, num_shards, shuffle=True,
+                                              seed=_seed(seed, shard_id, 1), buffer=cfg.shuffle_buffer,
+                                              stick_to_shard=False, backend=backend,
+                                              boxes="error" if boxes else None)
+            images, draws = augment.train_augment(jpegs, cfg, self.stats, backend, with_draws=True)
+            return images, labels, keys, *(box_augment.train_outputs(box[0], draws) if boxes else [])
 
         pipe = _build(graph, batch_size=batch_size, cfg=cfg, device_id=device_id,
                       seed=_seed(seed, shard_id, 2), checkpointing=True, checkpoint=checkpoint)
@@ -247,10 +229,11 @@ class TrainLoader:
         if self.step >= self.steps_per_epoch:
             self._finish_epoch()
         while self.step < self.steps_per_epoch:
-            images, labels, keys = self._runner.run()
+            images, labels, keys, *extra = self._runner.run()
             self.step += 1                            # counted before the yield: state() is "after"
             r = self._runner
-            yield Batch(r.images(r.tensor(images.as_tensor())), r.labels(labels), r.keys(keys))
+            yield Batch(r.images(r.tensor(images.as_tensor())), r.labels(labels), r.keys(keys),
+                        box_augment.train_boxes(extra, self.device) if extra else None)
 
     def _finish_epoch(self) -> None:
         for _ in range(self._reader_batches - self.steps_per_epoch):
@@ -297,17 +280,22 @@ class EvalLoader:
     mode "multicrop": (N, 50, C, crop, crop): the 5x5 ``pipeline.scoring.crop_grid`` positions row-major
     (indices 0-24), then the same crops flipped horizontally (25-49).
     ``scale`` is Q (default: ``test_scale(cfg)``). ``batch_size`` is used as given (the caller
-    resolves cfg.eval_batch_size == 0 to the per-worker training batch)."""
+    resolves cfg.eval_batch_size == 0 to the per-worker training batch).
+    ``boxes=True`` (center, dense): every image, each with its ground-truth boxes (``Batch.boxes``)."""
 
     def __init__(self, cfg, batch_size: int, shard_id: int, num_shards: int,
                  device_id: int | None = None, mode: str = "center", scale: int | None = None,
-                 check: bool = True):
+                 check: bool = True, boxes: bool = False):
         if mode not in EVAL_MODES:
             raise ValueError(f"Invalid eval mode {mode!r}. Only {', '.join(EVAL_MODES)} are supported.")
+        if boxes and mode == "multicrop":
+            raise ValueError("boxes=True is for eval modes center and dense, not multicrop")
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
         info = read_info(cfg.root)
         self.split = load_split(cfg.root, cfg.val_split, info, check=check)
+        if boxes:
+            box_augment.check_has_boxes(cfg.root, cfg.val_split, info)
         self.stats = load_stats(cfg.root, info)
         self.mode, self.batch_size, self.crop = mode, batch_size, cfg.crop_size
         self.shard_id, self.num_shards = shard_id, num_shards
@@ -324,12 +312,14 @@ class EvalLoader:
 
         def graph():
             # stick_to_shard: every pass reads the same samples on this rank, so num_samples holds
-            jpegs, labels, keys = _read(self.split, shard_id, num_shards, shuffle=False, seed=0,
-                                        buffer=1, stick_to_shard=True, backend=backend)
+            # a sample without boxes gets none ("empty"): evaluation covers every image
+            jpegs, labels, keys, *box = _read(self.split, shard_id, num_shards, shuffle=False, seed=0,
+                                              buffer=1, stick_to_shard=True, backend=backend,
+                                              boxes="empty" if boxes else None)
             images = augment.rescale(augment.decode(jpegs, backend, cfg.hw_decoder_load), float(self.scale))
             crop = self.crop if mode == "center" else None
             images = augment.normalize(images, mean=mean, crop=crop, layout=cfg.layout, dtype=cfg.dtype)
-            return images, labels, keys
+            return images, labels, keys, *(box_augment.eval_outputs(box[0], jpegs) if boxes else [])
 
         pipe = _build(graph, batch_size=batch_size, cfg=cfg, device_id=device_id, seed=0)
         self._runner = _Runner(pipe, self.device, cfg, self.split, self._suspects)
@@ -352,7 +342,7 @@ class EvalLoader:
         remaining, seen = self.num_samples, set()
         r = self._runner
         for _ in range(self._reader_batches):
-            images, labels, keys = r.run()
+            images, labels, keys, *extra = r.run()
             self._pending -= 1
             n = min(remaining, self.batch_size)       # the rest is the reader's padding: never counted
             remaining -= n
@@ -363,10 +353,12 @@ class EvalLoader:
                 raise RuntimeError(f"eval reader returned a key twice in one pass: {keys}")
             seen.update(keys)
             labels = r.labels(labels)[:n]
+            crop = self.crop if self.mode == "center" else None
+            boxes = box_augment.eval_boxes(extra, n, self.scale, crop) if extra else None
             if self.mode == "center":
-                yield Batch(r.images(r.tensor(images.as_tensor()))[:n], labels, keys)
+                yield Batch(r.images(r.tensor(images.as_tensor()))[:n], labels, keys, boxes)
             elif self.mode == "dense":
-                yield from self._groups(images, labels, keys, n)
+                yield from self._groups(images, labels, keys, n, boxes)
             else:
                 yield Batch(self._multicrop(images, n), labels, keys)
 
@@ -374,7 +366,7 @@ class EvalLoader:
         """One image as a logical (1, C, H, W) tensor."""
         return self._runner.images(self._runner.tensor(images[i])[None])
 
-    def _groups(self, images, labels, keys, n):
+    def _groups(self, images, labels, keys, n, boxes):
         shapes = images.shape()
         groups: dict[tuple, list[int]] = {}
         for i in range(n):
@@ -383,7 +375,8 @@ class EvalLoader:
             t = torch.cat([self._sample(images, i) for i in idx])
             if self._runner.cfg.layout == "NHWC":
                 t = t.contiguous(memory_format=torch.channels_last)
-            yield Batch(t, labels[idx], [keys[i] for i in idx])
+            yield Batch(t, labels[idx], [keys[i] for i in idx],
+                        None if boxes is None else [boxes[i] for i in idx])
 
     def _multicrop(self, images, n) -> torch.Tensor:
         c, out = self.crop, []

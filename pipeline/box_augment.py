@@ -1,0 +1,171 @@
+"""Boxes through the augmentation (localisation, docs/localisation.md): which samples a localisation
+net trains on, the target box of each training crop, and where the ground-truth boxes lie in an
+evaluation image. ``pipeline.loader`` calls these when built with ``boxes=True``.
+
+Training: DALI draws each image's crop window and flip once (``augment.train_augment(...,
+with_draws=True)``) and outputs those very numbers next to the pixels; ``crop_targets`` maps the
+stored boxes through them in torch. So the pixels and the box can never disagree about the crop.
+
+Units. Stored boxes: corners ``(x1, y1, x2, y2)`` in pixels of the stored JPEG (continuous
+coordinates: the image spans [0, W] x [0, H]). Training targets: ``(cx, cy, w, h)`` in units of the
+crop side, ``(0.5, 0.5, 1, 1)`` = the whole crop. Evaluation: corners in pixels of the image as
+yielded.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.boxes import xyxy_to_cxcywh
+from pipeline.dataset import Split
+from storage import dataformat as fmt
+from storage.dataformat import DataError
+
+BOXES_KEY = "boxes"     # dataset.json: a split whose samples may carry boxes has this entry
+
+
+# --- which samples: a filtered copy of DALI's index --------------------------------------------------
+
+def check_has_boxes(root, split: str, info: dict) -> None:
+    """``DataError`` naming dataset.json unless ``split`` records boxes (the contract: readers learn
+    it from dataset.json, not by scanning shards)."""
+    if BOXES_KEY not in info.get("splits", {}).get(split, {}):
+        raise DataError(f"{fmt.info_path(root)}: split {split!r} has no {BOXES_KEY!r} entry, so its "
+                        "samples carry no boxes; preprocess the dataset with its box annotations to "
+                        "train or evaluate localisation")
+
+
+def boxed_split(root, split: Split, info: dict, folder: Path) -> Split:
+    """The samples of ``split`` that have a box member, as DALI indexes in ``folder``.
+
+    Each index keeps only the lines (samples) with a ``box`` component, at their offsets in the
+    unchanged tar file; DALI's reader reads just those, and splits them over ranks like any index, so
+    ``num_samples`` (hence steps per epoch, resume and the epoch guarantees) counts boxed samples
+    only. A tar file without a boxed sample is left out."""
+    check_has_boxes(root, split.name, info)
+    shards, indexes, total = [], [], 0
+    for i, (tar, idx) in enumerate(zip(split.shards, split.indexes)):
+        text = Path(idx).read_text()
+        samples = fmt.parse_index(text, idx)                       # checks the index's format
+        lines = [line for line, sample in zip(text.splitlines()[1:], samples)
+                 if any(ext == fmt.BOX_EXT for ext, *_ in sample)]
+        if lines:
+            out = folder / f"{i:06d}-{Path(idx).name}"
+            fmt.write_index(out, lines)
+            shards.append(tar)
+            indexes.append(str(out))
+            total += len(lines)
+    recorded = info["splits"][split.name][BOXES_KEY]
+    images = recorded.get("images") if isinstance(recorded, dict) else None
+    if images is not None and int(images) != total:
+        raise DataError(f"{fmt.info_path(root)}: split {split.name!r} records {images} images with "
+                        f"boxes but its indexes hold {total}; an index is stale (delete the .idx files)")
+    if total == 0:
+        raise DataError(f"{fmt.info_path(root)}: split {split.name!r} has a {BOXES_KEY!r} entry but no "
+                        "sample in its shards has a box member")
+    return Split(name=split.name, shards=tuple(shards), indexes=tuple(indexes), num_samples=total)
+
+
+# --- pure math -----------------------------------------------------------------------------------
+
+def pick_target(xyxy: torch.Tensor) -> torch.Tensor:
+    """One sample's target (4,) corners in crop units from its boxes (G, 4), same units.
+
+    The box with the largest area inside the crop (the first of equals), clipped to the crop. When no
+    box overlaps the crop (area inside 0), the largest box unclipped: it lies outside [0, 1]^2 and
+    still says where the object is relative to the window."""
+    clipped = xyxy.clamp(0.0, 1.0)
+    inside = (clipped[:, 2] - clipped[:, 0]).clamp(min=0) * (clipped[:, 3] - clipped[:, 1]).clamp(min=0)
+    if inside.max() > 0:
+        return clipped[int(torch.argmax(inside))]
+    area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
+    return xyxy[int(torch.argmax(area))]
+
+
+def crop_targets(boxes: list[torch.Tensor], start: torch.Tensor, end: torch.Tensor,
+                 mirror: torch.Tensor) -> torch.Tensor:
+    """(N, 4) float32 targets (cx, cy, w, h) in crop units.
+
+    ``boxes``: N (G, 4) corners in source pixels, G >= 1. ``start``, ``end``: (N, 2) the crop windows
+    (y, x) in source pixels, as the resize used them. ``mirror``: (N,) 1 where the crop was flipped
+    horizontally (a crop coordinate u becomes 1 - u, so x1 and x2 swap)."""
+    out = []
+    for b, s, e, m in zip(boxes, start.double(), end.double(), mirror.tolist()):
+        b = b.double()
+        u = (b[:, [0, 2]] - s[1]) / (e[1] - s[1])               # (G, 2) x1, x2 in crop units
+        v = (b[:, [1, 3]] - s[0]) / (e[0] - s[0])               # (G, 2) y1, y2
+        if m:
+            u = 1.0 - u.flip(-1)
+        out.append(pick_target(torch.stack((u[:, 0], v[:, 0], u[:, 1], v[:, 1]), -1)))
+    return xyxy_to_cxcywh(torch.stack(out)).float()
+
+
+def rescaled_size(h: int, w: int, q: int) -> tuple[int, int]:
+    """(H', W') of an H x W image after DALI's ``resize_shorter=q``: the shorter side is q, the other
+    side rounded half up (checked against DALI's output shapes by tests/test_box_augment.py)."""
+    s = q / min(h, w)
+    return (q if h <= w else math.floor(h * s + 0.5)), (q if w < h else math.floor(w * s + 0.5))
+
+
+def center_offset(h: int, w: int, crop: int) -> tuple[int, int]:
+    """(oy, ox) of ``crop_mirror_normalize``'s centre crop: crop_pos 0.5, rounded half away from 0."""
+    return math.floor((h - crop) / 2 + 0.5), math.floor((w - crop) / 2 + 0.5)
+
+
+def image_boxes(boxes: torch.Tensor, src_hw: tuple[int, int], q: int, crop: int | None) -> torch.Tensor:
+    """(G, 4) corners in source pixels -> pixels of the evaluation image: the whole image rescaled to
+    shorter side q (``crop`` None), or its centre crop of side ``crop``. Not clipped. The resize maps
+    [0, W] onto [0, W'], so each axis scales by W'/W (the rounding makes the two differ slightly)."""
+    h, w = src_hw
+    rh, rw = rescaled_size(h, w, q)
+    oy, ox = center_offset(rh, rw, crop) if crop is not None else (0, 0)
+    scale = torch.tensor([rw / w, rh / h, rw / w, rh / h], dtype=torch.float64)
+    offset = torch.tensor([ox, oy, ox, oy], dtype=torch.float64)
+    return (boxes.double() * scale - offset).float()
+
+
+# --- DALI outputs -> torch -----------------------------------------------------------------------
+
+def per_sample_boxes(tl, n: int) -> list[torch.Tensor]:
+    """The first ``n`` samples' box members (flat float32, 4 per box) as (G, 4) tensors (G may be 0)."""
+    return [torch.from_numpy(np.array(tl[i]).reshape(-1, 4)) for i in range(n)]
+
+
+def train_outputs(box, draws) -> list:
+    """Extra DALI outputs of the training graph: the box members, then the crop window and the flip
+    the pixels were made with (the flip only when it is a node: flipping may be off)."""
+    start, end, mirror = draws
+    return [box, start, end] + ([mirror] if not isinstance(mirror, (int, float)) else [])
+
+
+def train_boxes(extra, device: torch.device) -> torch.Tensor:
+    """``Batch.boxes`` from ``train_outputs``' DALI results: (N, 4) float32 on ``device``."""
+    box, start, end, *mirror = extra
+    start = torch.from_numpy(np.array(start.as_tensor(), dtype=np.float32)).reshape(-1, 2)
+    end = torch.from_numpy(np.array(end.as_tensor(), dtype=np.float32)).reshape(-1, 2)
+    n = start.shape[0]
+    flips = (torch.from_numpy(np.array(mirror[0].as_tensor())).reshape(-1) if mirror
+             else torch.zeros(n, dtype=torch.int32))
+    targets = crop_targets(per_sample_boxes(box, n), start, end, flips)
+    if device.type == "cuda":
+        # from pinned memory without waiting: the copy is ordered on the current stream like the images
+        return targets.pin_memory().to(device, non_blocking=True)
+    return targets
+
+
+def eval_outputs(box, jpegs) -> list:
+    """Extra DALI outputs of the evaluation graph: the box members and each JPEG's (H, W, C)."""
+    import nvidia.dali.fn as fn
+
+    return [box, fn.peek_image_shape(jpegs)]
+
+
+def eval_boxes(extra, n: int, q: int, crop: int | None) -> list[torch.Tensor]:
+    """``Batch.boxes`` of an evaluation batch's first ``n`` samples from the DALI outputs (box
+    members, the JPEG's (H, W, C) from its header): N (G, 4) float32 CPU corners in image pixels."""
+    box, shape = extra
+    return [image_boxes(b, tuple(int(v) for v in np.array(shape[i])[:2]), q, crop)
+            for i, b in enumerate(per_sample_boxes(box, n))]
