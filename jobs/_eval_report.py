@@ -75,9 +75,9 @@ def table(shares: list[E.ShareResult], protocol: E.Protocol, cfgs: Sequence[conf
     return rows, per_class
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
+def markdown(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -126,6 +126,19 @@ def log_child_run(uri: str, parent_run_id: str, rows: list[dict], files: list[Pa
     A top-level run in ``experiment`` when no training run is known (with a SQLite store, its
     artifacts beside ``storage``). It starts at ``started_ms``, so its duration is the evaluation's.
     Returns its id."""
+    name = f"eval-{params['mode']}-Q{params['scales'].replace(',', '-')}"
+    metrics = {metric_key(r["mode"], r["row"], w): r[c] / 100
+               for r in rows for w, c in (("top1_error", "top-1 err %"), ("top5_error", "top-5 err %"))}
+    return log_results_run(uri, parent_run_id, name, {**metrics, **headline}, params, tags, files, rows, COLUMNS,
+                           experiment, started_ms, storage)
+
+
+def log_results_run(uri: str, parent_run_id: str, name: str, metrics: dict[str, float], params: dict, tags: dict,
+                    files: list[Path], rows: list[dict], columns: Sequence[str], experiment: str,
+                    started_ms: int | None = None, storage: str = ".") -> str:
+    """The MLflow run of one evaluation's results (``log_child_run``; the localisation evaluation's
+    too): nested under ``parent_run_id`` when known, else top-level in ``experiment``; ``metrics``,
+    ``params``, ``tags``, the ``files`` and the table (``rows`` x ``columns``) as artifacts and note."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -136,16 +149,13 @@ def log_child_run(uri: str, parent_run_id: str, rows: list[dict], files: list[Pa
         tags["mlflow.parentRunId"] = parent_run_id
     else:
         exp_id = _mlflow_outputs.experiment_id(client, experiment, uri, storage)
-    name = f"eval-{params['mode']}-Q{params['scales'].replace(',', '-')}"
     rid = client.create_run(exp_id, start_time=started_ms, run_name=name, tags=tags).info.run_id
     now = int(time.time() * 1000)
-    metrics = [Metric(metric_key(r["mode"], r["row"], w), r[c] / 100, now, 0)
-               for r in rows for w, c in (("top1_error", "top-1 err %"), ("top5_error", "top-5 err %"))]
-    metrics += [Metric(k, v, now, 0) for k, v in headline.items()]
-    client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
-                     tags=[RunTag("mlflow.note.content", markdown(rows))])
+    client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)) for k, v in params.items()],
+                     tags=[RunTag("mlflow.note.content", markdown(rows, columns))])
     for f in files:
         client.log_artifact(rid, str(f))
-    client.log_table(rid, data={c: [r[c] for r in rows] for c in COLUMNS}, artifact_file="results_table.json")
+    client.log_table(rid, data={c: [r[c] for r in rows] for c in columns}, artifact_file="results_table.json")
     client.set_terminated(rid, "FINISHED")
     return rid

@@ -1,6 +1,6 @@
 """Evaluate trained VGGs with the paper's testing protocols (section 3.2) on W Ray workers.
 
-    python -m jobs.evaluate --run <MLflow run id | checkpoint path or folder> [--run ...]
+    python -m jobs.evaluate [--task classification] --run <MLflow run id | checkpoint path or folder> [--run ...]
         [--mode dense|multicrop|both|center|all] [--scales 256,384,512 | auto | single]
         [--no-flip] [--workers N] [--gpu] [--data ROOT] [--split val] [--out DIR]
 
@@ -18,6 +18,9 @@
 - Results: a table (config, train S, test Q, mode, top-1, top-5) printed and written to
   ``--out`` as results.csv / results.md with per_class.csv, and logged as an MLflow child run of the
   training run (tag mlflow.parentRunId), metrics plus the table as artifacts.
+- ``--task localisation``: the localisation nets' testing (Appendix A, Tables 8 and 9), with its own
+  options (``--checkpoint``, ``--classifier``, ``--protocol a|b|both``); see
+  ``python -m jobs.evaluate --task localisation --help`` and jobs/_loc_eval.py.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from pipeline import dataset
 from pipeline import evaluate as E
 
 log = logging.getLogger("jobs.evaluate")
+TASKS = ("classification", "localisation")
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -86,6 +90,8 @@ def _evaluate_work(nets, data, protocol, batch_size, use_gpu, threads, rank, wor
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__, parents=[pass_options()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, default="classification",
+                   help="classification (this page) or localisation (its own options: --task localisation --help)")
     p.add_argument("--run", action="append", required=True,
                    help="MLflow run id (or runs:/<id>) or checkpoint file/folder; repeat for an ensemble")
     p.add_argument("--mode", default="both", help="dense | multicrop | both | center | all, or a comma list")
@@ -98,7 +104,13 @@ def parse(argv):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    task, rest = task_of(argv)
+    if task == "localisation":
+        from jobs import _loc_eval
+
+        return _loc_eval.main(rest)
+    args = parse(argv)
     args.started_ms = int(time.time() * 1000)   # the MLflow child run spans the whole evaluation
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     check_workers(args.workers)
@@ -121,6 +133,14 @@ def main(argv: list[str] | None = None) -> dict:
     check_shares(shares, expected)
     result = publish(args, members, data, protocol, shares, len(expected), uri)
     return {**result, "shares": shares}
+
+
+def task_of(argv: list[str]) -> tuple[str, list[str]]:
+    """(--task, the other arguments): each task parses its own options."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--task", choices=TASKS, default="classification")
+    known, rest = p.parse_known_args(argv)
+    return known.task, rest
 
 
 def scales_fields(own: tuple[tuple[int, ...], ...]) -> dict:

@@ -31,6 +31,8 @@ from model.vgg import STRIDE
 from pipeline import boxes as B
 from pipeline import evaluate as E
 from pipeline import scoring
+from storage import dataformat as fmt
+from storage.dataformat import SPLIT_BOXES
 
 WHOLE, MEAN_BOX = "whole image", "mean training box"
 BASELINES = (WHOLE, MEAN_BOX)
@@ -43,9 +45,11 @@ LocBatch = tuple[list[str], torch.Tensor, torch.Tensor, list[torch.Tensor]]
 
 @dataclass(frozen=True)
 class LocProtocol:
-    """What to compute: test ``scales`` Q (protocol (a) at the first), flips for (b), the crop of the
-    nets, how many of the classifier's classes keep their boxes at each Q, the merging threshold."""
+    """What to compute: protocol (a) or not (``central``; (b) runs when classification nets are
+    given), test ``scales`` Q ((a) at the first), flips for (b), the crop of the nets, how many of the
+    classifier's classes keep their boxes at each Q, the merging threshold."""
 
+    central: bool = True
     scales: tuple[int, ...] = (256,)
     crop: int = 224
     flip: bool = True
@@ -297,7 +301,7 @@ def evaluate_loc_share(loc_nets: Sequence[nn.Module], cls_nets: Sequence[nn.Modu
     for q, keys, lbl, x in E.checked_passes(plain, p.scales, device):
         gt = [gts[k].float().cpu() for k in keys]
         labels.update(zip(keys, lbl.tolist()))
-        if q == p.scales[0]:
+        if p.central and q == p.scales[0]:
             for row, hit in protocol_a(loc_nets, x, lbl.cpu(), gt, p.crop, mean_box).items():
                 a_hits.setdefault(row, {}).update(zip(keys, hit.tolist()))
         if cls_nets:
@@ -337,34 +341,20 @@ def tally(shares: Sequence[LocShare]) -> dict[tuple[str, str], tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------------
 
 def split_boxes(info: dict, split: str) -> int:
-    """How many images of ``split`` have boxes, from dataset.json's ``boxes`` entry (0: none; the
-    contract: readers know a split has boxes from it, not by scanning shards)."""
-    return int(info.get("splits", {}).get(split, {}).get("boxes", 0) or 0)
+    """How many stored images of ``split`` have a box, from dataset.json's ``boxes`` entry (0: none;
+    the contract: readers know a split has boxes from it, not by scanning shards)."""
+    entry = info.get("splits", {}).get(split, {}).get(SPLIT_BOXES) or {}
+    return int(entry.get("images", 0)) if isinstance(entry, dict) else int(entry)
 
 
 def mean_training_box(root, split: str = "train") -> torch.Tensor:
-    """(4,) the mean of every ground-truth box of ``split``, corners as fractions of its image's width
-    and height: the box one would guess knowing only the training set. Read from the shards' ``.box``
-    members (their DALI index gives each member's place) and the manifest's stored image sizes."""
-    from pathlib import Path
-
-    from storage import dataformat as fmt
-
-    m = fmt.read_manifest(root, split, columns=["key", "width", "height", "shard"]).to_pydict()
-    sizes = {k: (w, h) for k, w, h, s in zip(m["key"], m["width"], m["height"], m["shard"]) if s}
-    found = []
-    for shard in sorted({s for s in m["shard"] if s}):
-        tar = Path(root) / shard
-        idx = tar.with_suffix(".idx")
-        with open(tar, "rb") as f:
-            for sample in fmt.parse_index(idx.read_text(), str(idx)):
-                for ext, offset, size, name in sample:
-                    if ext != fmt.BOX_EXT:
-                        continue
-                    f.seek(offset)
-                    w, h = sizes[name[:-len(ext) - 1]]
-                    corners = torch.from_numpy(fmt.decode_boxes(f.read(size), f"{tar}:{name}").copy())
-                    found.append(corners / torch.tensor([w, h, w, h], dtype=torch.float32))
+    """(4,) the mean of every kept ground-truth box of ``split``'s stored images, corners as fractions
+    of its image's width and height: the box one would guess knowing only the training set. From the
+    manifest's ``boxes`` column (the box members' values) and its stored image sizes."""
+    m = fmt.read_manifest(root, split, columns=["width", "height", "shard", "status", "boxes"]).to_pydict()
+    found = [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) / torch.tensor([w, h, w, h], dtype=torch.float32)
+             for w, h, shard, status, b in zip(m["width"], m["height"], m["shard"], m["status"], m["boxes"])
+             if b and shard and status != "quarantined"]
     if not found:
-        raise fmt.DataError(f"{root}: split {split!r} has no boxes in its shards")
+        raise fmt.DataError(f"{fmt.manifest_path(root, split)}: split {split!r} has no boxes")
     return torch.cat(found).mean(dim=0)

@@ -318,3 +318,25 @@ def test_protocol_b_ranks_merged_boxes_by_class_scores_and_an_ensemble_merges_th
     assert got[MEAN_BOX] == (True, True)         # (0, 0, .5, .5): IoU 0.64, with the top class 0
     im.boxes[1][0], im.scores[1][0] = T([[0.6, 0.1, 0.9, 0.5]]), T([0.2])   # far away: no merge, class 1 wins
     assert _b_hits(im, 0, T([0.0, 0.0, 0.5, 0.5]), LocProtocol(scales=(64,), crop=64))[ENSEMBLE] == (False, True)
+
+
+def test_dense_candidates_by_hand_with_the_flip_mirrored_back():
+    """A 64 x 96 image, 64 px windows at x = 0 and 32. Location 0's box: its whole window; location 1's:
+    the left half of its window. The classifier favours class 0 at location 0, class 1 at location 1."""
+    from pipeline.localise import LocProtocol, class_candidates, dense_candidates
+
+    box_map = T([[0.5, 0.25], [0.5, 0.5], [1.0, 0.5], [1.0, 1.0]]).reshape(1, 4, 1, 2)
+    score_map = T([[2.0, 0.0], [0.0, 2.0]]).reshape(1, 2, 1, 2)
+    post, per_view = dense_candidates([lambda x: box_map], [lambda x: score_map], torch.zeros(1, 3, 64, 96),
+                                      LocProtocol(scales=(64,), crop=64, flip=True))
+    assert post[0].tolist() == pytest.approx([0.5, 0.5])          # soft-max of the mean logits (1, 1)
+    (boxes, loc_post), = per_view[0]
+    assert boxes.shape == (1, 2, 1, 4)
+    torch.testing.assert_close(boxes[0, :, 0], T([[0, 0, 2 / 3, 1], [1 / 3, 0, 2 / 3, 1]]))
+    p0 = math.exp(2) / (math.exp(2) + 1)
+    torch.testing.assert_close(loc_post[0], T([[p0, 1 - p0], [1 - p0, p0]]))
+    (flipped, _), = per_view[1]                                    # the same outputs on the flipped image
+    torch.testing.assert_close(flipped[0, :, 0], T([[1 / 3, 0, 1, 1], [1 / 3, 0, 2 / 3, 1]]))
+    b, s, lab = class_candidates(boxes[0], loc_post[0], T([1, 0]))  # SCR: the one box for each kept class
+    assert lab.tolist() == [1, 0, 1, 0] and s.tolist() == pytest.approx([1 - p0, p0, p0, 1 - p0])
+    assert torch.equal(b[0], b[1]) and torch.equal(b[2], b[3])

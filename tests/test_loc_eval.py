@@ -1,0 +1,171 @@
+"""``python -m jobs.evaluate --task localisation`` on the sample shards (every image has a box): the
+table of both protocols with the baselines, ensembles as the union of boxes, the mean training box,
+the MLflow child run, and bad input refused with one line before any worker starts."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import checkpoint as ckpt
+from pipeline import config as C
+
+WHOLE_WINDOW = (0.5, 0.5, 1.0, 1.0)   # (cx, cy, w, h) in window units: the whole window
+
+
+def save(folder, root, head: str, seed: int, bias=None, parent: str = "") -> str:
+    """A tiny A (width 1/16, crop 64, S in [64, 128], 4 classes) with ``head``, random weights, saved
+    with the real checkpoint writer. ``bias``: FC8 zeroed and its bias set, so every output is it."""
+    cfg = C.load(None, [f"data.root={root}", "model.width=0.0625", "model.num_classes=4", "model.init=glorot",
+                        "model.dropout=0.0", f"model.head={head}", "data.crop_size=64", "data.scale_min=64",
+                        "data.scale_max=128", "data.decode=cpu", "data.threads=1"])
+    torch.manual_seed(seed)
+    net = ckpt.build_model(cfg, 4)
+    if bias is not None:
+        torch.nn.init.zeros_(net.classifier[6].weight)
+        net.classifier[6].bias.data = torch.tensor(bias)
+    state = {"model": net.state_dict(), "config": C.dump(cfg), "num_classes": 4, "mlflow_run_id": parent}
+    return ckpt.save_checkpoint(ckpt.weights_only(state), folder / f"{head}-{seed}" / ckpt.FILENAME)
+
+
+@pytest.fixture(scope="module")
+def nets(sample_dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loc-nets")
+    return {"classes": save(folder, sample_dataset, "classes", 1),
+            "whole": save(folder, sample_dataset, "scr", 2, bias=WHOLE_WINDOW),
+            "pcr": save(folder, sample_dataset, "pcr", 3)}
+
+
+def run(tmp_path, name, *args):
+    from jobs import evaluate as J
+
+    return J.main(["--task", "localisation", "--out", str(tmp_path / name), "--quiet", "--no-mlflow", "--no-ray",
+                   "--batch-size", "5", *args])
+
+
+def by_row(res):
+    return {r["row"]: r for r in res["rows"]}
+
+
+def test_both_protocols_with_baselines_and_an_ensemble(nets, tmp_path, capsys):
+    res = run(tmp_path, "two", "--checkpoint", nets["whole"], "--checkpoint", nets["pcr"],
+              "--classifier", nets["classes"], "--scales", "64,96", "--workers", "2")
+    out = capsys.readouterr().out
+    rows = by_row(res)
+    assert list(rows) == ["net1", "net2", "ensemble", "whole image", "mean training box"]
+    assert [rows[r]["head"] for r in ("net1", "net2", "ensemble")] == ["SCR", "PCR", "SCR + PCR"]
+    for r in rows.values():
+        assert r["images"] == 32 and r["test Q"] == "64,96"
+        assert 0 <= r["top-5 err % (b)"] <= r["top-1 err % (b)"] <= 100
+    # A net that always predicts its whole window is the whole-crop baseline in protocol (a): this
+    # holds only if its outputs are mapped through the crop the way the ground truth is.
+    assert rows["net1"]["GT-class err % (a)"] == rows["whole image"]["GT-class err % (a)"]
+    assert rows["ensemble"]["GT-class err % (a)"] == "-"                 # (a) is defined per net
+    md = (tmp_path / "two" / "results.md").read_text()
+    assert md in out and md.count("\n") == 2 + 5
+    assert (tmp_path / "two" / "results.csv").read_text().splitlines()[0].startswith("config,head,fine-tuned")
+    # The same PCR net twice, on one worker: the union of a set of boxes with itself merges each box
+    # with its copy (IoU 1, same mean), so the ensemble ranks as the net alone; and one worker gives
+    # the figures two did.
+    res2 = run(tmp_path, "same", "--checkpoint", nets["pcr"], "--checkpoint", nets["pcr"],
+               "--classifier", nets["classes"], "--scales", "64,96", "--workers", "1")
+    rows2 = by_row(res2)
+    cells = ("GT-class err % (a)", "top-1 err % (b)", "top-5 err % (b)")
+    assert [rows2["net1"][c] for c in cells] == [rows["net2"][c] for c in cells]
+    assert [rows2["ensemble"][c] for c in cells[1:]] == [rows["net2"][c] for c in cells[1:]]
+    for base in ("whole image", "mean training box"):
+        assert [rows2[base][c] for c in cells] == [rows[base][c] for c in cells]
+
+
+def test_protocol_a_alone_needs_no_classifier(nets, tmp_path):
+    rows = by_row(run(tmp_path, "a", "--checkpoint", nets["pcr"]))
+    assert list(rows) == ["net1", "whole image", "mean training box"]
+    for r in rows.values():
+        assert r["top-1 err % (b)"] == r["top-5 err % (b)"] == "-"
+        assert 0 <= r["GT-class err % (a)"] <= 100 and r["images"] == 32
+
+
+def test_mean_training_box_equals_the_shards_boxes_over_the_jpeg_sizes(sample_dataset):
+    """Read another way: every .box member of the train shards with tarfile, over its JPEG's size."""
+    from pipeline.localise import mean_training_box
+
+    info = json.loads((sample_dataset / "dataset.json").read_text())
+    found = []
+    for shard in info["splits"]["train"]["shards"]:
+        with tarfile.open(sample_dataset / shard) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+        for name, data in members.items():
+            if name.endswith(".box"):
+                w, h = Image.open(io.BytesIO(members[name[:-4] + ".jpg"])).size
+                found.append(np.frombuffer(data, "<f4").reshape(-1, 4) / [w, h, w, h])
+    assert len(found) == 48
+    torch.testing.assert_close(mean_training_box(sample_dataset, "train"),
+                               torch.tensor(np.concatenate(found).mean(0), dtype=torch.float32))
+
+
+def test_mlflow_child_run_of_the_localisation_training_run(nets, sample_dataset, tmp_path, shared_mlflow, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from jobs import evaluate as J
+
+    client = MlflowClient(shared_mlflow.uri)
+    exp = client.create_experiment("loc-eval")
+    parent = client.create_run(exp, run_name="loc-train").info.run_id
+    loc = save(tmp_path, sample_dataset, "pcr", 3, parent=parent)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_mlflow.uri)
+    res = J.main(["--task", "localisation", "--checkpoint", loc, "--classifier", nets["classes"], "--no-ray",
+                  "--quiet", "--batch-size", "8", "--out", str(tmp_path / "ml")])
+    child = client.get_run(res["mlflow_run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == parent and child.info.status == "FINISHED"
+    rows = by_row(res)
+    for row, metric, col in (("net1", "loc/net1/top5_error", "top-5 err % (b)"),
+                             ("whole image", "loc/whole_image/gt_class_error", "GT-class err % (a)"),
+                             ("mean training box", "loc/mean_training_box/top1_error", "top-1 err % (b)")):
+        assert child.data.metrics[metric] == pytest.approx(rows[row][col] / 100)
+    assert child.data.metrics["loc_top5_error"] == pytest.approx(rows["net1"]["top-5 err % (b)"] / 100)
+    assert child.data.params["task"] == "localisation" and child.data.params["images"] == "32"
+    arts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"results.csv", "results.md", "results_table.json"} <= arts
+
+
+def no_boxes(sample_dataset, tmp_path):
+    """A copy of the sample whose dataset.json says no split has boxes."""
+    root = tmp_path / "no-boxes"
+    shutil.copytree(sample_dataset, root)
+    info = json.loads((root / "dataset.json").read_text())
+    for split in info["splits"].values():
+        split.pop("boxes", None)
+    (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.mark.parametrize("case, says", [
+    ("classifier as loc", "a classification net"),
+    ("loc as classifier", "a localisation net"),
+    ("b without classifier", "needs --classifier"),
+    ("split without boxes", "has no boxes"),
+])
+def test_bad_input_is_one_error_line_before_any_worker(nets, sample_dataset, tmp_path, capsys, monkeypatch,
+                                                       case, says):
+    from jobs import _cli, _loc_eval
+    from jobs import evaluate as J
+
+    def never(*a, **k):
+        raise AssertionError("workers started")
+
+    monkeypatch.setattr(_loc_eval, "run_ranks", never)
+    argv = {"classifier as loc": ["--checkpoint", nets["classes"]],
+            "loc as classifier": ["--checkpoint", nets["pcr"], "--classifier", nets["whole"]],
+            "b without classifier": ["--checkpoint", nets["pcr"], "--protocol", "b"],
+            "split without boxes": ["--checkpoint", nets["pcr"], "--data", str(no_boxes(sample_dataset, tmp_path))],
+            }[case]
+    assert _cli.run(J.main, ["--task", "localisation", "--workers", "2", "--no-mlflow", "--out",
+                             str(tmp_path / "x"), *argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0]
