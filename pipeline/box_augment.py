@@ -24,16 +24,13 @@ from pipeline.dataset import Split
 from storage import dataformat as fmt
 from storage.dataformat import DataError
 
-BOXES_KEY = "boxes"     # dataset.json: a split whose samples may carry boxes has this entry
-
-
 # --- which samples: a filtered copy of DALI's index --------------------------------------------------
 
 def check_has_boxes(root, split: str, info: dict) -> None:
     """``DataError`` naming dataset.json unless ``split`` records boxes (the contract: readers learn
     it from dataset.json, not by scanning shards)."""
-    if BOXES_KEY not in info.get("splits", {}).get(split, {}):
-        raise DataError(f"{fmt.info_path(root)}: split {split!r} has no {BOXES_KEY!r} entry, so its "
+    if fmt.SPLIT_BOXES not in info.get("splits", {}).get(split, {}):
+        raise DataError(f"{fmt.info_path(root)}: split {split!r} has no {fmt.SPLIT_BOXES!r} entry, so its "
                         "samples carry no boxes; preprocess the dataset with its box annotations to "
                         "train or evaluate localisation")
 
@@ -58,13 +55,13 @@ def boxed_split(root, split: Split, info: dict, folder: Path) -> Split:
             shards.append(tar)
             indexes.append(str(out))
             total += len(lines)
-    recorded = info["splits"][split.name][BOXES_KEY]
+    recorded = info["splits"][split.name][fmt.SPLIT_BOXES]
     images = recorded.get("images") if isinstance(recorded, dict) else None
     if images is not None and int(images) != total:
         raise DataError(f"{fmt.info_path(root)}: split {split.name!r} records {images} images with "
                         f"boxes but its indexes hold {total}; an index is stale (delete the .idx files)")
     if total == 0:
-        raise DataError(f"{fmt.info_path(root)}: split {split.name!r} has a {BOXES_KEY!r} entry but no "
+        raise DataError(f"{fmt.info_path(root)}: split {split.name!r} has a {fmt.SPLIT_BOXES!r} entry but no "
                         "sample in its shards has a box member")
     return Split(name=split.name, shards=tuple(shards), indexes=tuple(indexes), num_samples=total)
 

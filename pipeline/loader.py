@@ -186,6 +186,7 @@ class TrainLoader:
         self.stats = load_stats(cfg.root, info)
         self.fingerprint = info.get("fingerprint", "")
         self.batch_size, self.shard_id, self.num_shards, self.seed = batch_size, shard_id, num_shards, seed
+        self.boxes = boxes
         n = self.split.num_samples
         self.steps_per_epoch = steps_per_epoch(n, num_shards, batch_size)
         if self.steps_per_epoch == 0:
@@ -248,6 +249,7 @@ class TrainLoader:
             "format": STATE_FORMAT, "epoch": self.epoch, "step": self.step,
             "shard_id": self.shard_id, "num_shards": self.num_shards, "batch_size": self.batch_size,
             "steps_per_epoch": self.steps_per_epoch, "fingerprint": self.fingerprint, "seed": self.seed,
+            "boxes": self.boxes,
             "dali": base64.b64encode(blob if isinstance(blob, bytes) else blob.encode("latin-1")).decode(),
         })
 
@@ -259,12 +261,14 @@ class TrainLoader:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"not a TrainLoader state: {e}") from e
         mine = {"shard_id": self.shard_id, "num_shards": self.num_shards, "batch_size": self.batch_size,
-                "steps_per_epoch": self.steps_per_epoch, "fingerprint": self.fingerprint}
+                "steps_per_epoch": self.steps_per_epoch, "fingerprint": self.fingerprint, "boxes": self.boxes}
+        s.setdefault("boxes", False)                    # states saved before boxes existed
         diff = {k: (s.get(k), v) for k, v in mine.items() if s.get(k) != v}
         if diff:
             raise ValueError("loader state does not match this loader (saved, now): "
                              + ", ".join(f"{k}={a!r}, {b!r}" for k, (a, b) in diff.items())
-                             + "; a mid-epoch resume needs the same dataset, world size, rank and batch")
+                             + "; a mid-epoch resume needs the same dataset, world size, rank, batch "
+                             "and boxes (the samples with boxes are another epoch)")
         self.epoch, self.step = int(s["epoch"]), int(s["step"])
         return base64.b64decode(s["dali"])
 
