@@ -129,10 +129,12 @@ def draw(rng: np.random.Generator, kind: str, size_range=(300, 640)) -> tuple[Im
     return img, box
 
 
-def render(rng: np.random.Generator, kind: str, size_range=(300, 640)) -> tuple[Image.Image, Image.Image]:
+def render(rng: np.random.Generator, kind: str, size_range=(300, 640),
+           with_object: bool = True) -> tuple[Image.Image, Image.Image]:
     """One RGB image of ``kind`` and its object mask (mode "L", 255 on every pixel the object changed).
     The mask is drawn with the same calls as the object, so it costs no random numbers: the image is
-    the same with or without it."""
+    the same with or without it. ``with_object=False``: the same image without its object (the object
+    is drawn last), for tests that find the object's pixels by difference."""
     lo, hi = size_range
     w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
     bg = rng.integers(0, 256, 3)
@@ -154,7 +156,8 @@ def render(rng: np.random.Generator, kind: str, size_range=(300, 640)) -> tuple[
     cy = rng.uniform(size / 2, h - size / 2)
     box = (int(cx - size / 2), int(cy - size / 2), int(cx + size / 2), int(cy + size / 2))  # nominal
     mask = Image.new("L", (w, h), 0)
-    _DRAW[kind](img, mask, rng, box, tuple(int(v) for v in fg), tuple(int(v) for v in fg2))
+    if with_object:
+        _DRAW[kind](img, mask, rng, box, tuple(int(v) for v in fg), tuple(int(v) for v in fg2))
     return img, mask
 
 

@@ -1,14 +1,15 @@
 """Helpers for the preprocessing tests: the build call and ways to look at what it wrote.
 
 The sample they run on (fixtures ``odd_source``, ``built``, ``odd_manifest`` in conftest.py): 4 classes,
-10 train + 4 val images per class with every oddity, sides 96-160 px, shard size 8, built once per session.
+10 train + 4 val images per class with every oddity, sides 96-160 px, shard size 8, built once per session;
+every image that decodes has one box (``preprocessing.synthetic``).
 """
 from __future__ import annotations
 
 import tarfile
 from pathlib import Path
 
-from storage.dataformat import HISTORY_JSON, read_info
+from storage.dataformat import BOX_EXT, HISTORY_JSON, read_info
 from preprocessing.shards import EXTENSIONS
 from preprocessing.sources import IMAGE_EXTENSIONS
 from preprocessing.writer import preprocess
@@ -43,17 +44,23 @@ def image_files(root: Path, split: str) -> set[str]:
 
 
 def shard_samples(out: Path, split: str) -> list[dict]:
-    """Every sample of every shard of ``split``, in order: {key, shard, cls, jpg, key_member, lbl}."""
+    """Every sample of every shard of ``split``, in order: {key, shard, cls, jpg, key_member, lbl} and
+    ``box`` (the member's bytes) for a sample with boxes. Asserts each sample's members are exactly
+    ``box`` (optional, first), then ``EXTENSIONS`` in order."""
     info = read_info(out)
     samples = []
     for shard in info["splits"][split]["shards"]:
         with tarfile.open(out / shard) as tf:
-            members = tf.getmembers()
-            assert [m.name.split(".", 1)[1] for m in members] == list(EXTENSIONS) * (len(members) // 4)
-            for i in range(0, len(members), 4):
-                group = members[i:i + 4]
+            groups: list[list] = []
+            for m in tf.getmembers():
+                key = m.name.split(".")[0]
+                if not groups or groups[-1][0].name.split(".")[0] != key:
+                    groups.append([])
+                groups[-1].append(m)
+            for group in groups:
                 key = group[0].name.split(".")[0]
-                assert all(m.name == f"{key}.{e}" for m, e in zip(group, EXTENSIONS))
+                exts = [m.name.split(".", 1)[1] for m in group]
+                assert exts in (list(EXTENSIONS), [BOX_EXT, *EXTENSIONS]), (shard, key, exts)
                 data = {m.name.split(".", 1)[1]: tf.extractfile(m).read() for m in group}
                 data["key_member"] = data.pop("key")
                 samples.append({**data, "key": key, "shard": shard})

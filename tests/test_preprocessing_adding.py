@@ -40,7 +40,7 @@ def add_class(src: Path, more: Path, wnid: str, val: bool) -> None:
         for n, line in enumerate(lines, start=1000):
             stem = f"ILSVRC2012_val_{n:08d}"
             shutil.copy(more / "val" / f"{line.split(',')[0]}.JPEG", src / "val" / f"{stem}.JPEG")
-            csv.write(f"{stem},{wnid} 0 0 10 10 \n")
+            csv.write(f"{stem},{line.split(',', 1)[1]}\n")  # its own boxes
 
 
 def predict(data_config, out: Path, checkpoint: Path, classes: int) -> dict[str, tuple[int, torch.Tensor]]:
@@ -146,8 +146,8 @@ def test_every_file_under_source_is_accounted_for(built, odd_source):
     files = sorted(Path(d, f).relative_to(odd_source).as_posix() for d, _, fs in os.walk(odd_source) for f in fs)
     s = summary["SOURCE"]
     assert s["files"] == len(files) == s["kept"] + s["converted"] + s["resized"] + s["quarantined"] + s["skipped"]
-    assert (s["resized"], s["quarantined"], s["skipped"]) == (0, 5, 5)  # 4 train + 1 val bad images
-    assert f"quarantined or skipped (10 of 10; all of them: python -m jobs.preprocess report {out}):" in log
+    assert (s["resized"], s["quarantined"], s["skipped"]) == (0, 5, 6)  # 4 train + 1 val bad images
+    assert f"quarantined or skipped (10 of 11; all of them: python -m jobs.preprocess report {out}):" in log
     assert "skipped      train/n01440764/..evil.jpg: hidden" in log
     r = cli("report", out)
     assert r.returncode == 0, r.stderr
@@ -157,7 +157,8 @@ def test_every_file_under_source_is_accounted_for(built, odd_source):
               if row["status"] != "quarantined"}
     assert sorted(listed) == sorted(set(files) - stored)  # every file not stored, with its status
     assert listed["LOC_val_solution.csv"] == "skipped" and listed["train/n01440764/README.txt"] == "skipped"
-    assert "5 quarantined inputs (manifests of train, val); 5 skipped and 0 quarantined other entries" in r.stdout
+    assert listed["LOC_train_solution.csv"] == "skipped"  # read for the boxes
+    assert "5 quarantined inputs (manifests of train, val); 6 skipped and 0 quarantined other entries" in r.stdout
     assert re.search(r"^run 0: \d{4}-\d\d-\d\dT.*; train \+52 inputs, val \+18 inputs; classes added 4",
                      r.stdout, re.M)
 

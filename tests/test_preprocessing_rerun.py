@@ -135,7 +135,7 @@ def test_verify_catches_a_flipped_byte(built, tmp_path, where):
     shard = out / "train-000001.tar"
     sample = parse_index(shard.with_suffix(".idx").read_text())[2]
     key = sample[0][3].split(".")[0]
-    _, offset, size, _ = sample[1]  # the .jpg member
+    _, offset, size, _ = next(c for c in sample if c[0] == "jpg")  # after the .box member, when there is one
     at = offset + size // 2 if where == "jpeg" else offset - 512 + 3  # inside its name in the header
     data = bytearray(shard.read_bytes())
     data[at] ^= 0x01
