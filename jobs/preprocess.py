@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 def _report(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.preprocess report",
                                 description="Every quarantined and skipped file of OUT with its reason, "
-                                            "then the runs that built OUT (history.json).")
+                                            "every rejected or unreadable box, then the runs that built OUT "
+                                            "(history.json).")
     p.add_argument("out")
     a = p.parse_args(argv)
     for line in report_lines(a.out):
@@ -97,7 +98,8 @@ def _report(argv: list[str]) -> int:
 def _verify(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.preprocess verify",
                                 description="Re-read every shard of OUT against its manifest: counts, tar "
-                                            "headers, DALI index, labels, sha256, full JPEG decode.")
+                                            "headers, DALI index, labels, sha256, full JPEG decode, and the "
+                                            "box members (the manifest's boxes, inside the stored image).")
     p.add_argument("out")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-decode", action="store_true", help="skip the full decode (sha256 still checked)")
@@ -112,7 +114,8 @@ def _verify(argv: list[str]) -> int:
         return 1
     splits = read_info(a.out)["splits"]
     checks = "tar headers, DALI index, labels, sha256 of every image and shard" + (
-        "" if a.no_decode else ", full JPEG decode")
+        "" if a.no_decode else ", full JPEG decode") + (
+        ", boxes" if any("boxes" in s for s in splits.values()) else "")
     print(f"ok: {sum(len(s['shards']) for s in splits.values())} shards holding "
           f"{sum(s['num_samples'] for s in splits.values()):,} images ({', '.join(splits)}) match their "
           f"manifest: {checks}")

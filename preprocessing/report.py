@@ -1,6 +1,7 @@
-"""What a run tells people: per split what was stored, every entry under SOURCE accounted for (kept,
-converted, resized, quarantined with its reason, or skipped), and warnings; and the full list behind
-it (``python -m jobs.preprocess report OUT``).
+"""What a run tells people: per split what was stored and its boxes, every entry under SOURCE accounted
+for (kept, converted, resized, quarantined with its reason, or skipped), and warnings; and the full list
+behind it (``python -m jobs.preprocess report OUT``: also every rejected box with its reason, and every
+annotation row or object that could not be read).
 
 Entries under SOURCE that are no input (label files, other extensions, hidden files, links that cannot
 be followed) are kept per run in ``OUT/.preprocess/skipped.parquet``; quarantined inputs are manifest
@@ -59,6 +60,7 @@ def summarize(out: Path, layout: Layout, changes: dict, written: dict, log) -> d
                 "annotation")
     _write_skipped(out, layout.others)
     _box_problems(out, layout, log)
+    _warn_boxes_not_stored(out, layout, info, log)
     summary["SOURCE"] = _account(out, layout, info, log)
     _warn_classes_without_val(out, info, log)
     return summary
@@ -75,6 +77,18 @@ def _box_problems(out: Path, layout: Layout, log) -> None:
             f"python -m jobs.preprocess report {out}):")
         for line in layout.box_problems[:SHOWN]:
             log(f"  {line}")
+
+
+def _warn_boxes_not_stored(out: Path, layout: Layout, info: dict, log) -> None:
+    """Stored images that an annotation names but whose shard has no boxes: written before their
+    annotation was there (or before preprocessing read boxes). Shards are never rewritten, so say so."""
+    for split, boxes in layout.boxes.items():
+        late = [r["source"] for r in _rows(out, split, info, ["source", "status", "boxes"])
+                if r["status"] != "quarantined" and r["boxes"] is None and r["source"] in boxes]
+        if late:
+            log(f"warning: {split}: {len(late)} stored images have an annotation now but were written without "
+                f"one (their shards stay as they are; rebuild into a fresh OUT to include their boxes): "
+                + ", ".join(late[:5]) + (" ..." if len(late) > 5 else ""))
 
 
 def _account(out: Path, layout: Layout, info: dict, log) -> dict:

@@ -253,6 +253,12 @@ _DRAW = {k: _texture(k) if k in ("hstripes", "vstripes", "dstripes", "checker", 
          else _shape(k) for k in KINDS}
 
 
+def _encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
 def _write_oddities(root: Path, wnids, seed: int, size_range, first_val: int) -> dict:
     """One file of each case preprocessing must handle; returns {relpath: {kind, expect, wnid, box}}
     (box: of the image the file was made from, None for the files that are no image)."""
@@ -263,11 +269,6 @@ def _write_oddities(root: Path, wnids, seed: int, size_range, first_val: int) ->
         sr = (2000, 2400) if big else size_range
         return draw(rng, KINDS[0], sr)  # (image, its exact box)
 
-    def enc(img, fmt="JPEG", **kw):
-        buf = io.BytesIO()
-        img.save(buf, fmt, **kw)
-        return buf.getvalue()
-
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 CW to display
     img, rgba_box = base()
@@ -276,7 +277,7 @@ def _write_oddities(root: Path, wnids, seed: int, size_range, first_val: int) ->
     alpha[: alpha.shape[0] // 2] = 0
     rgba.putalpha(Image.fromarray(alpha))
     img, good_box = base()
-    good = enc(img, quality=JPEG_QUALITY)
+    good = _encode(img, quality=JPEG_QUALITY)
     sof = good.index(b"\xff\xc0")
     no_height = good[: sof + 5] + b"\x00\x00" + good[sof + 7:]  # SOF0 height 0: no decoder accepts it
     # The images are drawn in this order (the RNG's): the cases' bytes do not depend on their boxes.
@@ -284,14 +285,14 @@ def _write_oddities(root: Path, wnids, seed: int, size_range, first_val: int) ->
     (png, png_box), (cmyk, cmyk_box), (gray, gray_box), (pal, pal_box), (rot, rot_box), (prog, prog_box), \
         (large, large_box) = drawn
     cases = {  # kind: (bytes, expected status without --max-side, box or None)
-        "png_named_jpeg": (enc(png, "PNG"), "converted", png_box),
-        "cmyk_jpeg": (enc(cmyk.convert("CMYK"), quality=JPEG_QUALITY), "converted", cmyk_box),
-        "grayscale_jpeg": (enc(gray.convert("L"), quality=JPEG_QUALITY), "converted", gray_box),
-        "palette_png": (enc(pal.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "converted", pal_box),
-        "alpha_png": (enc(rgba, "PNG"), "converted", rgba_box),
-        "exif_rotated_jpeg": (enc(rot, quality=JPEG_QUALITY, exif=exif.tobytes()), "converted", rot_box),
-        "progressive_jpeg": (enc(prog, quality=JPEG_QUALITY, progressive=True), "converted", prog_box),
-        "large_jpeg": (enc(large, quality=JPEG_QUALITY), "kept", large_box),
+        "png_named_jpeg": (_encode(png, "PNG"), "converted", png_box),
+        "cmyk_jpeg": (_encode(cmyk.convert("CMYK"), quality=JPEG_QUALITY), "converted", cmyk_box),
+        "grayscale_jpeg": (_encode(gray.convert("L"), quality=JPEG_QUALITY), "converted", gray_box),
+        "palette_png": (_encode(pal.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "converted", pal_box),
+        "alpha_png": (_encode(rgba, "PNG"), "converted", rgba_box),
+        "exif_rotated_jpeg": (_encode(rot, quality=JPEG_QUALITY, exif=exif.tobytes()), "converted", rot_box),
+        "progressive_jpeg": (_encode(prog, quality=JPEG_QUALITY, progressive=True), "converted", prog_box),
+        "large_jpeg": (_encode(large, quality=JPEG_QUALITY), "kept", large_box),
         "zero_bytes": (b"", "quarantined", None),
         "truncated_jpeg": (good[: len(good) // 2], "quarantined", good_box),
         "undecodable_jpeg": (no_height, "quarantined", good_box),

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from odd_sample import build, shard_samples
+from odd_sample import build, shard_samples, snapshot
 from preprocessing import synthetic
 from preprocessing.verify import verify
 from storage import dataformat as fmt
@@ -150,9 +150,15 @@ def test_a_dataset_without_annotations_is_unchanged(tmp_path):
     root, _, _ = source(tmp_path)
     with_boxes, without = tmp_path / "with", tmp_path / "without"
     build(root, with_boxes, splits=["train"])
+    csv = (root / "LOC_train_solution.csv").read_text()
     (root / "LOC_train_solution.csv").unlink()
     _, log = build(root, without, splits=["train"])
     assert "boxes" not in log
+    before = snapshot(without)
+    (root / "LOC_train_solution.csv").write_text(csv)  # annotations arrive after the shards were written
+    _, log = build(root, without)
+    assert "nothing to do" in log and snapshot(without) == before  # shards are never rewritten; it says so
+    assert "warning: train: 6 stored images have an annotation now but were written without one" in log
     info = fmt.read_info(without)
     assert fmt.SPLIT_BOXES not in info["splits"]["train"]
     assert pq.read_schema(fmt.manifest_path(without, "train")).names == list(fmt.BASE_COLUMNS)  # as before
@@ -195,7 +201,7 @@ def test_stored_synthetic_boxes_bound_the_decoded_shape(sample_dataset, sample_s
     drawn pixels: the test above), and in the decoded stored JPEG the pixels far from the background lie
     inside it, within 1 px. (Edges are not checked on JPEG pixels: 4:2:0 chroma and ringing move colour
     up to 2 px past an edge, and a star's 1-px tip fades below any threshold that separates them.)"""
-    from conftest import SAMPLE_CLASSES
+    from conftest import SAMPLE_CLASSES, SAMPLE_TRAIN_PER_CLASS, SAMPLE_VAL_PER_CLASS
 
     wnids = sorted(p.name for p in (sample_source / "train").iterdir())
     checked = 0
@@ -215,4 +221,5 @@ def test_stored_synthetic_boxes_bound_the_decoded_shape(sample_dataset, sample_s
             x1, y1, x2, y2 = box
             assert xs.min() >= x1 - 1 and ys.min() >= y1 - 1 and xs.max() < x2 + 1 and ys.max() < y2 + 1, key
             checked += 1
-    assert checked == SAMPLE_CLASSES * (12 + 8) and wnids == [c["wnid"] for c in fmt.read_info(sample_dataset)["classes"]]
+    assert checked == SAMPLE_CLASSES * (SAMPLE_TRAIN_PER_CLASS + SAMPLE_VAL_PER_CLASS)
+    assert wnids == [c["wnid"] for c in fmt.read_info(sample_dataset)["classes"]]  # label c drew KINDS[c]
