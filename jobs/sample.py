@@ -1,5 +1,6 @@
 """Write the embedded ILSVRC-shaped sample (``preprocessing.synthetic``): a SOURCE folder to try
-``jobs.preprocess`` and the rest of the pipeline on when no ImageNet copy is at hand.
+``jobs.preprocess`` and the rest of the pipeline on when no ImageNet copy is at hand. Its
+``LOC_train_solution.csv`` and ``LOC_val_solution.csv`` give every image one exact box (localisation).
 
     python -m jobs.sample OUT [--classes 10] [--train-per-class 20] [--val-per-class 5] [--oddities]
 """

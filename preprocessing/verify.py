@@ -1,6 +1,6 @@
 """Re-read every shard of OUT against its manifest: counts, member order, tar headers, DALI index,
-labels, sha256 of every JPEG and of the whole shard (when dataset.json records it), and a full decode
-of every JPEG. ``python -m jobs.preprocess verify OUT``. It reads what dataset.json lists, and the
+labels, box members (the manifest's boxes, inside the stored image) and box counts, sha256 of every
+JPEG and of the whole shard (when dataset.json records it), and a full decode of every JPEG. ``python -m jobs.preprocess verify OUT``. It reads what dataset.json lists, and the
 manifest rows it counts, so it can run while a writer adds to OUT."""
 from __future__ import annotations
 

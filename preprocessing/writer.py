@@ -4,9 +4,10 @@ One run, holding OUT's lock (``preprocessing.lock``) from start to end:
 1. resolve the options against OUT's record and list SOURCE, OUT's classes first (``state.prepare``);
 2. per split, inputs not in the plan yet form a new generation of shards (``preprocessing.plan``); the
    plan is written (atomically) before any shard, so a killed run resumes the same plan;
-3. every planned shard without a finished part file is a job: ``process_shard`` checks its images,
-   writes ``<shard>.tar`` then ``<shard>.idx`` then the part file (each temp + fsync + rename; the part
-   file is the commit mark). Jobs run through ``map_fn``: in-process, a process pool, or Ray tasks;
+3. every planned shard without a finished part file is a job: ``process_shard`` checks its images
+   and their annotation boxes (``box_columns``), writes ``<shard>.tar`` then ``<shard>.idx`` then the
+   part file (each temp + fsync + rename; the part file is the commit mark). Jobs run through
+   ``map_fn``: in-process, a process pool, or Ray tasks;
 4. publish: the manifests, then history.json, then dataset.json last (``_assemble``). A reader trusts
    only the shards dataset.json lists and reads the manifest rows it counts, so it never sees a shard
    in the making, even while a run adds to OUT.
@@ -62,7 +63,8 @@ def preprocess(source, out, splits=None, shard_size=None, seed: int | None = Non
     recorded one is a ``DataError``. ``git_commit`` (the project's) goes into history.json.
 
     Returns {split: {inputs, stored, kept, converted, resized, quarantined, shards, added, removed,
-    changed, shards_written}} and {"source": {files, kept, converted, resized, quarantined, skipped}}.
+    changed, shards_written, and boxes (dataset.json's entry) for a split with annotations}} and
+    {"SOURCE": {files, kept, converted, resized, quarantined, skipped}}.
     ``map_fn(fn, jobs)`` yields ``fn(job)`` for every job in any order (default: in-process for
     ``workers == 1``, else a pool of ``workers`` processes).
     """

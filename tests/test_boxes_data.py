@@ -223,3 +223,17 @@ def test_stored_synthetic_boxes_bound_the_decoded_shape(sample_dataset, sample_s
             checked += 1
     assert checked == SAMPLE_CLASSES * (SAMPLE_TRAIN_PER_CLASS + SAMPLE_VAL_PER_CLASS)
     assert wnids == [c["wnid"] for c in fmt.read_info(sample_dataset)["classes"]]  # label c drew KINDS[c]
+
+
+def test_verify_checks_the_box_member(built, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(built[0], out)
+    shard = out / fmt.read_info(out)["splits"]["train"]["shards"][0]
+    sample = fmt.parse_index(shard.with_suffix(".idx").read_text())[1]
+    ext, offset, size, name = sample[0]
+    assert ext == fmt.BOX_EXT and size == 16  # first, one box
+    data = bytearray(shard.read_bytes())
+    data[offset:offset + 4] = np.float32(-3).tobytes()  # x1 moved out of the image
+    shard.write_bytes(bytes(data))
+    problems = verify(out, decode=False)
+    assert problems and problems[0].key == name.split(".")[0] and f"{name} holds [-3.0" in problems[0].message
