@@ -79,10 +79,10 @@ def _read(split: Split, shard_id: int, num_shards: int, *, shuffle: bool, seed: 
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    box = [fmt.BOX_EXT] if boxes else []
+    more = [fmt.BOX_EXT] if boxes else []
     jpegs, labels, keys, *box = fn.readers.webdataset(
-        paths=list(split.shards), index_paths=list(split.indexes), ext=["jpg", "lbl", "key", *box],
-        dtypes=[types.UINT8, types.INT32, types.UINT8] + [types.FLOAT] * len(box),
+        paths=list(split.shards), index_paths=list(split.indexes), ext=["jpg", "lbl", "key", *more],
+        dtypes=[types.UINT8, types.INT32, types.UINT8] + [types.FLOAT] * len(more),
         missing_component_behavior=boxes or "error", shard_id=shard_id, num_shards=num_shards,
         random_shuffle=shuffle, initial_fill=max(buffer, 1), seed=seed, pad_last_batch=True,
         stick_to_shard=stick_to_shard, name="reader")
