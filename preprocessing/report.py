@@ -146,6 +146,12 @@ def report_lines(out) -> list[str]:
     lines.append(f"{quarantined} quarantined inputs (manifests of {', '.join(info['splits'])}); "
                  f"{skipped} skipped and {len(others) - skipped} quarantined other entries of SOURCE "
                  f"(its listing by the last run)" + (f"; {rejected} rejected boxes" if rejected else ""))
+    for split, s in info["splits"].items():
+        if fmt.SPLIT_BOXES in s:
+            b = s[fmt.SPLIT_BOXES]
+            lines.append(f"{split}: {b['images']} of {s['num_samples']} stored images have boxes ({b['boxes']} "
+                         f"boxes, {b['clipped']} clipped, {b['rejected']} rejected); {b['without']} have no "
+                         "annotation")
     for h in fmt.read_history(out):
         added = ", ".join(f"{split} +{a.get('inputs', 0)} inputs" for split, a in h.get("added", {}).items())
         lines.append(f"run {h['run']}: {h.get('when') or h.get('note')}; {h.get('source', '')}; {added}; "

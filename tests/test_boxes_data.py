@@ -90,6 +90,7 @@ def test_kaggle_csv_end_to_end_through_the_cli(tmp_path):
     r = subprocess.run([*cli, "report", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert f"box rejected train/{a}/{a}_1.JPEG: {a} 30 5 30 40: x1 >= x2" in r.stdout
     assert "box unreadable" in r.stdout and "; 3 rejected boxes" in r.stdout
+    assert "train: 3 of 6 stored images have boxes (4 boxes, 1 clipped, 3 rejected); 1 have no annotation" in r.stdout
 
 
 def voc(path: Path, wnid: str, size: tuple[int, int] | None, boxes: list[tuple]) -> None:
