@@ -7,7 +7,8 @@
 - the dataset as the run's input: name, digest = the dataset fingerprint, source, counts per split,
   and the preprocessing history;
 - the best weights as an MLflow PyTorch model in the ``pt2`` format (``torch.export``: loading it runs
-  no pickled code), with its signature, class names and the preprocessing it expects, its validation
+  no pickled code), with its signature, class names, head (class scores or boxes: what its output
+  means) and the preprocessing it expects, its validation
   errors attached (as the logged model's tags), and registered when ``tracking.register_model`` names a model.
 Each is done once per run, whatever the number of reruns (the run's tags say what is there).
 """
@@ -20,6 +21,11 @@ from storage import files
 
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 MODEL_URI_TAG = "model_uri"
+# What the logged model's output means, by model.head (docs/localisation.md: a box is (cx, cy, w, h) in
+# units of the crop side; PCR's class c box is at outputs 4c..4c+3)
+OUTPUTS = {"classes": "(N, classes) class scores (logits)",
+           "scr": "(N, 4) one box (cx, cy, w, h) in units of the crop side",
+           "pcr": "(N, 4 x classes) a box (cx, cy, w, h) per class, class c at 4c..4c+3, in units of the crop side"}
 
 
 def artifact_location(tracking_uri: str, storage_path: str, experiment: str) -> str | None:
@@ -88,7 +94,8 @@ def log_model(client, tracking_uri: str, run_id: str, checkpoint: str, register:
     state = ckpt.load_checkpoint(checkpoint)
     info = dataset.read_info(cfg.data.root)
     crop = cfg.data.crop_size
-    metadata = {"classes": [c["wnid"] for c in info.get("classes", [])],
+    metadata = {"head": cfg.model.head, "output": OUTPUTS[cfg.model.head],
+                "classes": [c["wnid"] for c in info.get("classes", [])],
                 "class_names": [c.get("name", "") for c in info.get("classes", [])],
                 "input": f"(N, 3, {crop}, {crop}) float32 RGB, 0-255 minus mean_rgb, centre crop of the "
                          f"image rescaled to shorter side test_scale",

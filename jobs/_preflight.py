@@ -32,11 +32,27 @@ def check_data(cfg: config_lib.Config) -> DataFacts:
     d = cfg.data
     train = dataset.load_split(d.root, d.train_split)     # each checks its shards' sha256 (cached per node)
     val = dataset.load_split(d.root, d.val_split)
+    images = train.num_samples if cfg.model.head == "classes" else boxed_images(cfg)
     batch = cfg.run.global_batch_size
-    if train.num_samples < batch:
-        raise ConfigError(f"run.global_batch_size {batch} is larger than the {train.num_samples} training "
+    if images < batch:
+        raise ConfigError(f"run.global_batch_size {batch} is larger than the {images} training "
                           f"images of {d.root} (split {d.train_split!r}); lower it")
-    return DataFacts(train.num_samples, val.num_samples, train.num_samples // batch)
+    return DataFacts(images, val.num_samples, images // batch)
+
+
+def boxed_images(cfg: config_lib.Config) -> int:
+    """A localisation run trains on the training images with a box and validates on images with
+    boxes: both splits must have them (dataset.json says so). Returns the boxed training images."""
+    from pipeline.localise import split_boxes
+
+    d = cfg.data
+    info = dataset.read_info(d.root)
+    counts = {split: split_boxes(info, split) for split in (d.train_split, d.val_split)}
+    for split, n in counts.items():
+        if n == 0:
+            raise ConfigError(f"model.head {cfg.model.head!r} needs boxes, but split {split!r} of {d.root} has "
+                              f"none (dataset.json); preprocess it with its box annotations (docs/localisation.md)")
+    return counts[d.train_split]
 
 
 def check_parent(cfg: config_lib.Config) -> None:

@@ -266,13 +266,13 @@ def setup(cfg: config_lib.Config, worker: Worker, *, report: Report, log: Log,
     task = Task(cfg.model.head)
     loader = TrainLoader(cfg.data, batch, worker.rank, worker.world_size, worker.device_id,
                          seed=cfg.run.seed + (prog.epoch if data_state is None else 0), state=data_state,
-                         **boxes_kwarg(task))
+                         boxes=task.boxes)
     if resume is not None and resume.get("dataset_fingerprint", "") != loader.fingerprint:
         raise ValueError(f"{cfg.data.root}: its dataset fingerprint {loader.fingerprint!r} is not the one "
                          f"this run was trained on ({resume.get('dataset_fingerprint')!r}); resume on the "
                          f"same shards, or start a new run.name")
     val_loader = EvalLoader(cfg.data, cfg.data.eval_batch_size or batch, worker.rank, worker.world_size,
-                            worker.device_id, mode=cfg.data.val_mode, **boxes_kwarg(task))
+                            worker.device_id, mode=cfg.data.val_mode, boxes=task.boxes)
     return Run(cfg, worker, opts, net, optimizer, loader, val_loader, prog, report, log, run_id, task=task)
 
 
@@ -347,12 +347,6 @@ def log_epoch(run: Run, v: Validation) -> None:
     run.log({**prog.metrics, "epoch": prog.epoch}, prog.step * run.cfg.run.global_batch_size)
     log_.info("epoch %d: %s, %.1f s, next lr %g", prog.epoch, v.summary, prog.metrics["epoch_time_s"],
               prog.schedule.lr)
-
-
-def boxes_kwarg(task: Task) -> dict[str, bool]:
-    """The loaders' ``boxes=True`` for a box head; nothing for classification, whose loaders stay as
-    they were."""
-    return {"boxes": True} if task.boxes else {}
 
 
 def run_worker(cfg: config_lib.Config, worker: Worker, *, report: Report, log: Log,

@@ -193,3 +193,131 @@ def test_the_localisation_configs_say_what_the_paper_did():
         assert (cfg.data.scale_min, cfg.data.scale_max, cfg.optim.lr, cfg.data.val_mode) == (s, s, 1e-3, "center")
         assert config.load(folder / f"{parent}.yaml").data.scale_min == s
     assert config.load(folder / "loc-D-SCR-256.yaml").model.train_layers == "fc"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real runs on the sample's shards (every sample has boxes): in one process, then through jobs.train
+# ---------------------------------------------------------------------------------------------------
+
+class Recorder:
+    def __init__(self):
+        self.logged, self.reported = [], []
+
+    def log(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def report(self, metrics, folder, best):
+        self.reported.append((dict(metrics), ckpt.load_checkpoint(folder) if folder else None, best))
+
+
+def test_a_localisation_run_in_one_process_trains_only_the_fc_layers(sample_dataset, tmp_path):
+    """A classification run's checkpoint (the loop's own writer) starts a PCR run with train_layers fc:
+    the convolutions stay the parent's, FC6-FC8 learn, the box metrics are logged, the best checkpoint
+    is the lowest val/loc_err, and the checkpoint loads into the net its config builds."""
+    from pipeline.train_loop import run_worker
+    from tiny import tiny_config
+
+    base = {"model.num_classes": CLASSES, "run.workers": 1, "run.global_batch_size": 8, "run.log_every_steps": 2}
+    parent = Recorder()
+    run_worker(tiny_config(sample_dataset, **base, **{"run.max_steps": 2, "schedule.epochs": 1}), Worker(),
+               report=parent.report, log=parent.log)
+    ckpt.save_checkpoint(parent.reported[-1][1], tmp_path / "A-cls" / "best" / ckpt.FILENAME)
+    cfg = tiny_config(sample_dataset, **base, **{"model.head": "pcr", "model.train_layers": "fc", "optim.lr": 0.01,
+                                                "model.init_from": tmp_path / "A-cls", "schedule.epochs": 2})
+    rec = Recorder()
+    result = run_worker(cfg, Worker(), report=rec.report, log=rec.log)
+    train = [m for _, m in rec.logged if "train/loss" in m]
+    assert len(train) == 6 and all({"train/box_iou", "train/box_err"} <= set(m) and "train/top1_err" not in m
+                                   for m in train)
+    assert all(0 <= m["train/box_iou"] <= 1 and m["train/loss"] > 0 for m in train)
+    epochs = [m for _, m in rec.logged if "val/loc_err" in m]
+    assert len(epochs) == 2 and "val/top1_err" not in epochs[0] and result.tally is None
+    errors = [m["val/loc_err"] for m in epochs]
+    state = rec.reported[-1][1]
+    assert state["schedule"]["best"] == min(errors)
+    assert [best for *_, best in rec.reported] == [True, errors[1] < errors[0]]
+    before, after = parent.reported[-1][1]["model"], state["model"]
+    for key in before:
+        if key.startswith("features."):
+            assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["classifier.0.weight"], before["classifier.0.weight"])
+    assert after["classifier.6.weight"].shape[0] == 4 * CLASSES
+    ckpt.save_checkpoint(state, tmp_path / "loc" / ckpt.FILENAME)          # what the loop wrote, kept
+    net, loaded_cfg = ckpt.model_from_checkpoint(tmp_path / "loc")
+    assert loaded_cfg.model.head == "pcr" and net(torch.zeros(2, 3, 32, 32)).shape == (2, 4 * CLASSES)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    from jobs import _ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+    monkeypatch.setattr(_ray, "connect", refuse)
+
+
+def test_a_localisation_mistake_is_one_error_line_before_ray(sample_dataset, tmp_path, no_ray, capsys):
+    """A parent of another model, and a dataset without boxes: each one `error:` line, status 2."""
+    import json
+    import shutil
+
+    from jobs import _cli
+    from jobs import train as J
+    from tiny import tiny_sets
+
+    parent, _ = classification_checkpoint(tmp_path / "A-256", name="A")
+    bare = tmp_path / "no-boxes"
+    shutil.copytree(sample_dataset, bare)
+    info = json.loads((bare / "dataset.json").read_text())
+    for entry in info["splits"].values():
+        entry.pop("boxes")
+    (bare / "dataset.json").write_text(json.dumps(info))
+    base = {"model.name": "D", "model.head": "scr", "model.num_classes": 0, "run.workers": 1,
+            "run.global_batch_size": 8, "run.storage_path": tmp_path / "runs", "tracking.enabled": "false"}
+    for over, names in [({"model.init_from": parent}, "model.init_from"), ({"data.root": bare}, "needs boxes")]:
+        sets = tiny_sets(sample_dataset, **{**base, **over})
+        code = _cli.run(J.main, [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and names in err[0], err
+
+
+def test_a_localisation_run_through_ray_train_and_mlflow(ray_cluster, shared_mlflow, sample_dataset, tmp_path):
+    """``python -m jobs.train`` on the two-node cluster, 2 workers (DDP over gloo with the convolutions
+    frozen): an SCR net from a classification checkpoint logs its params, the box metrics and
+    val/loc_err to MLflow, keeps the parent's convolutions on both replicas, and leaves a best
+    checkpoint (and an MLflow model) that reload as the box net."""
+    import mlflow
+
+    from cluster import only_run, run_train, small, steps_of
+
+    parent, weights = classification_checkpoint(tmp_path / "A-cls", name="A")
+    storage = tmp_path / "runs"
+    args = small(sample_dataset, storage, "loc-scr", shared_mlflow.uri, **{
+        "model.head": "scr", "model.train_layers": "fc", "model.init_from": parent, "optim.lr": 0.01,
+        "tracking.log_model": "true"})
+    text = run_train(ray_cluster, args, tmp_path / "train.log", timeout=400)
+    assert "localisation error" in text
+
+    client = shared_mlflow.client()
+    run = only_run(client, "loc-scr")
+    assert run.info.status == "FINISHED"
+    assert (run.data.params["model.head"], run.data.params["model.train_layers"]) == ("scr", "fc")
+    # 48 images / global batch 16 = 3 steps an epoch, 2 epochs, every step logged; stepped by images seen
+    assert steps_of(client, run.info.run_id, "train/loss") == [16 * s for s in range(1, 7)]
+    assert steps_of(client, run.info.run_id, "val/loc_err") == [48, 96]
+    assert {"train/box_iou", "train/box_err", "val/box_iou"} <= set(run.data.metrics)
+    assert "val/top1_err" not in run.data.metrics and "train/top1_err" not in run.data.metrics
+    errors = [m.value for m in client.get_metric_history(run.info.run_id, "val/loc_err")]
+
+    best = ckpt.load_checkpoint(storage / "loc-scr", "best")
+    assert best["metrics"]["val/loc_err"] == min(errors) and 0 <= min(errors) <= 1
+    assert best["workers"][0]["param_digest"] == best["workers"][1]["param_digest"]
+    net = ckpt.build_model(ckpt.config_of(best), best["num_classes"])
+    net.load_state_dict(best["model"])
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    for key, value in weights.items():
+        if key.startswith("features."):
+            assert torch.equal(best["model"][key], value), key
+    mlflow.set_tracking_uri(shared_mlflow.uri)
+    info = mlflow.models.get_model_info(run.data.tags["model_uri"])
+    assert info.metadata["head"] == "scr" and info.metadata["output"].startswith("(N, 4)")
