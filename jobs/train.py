@@ -15,6 +15,9 @@ or against a running cluster (``RAY_ADDRESS=host:6379 python -m jobs.train ...``
   a new name. Worker failures are retried ``run.max_failures`` times from the latest checkpoint.
 - ``model.init_from``: the parent's weights (the paper's A -> deeper nets, S=256 -> S=384 -> [256, 512]):
   a run name in the same storage (``A-256``), a checkpoint path or URI, or ``runs:/<MLflow run id>``.
+- Localisation (``model.head: scr | pcr``, ``jobs/configs/loc-*.yaml``): the same path; the net takes
+  every weight but FC8 from its classification parent and validates by protocol (a), ``val/loc_err``
+  (docs/training.md, "Localisation").
 """
 from __future__ import annotations
 
