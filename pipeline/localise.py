@@ -318,8 +318,7 @@ def _share(order, labels, gts, a_hits, images, mean_box, p: LocProtocol) -> LocS
     hits = {(row, "a"): torch.tensor([got[k] for k in order], dtype=torch.bool) for row, got in a_hits.items()}
     if images:
         per_key = [_b_hits(images[k], labels[k], mean_box, p) if len(gts[k]) else None for k in order]
-        rows = next(h for h in per_key if h is not None) if any(h is not None for h in per_key) else {}
-        for row in rows:
+        for row in row_names(len(next(iter(images.values())).boxes)):
             for col, i in (("b1", 0), ("b5", 1)):
                 hits[(row, col)] = torch.tensor([bool(h and h[row][i]) for h in per_key], dtype=torch.bool)
     return LocShare(order, torch.tensor([labels[k] for k in order], dtype=torch.long), scored, hits)
