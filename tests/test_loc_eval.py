@@ -169,3 +169,17 @@ def test_bad_input_is_one_error_line_before_any_worker(nets, sample_dataset, tmp
                              str(tmp_path / "x"), *argv]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and says in err[0]
+
+
+def test_help_names_the_task_and_its_options(capsys):
+    from jobs import _loc_eval
+    from jobs import evaluate as J
+
+    for parse, words in ((J.parse, ("--task", "localisation")),
+                         (_loc_eval.parse, ("--checkpoint", "--classifier", "--protocol", "union", "baselines"))):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        out = capsys.readouterr().out
+        assert all(w in out for w in words), (words, out)
+    assert J.task_of(["--run", "x", "--task", "localisation"]) == ("localisation", ["--run", "x"])
+    assert J.task_of(["--run", "x"]) == ("classification", ["--run", "x"])
