@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean ui-check
+.PHONY: test demo loc-demo install clean ui-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m jobs.demo
 
+loc-demo: $(STAMP)
+	$(PY) -m jobs.loc_demo
+
 # Not part of `make test`: the demo's runs in the MLflow UI, rendered by headless Chromium (Debian's
 # package; Playwright drives it and downloads no browser); screenshots to docs/images/.
 ui-check: $(STAMP)
@@ -31,4 +34,4 @@ ui-check: $(STAMP)
 	$(PY) -m jobs.ui_check
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo-out
+	rm -rf $(VENV) .pytest_cache demo-out loc-demo-out
