@@ -16,6 +16,7 @@ from pipeline import config
 from pipeline.step import StepOptions, train_step
 from pipeline.task import EUCLIDEAN, Task, evaluate_boxes, freeze
 from pipeline.train_loop import Worker, build_net, default_wrap
+from tiny import Recorder
 
 CLASSES = 4
 TINY_D = ["model.name=D", "model.width=0.0625", "data.crop_size=32", "data.scale_min=32", "data.scale_max=64",
@@ -198,17 +199,6 @@ def test_the_localisation_configs_say_what_the_paper_did():
 # ---------------------------------------------------------------------------------------------------
 # Real runs on the sample's shards (every sample has boxes): in one process, then through jobs.train
 # ---------------------------------------------------------------------------------------------------
-
-class Recorder:
-    def __init__(self):
-        self.logged, self.reported = [], []
-
-    def log(self, metrics, step):
-        self.logged.append((step, dict(metrics)))
-
-    def report(self, metrics, folder, best):
-        self.reported.append((dict(metrics), ckpt.load_checkpoint(folder) if folder else None, best))
-
 
 def test_a_localisation_run_in_one_process_trains_only_the_fc_layers(sample_dataset, tmp_path):
     """A classification run's checkpoint (the loop's own writer) starts a PCR run with train_layers fc:

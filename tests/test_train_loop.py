@@ -17,7 +17,7 @@ from jobs import _tracking as tracking
 from pipeline import checkpoint as ckpt
 from pipeline import config
 from pipeline.train_loop import Worker, run_worker
-from tiny import tiny_config
+from tiny import Recorder, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,18 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 def one_process_cfg(dataset, **over) -> config.Config:
     return tiny_config(dataset, **{"model.num_classes": 4, "run.workers": 1, "run.global_batch_size": 8,
                                    "run.log_every_steps": 2, "schedule.epochs": 2, **over})
-
-
-class Recorder:
-    def __init__(self):
-        self.logged, self.reported = [], []
-
-    def log(self, metrics, step):
-        self.logged.append((step, dict(metrics)))
-
-    def report(self, metrics, folder, best):
-        state = ckpt.load_checkpoint(folder) if folder else None
-        self.reported.append((dict(metrics), state, best))
 
 
 def test_loop_trains_validates_and_checkpoints_in_one_process(sample_dataset, caplog):

@@ -15,3 +15,19 @@ def tiny_sets(dataset, **over) -> dict:
 
 def tiny_config(dataset, **over) -> config.Config:
     return config.load(None, [f"{k}={v}" for k, v in tiny_sets(dataset, **over).items()])
+
+
+class Recorder:
+    """Stands in for Ray Train's reporting in one-process runs of ``run_worker``: what the loop logged
+    (step, metrics) and reported (metrics, the checkpoint it pointed at, loaded, and whether best)."""
+
+    def __init__(self):
+        self.logged, self.reported = [], []
+
+    def log(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def report(self, metrics, folder, best):
+        from pipeline import checkpoint as ckpt
+
+        self.reported.append((dict(metrics), ckpt.load_checkpoint(folder) if folder else None, best))
