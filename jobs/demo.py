@@ -44,6 +44,22 @@ def prepare_data(out: Path, classes: int, train_per_class: int, val_per_class: i
     return data
 
 
+def start(args) -> tuple[Path, Path]:
+    """Both demos' first steps: a bad ``--set`` fails before any work, then ``--out`` and the sample's
+    shards in it; returns (out, data)."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    config_lib.load(CONFIG, args.set)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return out, prepare_data(out, args.classes, args.train_per_class, args.val_per_class)
+
+
+def run_config(data: Path, out: Path, name: str, overrides: list[str]) -> config_lib.Config:
+    """demo.yaml pointed at the demo's folders: its data, run storage and MLflow (SQLite) in ``out``."""
+    return config_lib.load(CONFIG, [f"data.root={data}", f"run.storage_path={out / 'runs'}", f"run.name={name}",
+                                    f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *overrides])
+
+
 def ui_link(db: Path, run_id: str) -> str:
     """The run's page in the MLflow UI, in its model-training view: MLflow 3's UI opens an experiment
     in its GenAI view unless the link asks (the experiment's kind tag is not enough for it)."""
@@ -64,19 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="override jobs/configs/demo.yaml, e.g. --set schedule.epochs=5")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation job")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    start = time.perf_counter()
-    config_lib.load(CONFIG, args.set)  # a bad --set fails now, not after the data is prepared
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(out, args.classes, args.train_per_class, args.val_per_class)
+    began = time.perf_counter()
+    out, data = start(args)
 
     from jobs import train
 
     db = out / "mlflow.db"
     name = time.strftime("demo-%Y%m%d-%H%M%S")
-    cfg = config_lib.load(CONFIG, [f"data.root={data}", f"run.storage_path={out / 'runs'}", f"run.name={name}",
-                                   f"tracking.uri=sqlite:///{db}", *args.set])
+    cfg = run_config(data, out, name, args.set)
     t = time.perf_counter()
     print(f"[3/5] training {cfg.model.name} (width {cfg.model.width}) for {cfg.schedule.epochs} epochs on "
           f"{cfg.run.workers} Ray CPU workers, run {name} ...", flush=True)
@@ -100,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     top1, how = (best["top-1 err %"] / 100, f"best checkpoint, {best['mode']} at Q = {best['test Q']}") if best \
         else (m["val/top1_err"], "last epoch, centre crop")
-    print(f"\n[5/5] done in {time.perf_counter() - start:.0f} s. Validation top-1 error {top1:.1%} ({how}; "
+    print(f"\n[5/5] done in {time.perf_counter() - began:.0f} s. Validation top-1 error {top1:.1%} ({how}; "
           f"chance {chance:.0%}).")
     print(f"Checkpoints: {summary['run_folder']}")
     print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n"

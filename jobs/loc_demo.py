@@ -14,14 +14,12 @@ Everything lands in ``--out`` (default ``loc-demo-out/``); the data is reused wh
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
+from jobs import demo
 from pipeline import config as config_lib
-
-CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 A, B5 = "GT-class err % (a)", "top-5 err % (b)"
 
 
@@ -51,9 +49,7 @@ def train_net(data: Path, out: Path, name: str, overrides: list[str]) -> dict:
     """One run of ``jobs.train`` from demo.yaml; returns its summary (run folder, metrics)."""
     from jobs import train
 
-    cfg = config_lib.load(CONFIG, [f"data.root={data}", f"run.storage_path={out / 'runs'}", f"run.name={name}",
-                                   f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *overrides])
-    return train.train(cfg)
+    return train.train(demo.run_config(data, out, name, overrides))
 
 
 def verdict(rows: list[dict], margin: float) -> list[str]:
@@ -71,14 +67,8 @@ def verdict(rows: list[dict], margin: float) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    start = time.perf_counter()
-    config_lib.load(CONFIG, args.set)  # a bad --set fails now, not after the data is prepared
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    from jobs.demo import prepare_data
-
-    data = prepare_data(out, args.classes, args.train_per_class, args.val_per_class)
+    began = time.perf_counter()
+    out, data = demo.start(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     t = time.perf_counter()
     print(f"[3/5] training the classification net ({args.cls_epochs} epochs) ...", flush=True)
@@ -97,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     print("[5/5] evaluating: protocols (a) and (b) against the baselines ...", flush=True)
-    workers = config_lib.load(CONFIG, args.set).run.workers
+    workers = config_lib.load(demo.CONFIG, args.set).run.workers
     res = evaluate.main(["--task", "localisation", "--checkpoint", loc["run_folder"], "--classifier",
                          cls["run_folder"], "--scales", "single", "--workers", str(workers), "--quiet",
                          "--out", str(out / "eval" / f"loc-{stamp}"), "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"])
-    print(f"[5/5] evaluated in {time.perf_counter() - t:.0f} s; done in {time.perf_counter() - start:.0f} s")
+    print(f"[5/5] evaluated in {time.perf_counter() - t:.0f} s; done in {time.perf_counter() - began:.0f} s")
     problems = verdict(res["rows"], args.margin)
     for p in problems:
         print(f"the localisation net did not beat the baselines: {p}", file=sys.stderr)
