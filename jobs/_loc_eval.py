@@ -128,21 +128,8 @@ def main(argv: list[str]) -> dict:
 
 
 def _work(loc, cls, data, protocol, mean_box, batch, use_gpu, threads, rank, world, progress):
-    nets, device, _ = prepare_rank(loc + cls, data, batch, rank, world, use_gpu, threads)
-    batches_at = loader_batches(data, batch, rank, world, 0 if use_gpu else None)
+    nets, device, batches_at = prepare_rank(loc + cls, data, batch, rank, world, use_gpu, threads, boxes=True)
     return L.evaluate_loc_share(nets[:len(loc)], nets[len(loc):], batches_at, protocol, mean_box, device, progress)
-
-
-def loader_batches(data: config_lib.DataConfig, batch_size: int, rank: int, world: int, device_id: int | None):
-    """``batches_at(Q)``: this rank's share as whole images rescaled to Q, with their boxes in the same
-    pixels (``EvalLoader(boxes=True)``), one decode per image per scale."""
-    from pipeline.loader import EvalLoader
-
-    def batches_at(q: int):
-        loader = EvalLoader(data, batch_size, rank, world, device_id=device_id, mode="dense", scale=q, boxes=True)
-        for b in loader:
-            yield b.keys, b.labels, b.images, b.boxes
-    return batches_at
 
 
 # ----------------------------------------------------------------------------- the table

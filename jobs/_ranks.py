@@ -171,27 +171,29 @@ def parse_scales(text: str, data: config_lib.DataConfig) -> tuple[int, ...]:
 
 
 def prepare_rank(nets: list[nn.Module], data: config_lib.DataConfig, batch_size: int, rank: int, world: int,
-                 use_gpu: bool, threads: int) -> tuple[list[nn.Module], torch.device, Callable]:
+                 use_gpu: bool, threads: int, boxes: bool = False) -> tuple[list[nn.Module], torch.device, Callable]:
     """One worker's setup for its share: its thread count, device, the nets in that device's memory
-    format, and ``batches_at(Q)``. A Ray task with num_gpus=1 sees only its GPU, as index 0."""
+    format, and ``batches_at(Q)`` (with the ground-truth boxes when ``boxes``). A Ray task with
+    num_gpus=1 sees only its GPU, as index 0."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     if use_gpu:  # channels_last weights make cuDNN run NHWC kernels (the bench measures this setting)
         nets = [n.to(memory_format=torch.channels_last) for n in nets]
-    return nets, device, loader_batches(data, batch_size, rank, world, 0 if use_gpu else None)
+    return nets, device, loader_batches(data, batch_size, rank, world, 0 if use_gpu else None, boxes)
 
 
 def loader_batches(data: config_lib.DataConfig, batch_size: int, rank: int, world: int,
-                   device_id: int | None) -> Callable[[int], Iterable[E.Batch]]:
+                   device_id: int | None, boxes: bool = False) -> Callable[[int], Iterable[E.Batch]]:
     """``batches_at(Q)``: this rank's share rescaled to Q by DALI, whole images grouped by size (one
-    decode per image per scale); every protocol is cut from these in torch."""
+    decode per image per scale); every protocol is cut from these in torch. With ``boxes``, each
+    batch also carries its ground-truth boxes in the same pixels (``EvalLoader(boxes=True)``)."""
     from pipeline.loader import EvalLoader
 
     def batches_at(q: int):
-        loader = EvalLoader(data, batch_size, rank, world, device_id=device_id, mode="dense", scale=q)
+        loader = EvalLoader(data, batch_size, rank, world, device_id=device_id, mode="dense", scale=q, boxes=boxes)
         for b in loader:
-            yield b.keys, b.labels, b.images
+            yield (b.keys, b.labels, b.images, b.boxes) if boxes else (b.keys, b.labels, b.images)
     return batches_at
 
 

@@ -76,8 +76,8 @@ def test_a_broken_sharding_is_caught_before_any_figure(trained, tmp_path, monkey
 
     real = J.loader_batches
 
-    def rank1_reads_rank0(data, batch, rank, world, device_id):
-        return real(data, batch, 0 if rank == 1 else rank, world, device_id)
+    def rank1_reads_rank0(data, batch, rank, world, device_id, boxes=False):
+        return real(data, batch, 0 if rank == 1 else rank, world, device_id, boxes)
 
     monkeypatch.setattr(J, "loader_batches", rank1_reads_rank0)
     with pytest.raises(E.DuplicateKeyError, match=r"not exactly once: 10 duplicated .* 11 missing"):
