@@ -21,6 +21,7 @@ import torch
 
 from pipeline.boxes import xyxy_to_cxcywh
 from pipeline.dataset import Split
+from pipeline.scoring import center_box
 from storage import dataformat as fmt
 from storage.dataformat import DataError
 
@@ -111,18 +112,13 @@ def rescaled_size(h: int, w: int, q: int) -> tuple[int, int]:
     return (q if h <= w else math.floor(h * s + 0.5)), (q if w < h else math.floor(w * s + 0.5))
 
 
-def center_offset(h: int, w: int, crop: int) -> tuple[int, int]:
-    """(oy, ox) of ``crop_mirror_normalize``'s centre crop: crop_pos 0.5, rounded half away from 0."""
-    return math.floor((h - crop) / 2 + 0.5), math.floor((w - crop) / 2 + 0.5)
-
-
 def image_boxes(boxes: torch.Tensor, src_hw: tuple[int, int], q: int, crop: int | None) -> torch.Tensor:
     """(G, 4) corners in source pixels -> pixels of the evaluation image: the whole image rescaled to
     shorter side q (``crop`` None), or its centre crop of side ``crop``. Not clipped. The resize maps
     [0, W] onto [0, W'], so each axis scales by W'/W (the rounding makes the two differ slightly)."""
     h, w = src_hw
     rh, rw = rescaled_size(h, w, q)
-    oy, ox = center_offset(rh, rw, crop) if crop is not None else (0, 0)
+    oy, ox = center_box(rh, rw, crop) if crop is not None else (0, 0)
     scale = torch.tensor([rw / w, rh / h, rw / w, rh / h], dtype=torch.float64)
     offset = torch.tensor([ox, oy, ox, oy], dtype=torch.float64)
     return (boxes.double() * scale - offset).float()
