@@ -34,6 +34,7 @@ from pipeline import config as config_lib
 from pipeline import dataset
 from pipeline import evaluate as E
 from pipeline import localise as L
+from storage import dataformat
 from storage.files import atomic_write
 
 log = logging.getLogger("jobs.evaluate")
@@ -91,7 +92,7 @@ def check_boxes(data: config_lib.DataConfig) -> torch.Tensor:
     """Both splits must have boxes (dataset.json's ``boxes``); returns the mean training box."""
     info = dataset.read_info(data.root)
     for split in (data.val_split, data.train_split):
-        if not L.split_boxes(info, split):
+        if not dataformat.boxed_images(info, split):
             raise UsageError(f"split {split!r} of {data.root} has no boxes (no 'boxes' entry in its dataset.json): "
                              "localisation needs ground-truth boxes; preprocess with annotations")
     return L.mean_training_box(data.root, data.train_split)

@@ -11,7 +11,7 @@ from pathlib import Path
 from pipeline import config as config_lib
 from pipeline import dataset
 from pipeline.config import ConfigError
-from storage import files
+from storage import dataformat, files
 from storage.dataformat import DataError
 from storage.files import StorageError
 
@@ -43,11 +43,9 @@ def check_data(cfg: config_lib.Config) -> DataFacts:
 def boxed_images(cfg: config_lib.Config) -> int:
     """A localisation run trains on the training images with a box and validates on images with
     boxes: both splits must have them (dataset.json says so). Returns the boxed training images."""
-    from pipeline.localise import split_boxes
-
     d = cfg.data
     info = dataset.read_info(d.root)
-    counts = {split: split_boxes(info, split) for split in (d.train_split, d.val_split)}
+    counts = {split: dataformat.boxed_images(info, split) for split in (d.train_split, d.val_split)}
     for split, n in counts.items():
         if n == 0:
             raise ConfigError(f"model.head {cfg.model.head!r} needs boxes, but split {split!r} of {d.root} has "

@@ -32,7 +32,6 @@ from pipeline import boxes as B
 from pipeline import evaluate as E
 from pipeline import scoring
 from storage import dataformat as fmt
-from storage.dataformat import SPLIT_BOXES
 
 WHOLE, MEAN_BOX = "whole image", "mean training box"
 BASELINES = (WHOLE, MEAN_BOX)
@@ -338,13 +337,6 @@ def tally(shares: Sequence[LocShare]) -> dict[tuple[str, str], tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------------
 # The mean training box (a baseline)
 # ---------------------------------------------------------------------------------------------------
-
-def split_boxes(info: dict, split: str) -> int:
-    """How many stored images of ``split`` have a box, from dataset.json's ``boxes`` entry (0: none;
-    the contract: readers know a split has boxes from it, not by scanning shards)."""
-    entry = info.get("splits", {}).get(split, {}).get(SPLIT_BOXES) or {}
-    return int(entry.get("images", 0)) if isinstance(entry, dict) else int(entry)
-
 
 def mean_training_box(root, split: str = "train") -> torch.Tensor:
     """(4,) the mean of every kept ground-truth box of ``split``'s stored images, corners as fractions
