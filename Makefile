@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo loc-demo install clean ui-check
+.PHONY: test demo loc-demo install clean ui-check ui-docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,15 @@ loc-demo: $(STAMP)
 	$(PY) -m jobs.loc_demo
 
 # Not part of `make test`: the demo's runs in the MLflow UI, rendered by headless Chromium (Debian's
-# package; Playwright drives it and downloads no browser); screenshots to docs/images/.
+# package; Playwright drives it and downloads no browser); screenshots to demo-out/ui-check/, or, with
+# `make ui-docs`, to the README's docs/images/.
 ui-check: $(STAMP)
 	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium chromium-driver)
 	$(PY) -m pip install -q playwright
-	$(PY) -m jobs.ui_check
+	$(PY) -m jobs.ui_check $(UI_ARGS)
+
+ui-docs:
+	$(MAKE) ui-check UI_ARGS="--images docs/images"
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out loc-demo-out

@@ -4,6 +4,7 @@ storage (reachable, writable, and room for ``run.keep_last`` + 2 checkpoints on 
 failure is a user error (one ``error:`` line, exit 2) naming the key, file or folder."""
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,41 @@ class DataFacts:
     train_images: int
     val_images: int
     steps_per_epoch: int
+
+
+def check_working_dir(cfg: config_lib.Config, in_copy: bool) -> None:
+    """In a Ray job's ``working_dir`` (``ray job submit --working-dir .``) the folder is Ray's
+    temporary copy of the project: a relative data, storage or MLflow location would be read from, or
+    written into, that copy and deleted with it. Refuse such locations, naming each key."""
+    if not in_copy:
+        return
+    relative = [key for key, value in local_places(cfg).items() if value and not Path(value).is_absolute()]
+    if relative:
+        raise ConfigError(
+            f"{', '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative, and this Ray job runs in Ray's "
+            f"temporary copy of the project, deleted at cleanup: give absolute paths on shared storage "
+            f"(e.g. --set data.root=/mnt/shared/imagenet-shards --set run.storage_path=/mnt/shared/runs "
+            f"--set tracking.uri=http://mlflow-host:5000) or submit with python -m jobs.submit, which makes "
+            f"them absolute for you")
+
+
+def local_places(cfg: config_lib.Config) -> dict[str, str]:
+    """``key -> local path`` for every config value that names a place on this machine's disk (URIs
+    such as s3:// or http:// and MLflow run references are no local places)."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
+    places = {"data.root": cfg.data.root,
+              "run.storage_path": "" if files.is_uri(cfg.run.storage_path) else cfg.run.storage_path}
+    if cfg.tracking.enabled:
+        if uri.startswith("sqlite:///"):
+            places["tracking.uri"] = uri[len("sqlite:///"):]
+        elif uri.startswith("file:"):
+            places["tracking.uri"] = uri[len("file:"):].removeprefix("//")
+        elif "://" not in uri:
+            places["tracking.uri"] = uri
+    init = cfg.model.init_from
+    if init and not init.startswith("runs:/") and not files.is_uri(init) and os.path.exists(init):
+        places["model.init_from"] = init
+    return places
 
 
 def check_data(cfg: config_lib.Config) -> DataFacts:

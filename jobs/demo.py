@@ -22,6 +22,7 @@ from pathlib import Path
 from pipeline import config as config_lib
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+EXPERIMENT = "vgg-demo"   # the demo's MLflow experiment and registered model (make ui-check looks for both)
 
 
 def prepare_data(out: Path, classes: int, train_per_class: int, val_per_class: int) -> Path:
@@ -57,7 +58,8 @@ def start(args) -> tuple[Path, Path]:
 def run_config(data: Path, out: Path, name: str, overrides: list[str]) -> config_lib.Config:
     """demo.yaml pointed at the demo's folders: its data, run storage and MLflow (SQLite) in ``out``."""
     return config_lib.load(CONFIG, [f"data.root={data}", f"run.storage_path={out / 'runs'}", f"run.name={name}",
-                                    f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *overrides])
+                                    f"tracking.uri=sqlite:///{out / 'mlflow.db'}", f"tracking.experiment={EXPERIMENT}",
+                                    f"tracking.register_model={EXPERIMENT}", *overrides])
 
 
 def ui_link(db: Path, run_id: str) -> str:

@@ -1,4 +1,4 @@
-"""The localisation demo (issue 16 part 5): ``python -m jobs.loc_demo``.
+"""The localisation demo: ``python -m jobs.loc_demo``.
 
 1. generate the embedded sample (drawn shapes with exact boxes) and preprocess it into shards;
 2. train a small classification net on the CPU (jobs/configs/demo.yaml, Ray workers, MLflow in SQLite);

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -175,7 +176,19 @@ def follow(jobs_client, job_id: str, poll_s: float = 2.0) -> int:
         time.sleep(poll_s)
     info = jobs_client.get_job_info(job_id)
     print(f"job {job_id} {status.value}" + (f": {info.message}" if info.message else ""), flush=True)
+    missing = missing_dependency(text) if status != JobStatus.SUCCEEDED else ""
+    if missing:
+        print(f"error: the job's Python has no {missing!r}: the nodes lack the project's dependencies; name the "
+              f"interpreter that has them with --python /path/to/venv/bin/python, or let Ray install them with "
+              f"--uv (docs/cluster.md)", file=sys.stderr, flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def missing_dependency(log: str) -> str:
+    """The top-level module a job's log says it could not import ("" if none): the usual sign of
+    nodes whose ``python`` is not the project's environment."""
+    found = re.findall(r"ModuleNotFoundError: No module named '([\w.]+)'", log)
+    return found[-1].split(".")[0] if found else ""
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Train a VGG with Ray Train: ``python -m jobs.train --config jobs/configs/<experiment>.yaml [--set a.b=c]``.
 
-The same command runs on a laptop (a local Ray, no dashboard, its node address 127.0.0.1; README
-"Security" says what still listens beyond the loopback), on a cluster it is submitted to
+The same command runs on a laptop (a local Ray for this command alone, node address and dashboard on
+127.0.0.1; README "Security" says what still listens beyond the loopback), on a cluster it is submitted to
 (``ray job submit --address ... --working-dir . -- python -m jobs.train ...``: Ray sets RAY_ADDRESS),
 or against a running cluster (``RAY_ADDRESS=host:6379 python -m jobs.train ...``).
 
@@ -142,6 +142,7 @@ def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
     """Run, resume or complete the training ``cfg`` describes; returns its summary. Everything the
     driver can check is checked before Ray starts (jobs/_resume.py, jobs/_preflight.py)."""
     started = time.perf_counter()
+    _preflight.check_working_dir(cfg, _ray.in_working_dir_copy())
     cfg, tags = resolve(cfg)
     folder = run_folder(cfg)
     plan = _resume.plan(cfg, folder, tags["dataset_fingerprint"])
@@ -153,9 +154,10 @@ def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
     print(_resume.describe(plan, cfg), flush=True)
     summary = {"run_folder": folder, "plan": plan.kind, "tracking_uri": cfg.tracking.uri, "metrics": {},
                "train_images": facts.train_images, "steps_per_epoch": facts.steps_per_epoch}
+    check_resources(cfg, connect=not dry_run)
     if dry_run:
         return {**summary, "config": config_lib.dump(cfg)}
-    tags = {"git_commit": _tracking.git_commit(Path(__file__).parent), **tags}
+    tags = {"git_commit": commit(), **tags}
     tags["mlflow.source.git.commit"] = tags["git_commit"]
     tracker = _tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, folder,
                                params=_tracking.params_from(config_lib.flatten(cfg)), tags=tags,
@@ -176,6 +178,19 @@ def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
             raise
         log_goodput(tracker, folder, record_wall(folder, time.perf_counter() - started))
     return {**summary, **finish(cfg, folder, tracker)}
+
+
+def commit() -> str:
+    """The code's commit: ``$GIT_COMMIT``, the checkout's HEAD, else what the Ray job's submitter put
+    in its metadata (a ``working_dir`` copy has no .git); "unknown", said aloud, when none knows."""
+    found = _tracking.git_commit(Path(__file__).parent)
+    if found == "unknown":
+        found = _ray.job_commit() or found
+    if found == "unknown":
+        print("note: the run's git_commit is 'unknown': this copy of the project has no .git; submit with "
+              "python -m jobs.submit, or pass ray job submit --metadata-json '{\"git_commit\": \"<sha>\"}'",
+              flush=True)
+    return found
 
 
 def record_wall(folder: str, seconds: float) -> float:
@@ -218,8 +233,7 @@ def fit(cfg: config_lib.Config, folder: str, run_id: str, tags: dict[str, str]) 
     from ray.train.torch import TorchTrainer                            # RAY
 
     files.remove(files.join(folder, DATA_ERROR))   # an earlier command's verdict on data since repaired
-    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES) and k not in job_env_vars()}
-    _ray.connect(cfg.run.workers * cfg.run.cpus_per_worker, {"env_vars": forwarded} if forwarded else None)
+    _ray.connect(cfg.run.workers * cfg.run.cpus_per_worker, runtime_env())
     trainer = TorchTrainer(
         train_loop_per_worker,                                     # RAY: runs on every worker
         train_loop_config={"config": config_lib.dump(cfg), "run_id": run_id, "run_folder": folder, "tags": tags},
@@ -232,6 +246,40 @@ def fit(cfg: config_lib.Config, folder: str, run_id: str, tags: dict[str, str]) 
     )
     result = trainer.fit()
     return {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else ""}
+
+
+def runtime_env() -> dict | None:
+    """The workers' runtime env: what the driver forwards (``FORWARD_PREFIXES``)."""
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES) and k not in job_env_vars()}
+    return {"env_vars": forwarded} if forwarded else None
+
+
+def worker_resources(cfg: config_lib.Config) -> dict[str, float]:
+    return {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})}
+
+
+def check_resources(cfg: config_lib.Config, connect: bool) -> None:
+    """Before any MLflow run exists: refuse workers the cluster can never hold (a GPU config on CPU
+    nodes would otherwise wait forever), and say so when they fit but the nodes are busy. On a
+    cluster (``RAY_ADDRESS``) this connects, also for --dry-run; a local Ray is judged unstarted.
+    ``run.wait_for_nodes`` is for autoscaling clusters, whose nodes come once asked for."""
+    need, workers = worker_resources(cfg), cfg.run.workers
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    if on_cluster:
+        _ray.connect(workers * cfg.run.cpus_per_worker, runtime_env())
+    nodes = _ray.live_nodes() if on_cluster else _ray.local_node(workers * cfg.run.cpus_per_worker)
+    problem = _ray.check_fits(workers, need, cfg.run.placement_strategy, nodes)
+    if problem and not cfg.run.wait_for_nodes:
+        hint = "set run.use_gpu=false, " if "GPU" in need and not any(n.get("GPU") for n in nodes) else ""
+        raise config_lib.ConfigError(f"run.workers, run.cpus_per_worker, run.use_gpu: {problem}; {hint}lower them, "
+                                     f"add nodes, or set run.wait_for_nodes=true on an autoscaling cluster")
+    free = _ray.available(need) if on_cluster else {}
+    if on_cluster and not problem and any(free[k] < v * workers for k, v in need.items()):
+        print(f"note: the workers need {', '.join(f'{k} {v * workers:g}' for k, v in need.items())} and the "
+              f"cluster has {', '.join(f'{k} {v:g}' for k, v in free.items())} free now: waiting for them",
+              flush=True)
+    elif problem:
+        print(f"note: {problem}; waiting for the autoscaler (run.wait_for_nodes)", flush=True)
 
 
 def job_env_vars() -> dict[str, str]:

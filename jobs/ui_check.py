@@ -8,7 +8,8 @@
    the experiment, the newest run, the comparison of the two newest runs and the registered model;
 4. fails, naming each, when the rendered pages lack what they should show: the runs, the params and
    metrics, the logged model, the dataset input and its digest, the registered model's versions;
-5. saves each page as a PNG under ``docs/images/`` (``--images``).
+5. saves each page as a PNG under ``<out>/ui-check/`` (``--images``; ``make ui-docs`` writes the README's
+   pictures in ``docs/images/``, the only run that touches tracked files).
 """
 from __future__ import annotations
 
@@ -198,24 +199,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.ui_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo-out", help="the demo's folder (default: demo-out)")
-    p.add_argument("--images", default=str(REPO / "docs" / "images"), help="where the screenshots go")
+    p.add_argument("--images", default="", help="where the screenshots go (default: <out>/ui-check; docs/images "
+                                                  "only when asked, as make ui-docs does)")
     p.add_argument("--port", type=int, default=0, help="mlflow ui's port on 127.0.0.1 (default: a free one)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not Path(CHROMIUM).is_file():
         raise _cli.UsageError(f"no {CHROMIUM}: apt-get update && apt-get install -y chromium chromium-driver")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    images = Path(args.images) if args.images else out / "ui-check"
     pages = expectations(ensure_demo(out))
     port = args.port or free_port()
     ui = start_ui(out, port, out / "mlflow-ui.log")
     try:
-        look(f"http://127.0.0.1:{port}", pages, Path(args.images))
+        look(f"http://127.0.0.1:{port}", pages, images)
     finally:
         ui.terminate()
         ui.wait(timeout=30)
     for page in pages:
         state = "ok" if not page.missing else "MISSING " + ", ".join(repr(m) for m in page.missing)
-        print(f"{page.name:18} {Path(args.images) / (page.name + '.png')}: {state}")
+        print(f"{page.name:18} {images / (page.name + '.png')}: {state}")
     failed = [page.name for page in pages if page.missing]
     if failed:
         print(f"ui-check failed: {', '.join(failed)} lack what a user of the demo should see", file=sys.stderr)

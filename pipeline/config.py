@@ -108,6 +108,8 @@ class RunConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     placement_strategy: str = "PACK"     # Ray placement of the workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    wait_for_nodes: bool = False         # workers that no live node set can hold: wait (an autoscaling
+                                         # cluster adds nodes) instead of refusing before the run starts
     global_batch_size: int = 256         # split evenly across workers; an uneven split is an error
     seed: int = 0
     max_failures: int = 0                # Ray Train FailureConfig

@@ -143,3 +143,48 @@ def test_a_tiny_local_training_run_prints_no_placement_group_cleaner_warnings(ra
     assert "validation (center)" in log and SPAM not in log
     [session] = (tmp / "ray").glob("session_2*")
     assert settled(str(session)) == []  # its watchdog outlives the driver by its last poll
+
+
+MOVED_WATCH = ("import sys, psutil._pslinux as L; real = L.boot_time; L.boot_time = lambda: real() + 1.0; "
+               "from jobs._ray import watch; watch(sys.argv[1], poll_s=0.1)")
+
+
+def test_a_live_driver_is_not_reaped_when_the_boot_time_moves(monkeypatch, tmp_path):
+    """psutil's create_time() is the boot time (read from /proc/stat by each process) plus the
+    start in ticks; the kernel's btime can move by a second during a run. A watchdog that saw its
+    driver start a second later than the driver recorded must still know it for the same process."""
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    time.sleep(0.1)   # a later start, as a reused pid's would be (ticks are 10 ms)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        record = _ray.identity(driver.pid)
+        real = psutil._pslinux.boot_time
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real() + 1.0)
+        assert psutil.Process(driver.pid).create_time() != record["started"]   # the move took effect
+        assert _ray._alive(record)
+        assert _ray._alive({k: v for k, v in record.items() if k != "start_ticks"})  # 2 s tolerance
+        assert not _ray._alive({**record, "driver": other.pid})                 # a reused pid is not it
+        assert not _ray._alive({**record, "cmdline": ["python", "else"]})
+
+        # The real watchdog, in a process whose boot time is a second later, leaves the live driver's
+        # session alone, then reaps it once the driver is gone and says so on the driver's terminal.
+        session = tmp_path / "session_moved"
+        (session / "logs").mkdir(parents=True)
+        (session / _ray.MARKER).write_text(json.dumps({"session_dir": str(session), **record}))
+        member = subprocess.Popen(["sleep", "600"], stdout=open(session / "logs" / "raylet.out", "w"))
+        dog = subprocess.Popen([sys.executable, "-c", MOVED_WATCH, str(session / _ray.MARKER)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert dog.poll() is None, dog.communicate()
+        assert (session / _ray.MARKER).exists() and member.poll() is None
+        driver.kill()
+        driver.wait()
+        out, err = dog.communicate(timeout=30)
+        assert dog.returncode == 0, err
+        [line] = err.splitlines()
+        assert f"driver pid {record['driver']} has ended" in line and str(session) in line
+        assert not (session / _ray.MARKER).exists() and member.wait(timeout=10) == -9
+    finally:
+        for proc in (driver, other, *([member] if "member" in locals() else [])):
+            proc.kill()
+            proc.wait()

@@ -22,7 +22,7 @@ from jobs import _cli, submit
 from jobs import _tracking as tracking
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
-from services import free_port
+from services import BIN, free_port
 
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
 
@@ -45,7 +45,7 @@ def test_relative_paths_are_resolved_against_the_submitting_folder(tmp_path, mon
     commit = tracking.git_commit(REPO)
     assert job["entrypoint"].startswith(f"GIT_COMMIT={commit} python -m jobs.train --config jobs/configs/demo.yaml ")
     assert final["data.root"] == str(here / "shards")
-    assert final["run.storage_path"] == str(here / "demo-out" / "runs")          # demo.yaml's, made absolute
+    assert final["run.storage_path"] == str(here / "runs")                       # demo.yaml's, made absolute
     assert final["model.init_from"] == str(here / "parent")                      # an existing path: a checkpoint
     assert final["tracking.uri"] == f"sqlite:///{here / 'mlflow.db'}"             # jobs.train's default, here
     env = job["runtime_env"]
@@ -125,3 +125,62 @@ def test_a_job_submitted_with_relative_paths_finds_its_data_and_records_the_comm
     uploaded = list(Path(ray_cluster["temp"]).glob("session_*/runtime_resources/working_dir_files/*/jobs/submit.py"))
     assert uploaded, "the project was not unpacked as the job's working_dir"
     assert not (uploaded[0].parent.parent / ".git").exists() and not (uploaded[0].parent.parent / ".venv").exists()
+
+
+def ray_job_submit(cluster, sid: str, entrypoint: list[str], log: Path, *extra: str) -> tuple[str, str]:
+    """Plain ``ray job submit --working-dir <project>`` (Ray's own CLI, no wrapper) to the session's
+    cluster, waiting for the end; (the job's final status, its log)."""
+    from ray.job_submission import JobSubmissionClient
+
+    with open(log, "w") as out:
+        subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--submission-id", sid,
+                        "--working-dir", str(REPO), *extra, "--", *entrypoint], cwd=REPO, env=cluster["env"],
+                       stdout=out, stderr=subprocess.STDOUT, timeout=400)
+    client = JobSubmissionClient(cluster["dashboard"], headers={"Authorization": f"Bearer {cluster['env']['RAY_AUTH_TOKEN']}"})
+    return str(client.get_job_status(sid)), client.get_job_logs(sid)
+
+
+def test_plain_ray_job_submit_refuses_relative_places_and_keeps_absolute_ones_out_of_rays_copy(
+        ray_cluster, shared_mlflow, sample_dataset, tmp_path):
+    """The route docs/cluster.md shows: a relative data, storage or MLflow location is refused with
+    one line naming the keys (it would land in Ray's temporary copy of the project); absolute ones
+    train, and nothing durable lands in that copy; the commit comes from the job's metadata."""
+    train = [sys.executable, "-m", "jobs.train", "--config", "jobs/configs/demo.yaml"]
+    status, text = ray_job_submit(ray_cluster, "rel-places", [*train, "--set", "data.root=shards"], tmp_path / "rel.log")
+    assert status == "FAILED", text
+    [line] = [t for t in text.splitlines() if t.startswith("error:")]
+    assert line.startswith("error: data.root, run.storage_path") and "relative" in line and "jobs.submit" in line
+    assert "Traceback" not in text
+
+    storage = tmp_path / "runs"
+    args = small(sample_dataset, storage, "plain-job", shared_mlflow.uri, **{"schedule.epochs": 1})
+    status, text = ray_job_submit(ray_cluster, "abs-places", [*train, *args], tmp_path / "abs.log",
+                                  "--metadata-json", json.dumps({"git_commit": "f" * 40}))
+    assert status == "SUCCEEDED", text[-4000:]
+    run = only_run(shared_mlflow.client(), "plain-job")
+    assert run.info.status == "FINISHED" and run.data.tags["git_commit"] == "f" * 40
+    assert checkpoints(storage / "plain-job")
+    copies = list(Path(ray_cluster["temp"]).glob("session_*/runtime_resources/working_dir_files/*"))
+    assert copies, "the project was not unpacked as the job's working_dir"
+    durable = [p for c in copies for pattern in ("**/mlflow.db", "**/checkpoint_*", "**/mlruns", "**/runs")
+               for p in c.glob(pattern)]
+    assert durable == [], durable
+
+
+def test_a_job_on_nodes_without_the_dependencies_says_to_use_python_or_uv(ray_cluster, capsys, monkeypatch):
+    """A job whose Python lacks the project's packages (here the system's: no pyarrow) dies importing
+    them; following it, the wrapper says what to do about it in one line."""
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.setenv(key, ray_cluster["env"][key])
+    client = submit.client(ray_cluster["dashboard"])
+    job = client.submit_job(entrypoint="/usr/bin/python3 -c 'import pyarrow'")
+    assert submit.follow(client, job, poll_s=0.5) == 1
+    out, err = capsys.readouterr()
+    assert "ModuleNotFoundError" in out                                           # the job's own log, relayed
+    [line] = [t for t in err.splitlines() if t.startswith("error:")]
+    assert "no 'pyarrow'" in line and "--python" in line and "--uv" in line, line
+
+
+def test_missing_dependency_reads_the_last_import_failure():
+    assert submit.missing_dependency("x\nModuleNotFoundError: No module named 'pyarrow.lib'\n") == "pyarrow"
+    assert submit.missing_dependency("Traceback ...\nValueError: bad\n") == ""

@@ -62,6 +62,7 @@ CASES = [  # (id, overrides; {tmp} is the test's folder, what the error line mus
     ("must-resume-nothing", {"run.resume": "must"}, "run.resume"),
     ("missing-parent", {"model.init_from": "{tmp}/no-parent"}, "no-parent"),
     ("parent-with-other-classes", {"model.init_from": "{tmp}/tv.pth"}, "model.reinit_head"),
+    ("a-gpu-on-this-cpu-machine", {"run.use_gpu": "true"}, "run.use_gpu"),
 ]
 
 
@@ -93,3 +94,20 @@ def test_dry_run_says_what_would_happen_and_starts_nothing(sample_dataset, tmp_p
     assert "run.name: pre" in proc.stdout or "name: pre" in proc.stdout        # the resolved config
     assert not (tmp_path / "runs" / "pre").exists() or not any((tmp_path / "runs" / "pre").iterdir())
 
+
+
+def test_a_gpu_asked_of_a_cpu_only_cluster_is_one_error_line_and_no_mlflow_run(ray_cluster, shared_mlflow,
+                                                                             sample_dataset, tmp_path):
+    """Ray would wait for a GPU node forever (and Ray Train time out every minute); the driver asks
+    the cluster what its nodes can ever offer before any MLflow run exists."""
+    from cluster import small
+
+    args = small(sample_dataset, tmp_path / "runs", "gpu-ask", shared_mlflow.uri, **{"run.use_gpu": "true"})
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=Path(__file__).resolve().parents[1],
+                          env=ray_cluster["env"], capture_output=True, text=True, timeout=120)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
+    assert "run.use_gpu" in err[0] and "GPU 0 in all" in err[0] and "2 node(s)" in err[0], err
+    assert "Traceback" not in proc.stderr
+    exp = shared_mlflow.client().get_experiment_by_name("gpu-ask")
+    assert exp is None or shared_mlflow.client().search_runs([exp.experiment_id]) == []

@@ -42,7 +42,7 @@ VAL_IMAGES = 50_000
 EARLY_SLOPE = 0.002            # a decay while the true curve still falls this much an epoch is early
 FAMILIES = ("plateau", "creep")
 NOISES = ("none", "binomial", "0.5%")
-OLD = {"min_delta": 0.0, "patience": 1, "cooldown": 0, "smoothing": 0.0}   # the rule before issue 15
+OLD = {"min_delta": 0.0, "patience": 1, "cooldown": 0, "smoothing": 0.0}   # the rule before the plateau study (docs/training.md)
 
 
 @dataclass
