@@ -167,12 +167,14 @@ def test_plain_ray_job_submit_refuses_relative_places_and_keeps_absolute_ones_ou
     assert durable == [], durable
 
 
-def test_a_job_on_nodes_without_the_dependencies_says_to_use_python_or_uv(ray_cluster, capsys, monkeypatch):
+def test_a_job_on_nodes_without_the_dependencies_says_to_use_python_or_uv(ray_cluster, capsys):
     """A job whose Python lacks the project's packages (here the system's: no pyarrow) dies importing
     them; following it, the wrapper says what to do about it in one line."""
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        monkeypatch.setenv(key, ray_cluster["env"][key])
-    client = submit.client(ray_cluster["dashboard"])
+    from ray.job_submission import JobSubmissionClient
+
+    # the token as a header: Ray reads its auth settings from the environment once per process
+    client = JobSubmissionClient(ray_cluster["dashboard"],
+                                 headers={"Authorization": f"Bearer {ray_cluster['env']['RAY_AUTH_TOKEN']}"})
     job = client.submit_job(entrypoint="/usr/bin/python3 -c 'import pyarrow'")
     assert submit.follow(client, job, poll_s=0.5) == 1
     out, err = capsys.readouterr()
