@@ -20,7 +20,7 @@ from pipeline.schedule import Plateau, should_stop
 MAY_CHANGE_PREFIXES = ("tracking.",)
 MAY_CHANGE = {
     "schedule.epochs", "run.max_steps", "run.max_failures", "run.workers", "run.cpus_per_worker",
-    "run.use_gpu", "run.placement_strategy", "run.wait_for_nodes", "run.checkpoint_every_steps", "run.keep_last",
+    "run.use_gpu", "run.placement_strategy", "run.wait_for_nodes", "model.box_bias", "run.checkpoint_every_steps", "run.keep_last",
     "run.log_every_steps", "run.resume", "run.compile", "run.fuse_conv_relu", "run.amp", "run.channels_last",
     "data.threads", "data.prefetch", "data.decode", "data.hw_decoder_load", "data.eval_batch_size",
     "data.root",            # the same data elsewhere: the dataset fingerprint is compared instead

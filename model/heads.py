@@ -39,6 +39,18 @@ def to_localisation(net: VGG, head: str, num_classes: int | None = None) -> VGG:
     return net
 
 
+def start_at_box(net: VGG, box: torch.Tensor) -> None:
+    """Set the box head's FC8 bias to ``box`` (cx, cy, w, h) for every class it predicts, so that the
+    fresh net starts at that box (the training set's mean) instead of at 0: its first steps then
+    correct positions rather than drive every output up by half the crop. assumption: not the
+    paper's (it starts the whole last layer at random); ``model.box_bias``."""
+    fc8 = net.classifier[6]
+    if fc8.out_features % BOX_PARAMS or box.shape != (BOX_PARAMS,):
+        raise ValueError(f"a box head has 4 x k outputs and a box 4 values, not {fc8.out_features} and {tuple(box.shape)}")
+    with torch.no_grad():
+        fc8.bias.copy_(box.to(fc8.bias).repeat(fc8.out_features // BOX_PARAMS))
+
+
 def init_from_classification(net: VGG, state: dict[str, torch.Tensor]) -> list[str]:
     """Load a classification net's ``state_dict`` into localisation ``net``, every weight but FC8.
 

@@ -38,6 +38,9 @@ class ModelConfig:
     head: str = "classes"                # classes | scr | pcr: FC8 scores the classes, or predicts one box
                                          # (scr) or one per class (pcr), the paper's localisation (Appendix A)
     train_layers: str = "all"            # all | fc: fine-tune every layer, or only FC6-FC8 (the convs frozen)
+    box_bias: str = "zero"               # zero | mean: a new box head's FC8 bias starts at 0 (the paper's
+                                         # random last layer) or at the training split's mean box, which
+                                         # spares a small net the mean-box phase (docs/localisation.md)
 
 
 @dataclass
@@ -224,6 +227,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
 OWN_CHOICES = {
     "model.init_from_mode": ("all", "a"),
     "model.train_layers": ("all", "fc"),
+    "model.box_bias": ("zero", "mean"),
     "data.val_mode": ("center", "dense"),
     "run.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "run.resume": ("auto", "never", "must"),
@@ -307,6 +311,8 @@ def validate_localisation(cfg: Config) -> None:
     refused instead of ignored."""
     m = cfg.model
     if m.head == "classes":
+        if m.box_bias != "zero":
+            raise ConfigError(f"model.box_bias: {m.box_bias!r} starts a box head; model.head is 'classes'")
         return
     if m.init_from_mode != "all":
         raise ConfigError(f"model.init_from_mode: {m.init_from_mode!r} with model.head {m.head!r}; a "

@@ -28,7 +28,7 @@ from torch import nn
 import model
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
-from pipeline import faults, scoring
+from pipeline import faults, localise, scoring
 from pipeline.ddp import apply_grad_compression
 from pipeline.goodput import Ledger
 from pipeline.loader import EvalLoader, TrainLoader
@@ -228,6 +228,10 @@ def build_net(cfg: config_lib.Config, worker: Worker, opts: StepOptions, resume:
         net.load_state_dict(resume["model"])
     else:
         initial_weights(net, cfg)
+        if cfg.model.box_bias == "mean":
+            box = localise.mean_box_cxcywh(cfg.data.root, cfg.data.train_split)
+            model.start_at_box(net, box)
+            log_.info("model.box_bias mean: FC8 starts at the training split's mean box %s", box.tolist())
     if freeze(net, cfg.model.train_layers):                 # before DDP and the optimizer see the net
         log_.info("model.train_layers %s: the convolutions are frozen", cfg.model.train_layers)
     net = net.to(worker.device)

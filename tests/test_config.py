@@ -77,11 +77,14 @@ def test_choice_lists_come_from_the_modules_that_act_on_them():
     assert c["model.init"] == model.INITS and c["data.dtype"] == augment.DTYPES
     assert c["data.layout"] == tuple(augment.LAYOUTS) and c["run.grad_compression"] == tuple(ddp.HOOKS)
     assert c["data.decode"] == loader.DECODES
+    context = {"model.box_bias": ["model.head=pcr"]}   # a key that only a box head takes
     for key, allowed in c.items():        # every listed value is accepted, and only those
         for value in allowed:
-            assert config.flatten(config.load(None, [f"{key}={value}"]))[key] == value
+            assert config.flatten(config.load(None, [*context.get(key, []), f"{key}={value}"]))[key] == value
         with pytest.raises(config.ConfigError, match=f"{key}: 'bogus' is not one of {', '.join(allowed)}"):
-            config.load(None, [f"{key}=bogus"])
+            config.load(None, [*context.get(key, []), f"{key}=bogus"])
+    with pytest.raises(config.ConfigError, match="model.box_bias: 'mean' starts a box head"):
+        config.load(None, ["model.box_bias=mean"])
 
 
 def test_importing_the_config_does_not_import_torch():

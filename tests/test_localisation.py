@@ -149,6 +149,19 @@ def test_init_from_a_classification_net_keeps_every_weight_but_the_head(head):
         init_from_classification(to_localisation(tiny(), head), other)
 
 
+@pytest.mark.parametrize("head", ["scr", "pcr"])
+def test_a_box_head_started_at_a_box_predicts_it_for_every_class_on_a_blank_input(head):
+    net = model.build("A", num_classes=3, width=1 / 16, image_size=32, head=head).eval()
+    box = torch.tensor([0.5, 0.4, 0.3, 0.2])
+    model.start_at_box(net, box)
+    with torch.no_grad():
+        net.classifier[6].weight.zero_()                       # the bias alone speaks
+        out = net(torch.rand(2, 3, 32, 32)).reshape(2, -1, 4)
+    assert out.shape[1] == (1 if head == "scr" else 3) and torch.equal(out, box.expand_as(out))
+    with pytest.raises(ValueError, match="4 values"):
+        model.start_at_box(net, torch.zeros(3))
+
+
 def test_box_loss_by_hand():
     pred, target = T([[1., 2., 3., 4.], [0., 0., 0., 0.]]), T([[0., 2., 3., 6.], [1., 1., 1., 1.]])
     assert box_loss(pred, target).item() == pytest.approx((1 + 0 + 0 + 4 + 4) / 8)
