@@ -30,4 +30,7 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # `... | head` closed the pipe: no traceback; stdout to nowhere for the exit flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return result if isinstance(result, int) else 0

@@ -39,6 +39,8 @@ def connect(num_cpus: int | None = None, runtime_env: dict | None = None, addres
     from ray._common.utils import get_default_ray_temp_dir  # RAY: where ray.init puts the session
 
     reap(Path(get_default_ray_temp_dir()))
+    if not os.environ.get("VGG_VERBOSE"):   # a local Ray turns token auth on by itself, and says so each time
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # The dashboard serves Ray's state API: without it, Ray Train's PlacementGroupCleaner cannot
     # see its controller and warns "Failed to query Ray Train Controller actor state" every second.
     context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus or 0), include_dashboard=True,

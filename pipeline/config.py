@@ -34,7 +34,7 @@ class ModelConfig:
     init_from_mode: str = "all"          # all: the parent's whole state_dict (S=384 from S=256) |
                                          # a: the paper's first-four-convs + FCs from a trained A
     reinit_head: bool = False            # start FC8 afresh instead of taking the parent's (another class count)
-    dropout: float = 0.5
+    dropout: float = 0.5                 # dropout ratio of FC6 and FC7 (the paper's 0.5)
     head: str = "classes"                # classes | scr | pcr: FC8 scores the classes, or predicts one box
                                          # (scr) or one per class (pcr), the paper's localisation (Appendix A)
     train_layers: str = "all"            # all | fc: fine-tune every layer, or only FC6-FC8 (the convs frozen)
@@ -46,13 +46,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: str = "data/imagenet"          # folder written by `python -m jobs.preprocess`
-    train_split: str = "train"
-    val_split: str = "val"
-    crop_size: int = 224
+    train_split: str = "train"           # the split the net trains on (a folder name in data.root)
+    val_split: str = "val"               # the split validated after each epoch, and evaluated
+    crop_size: int = 224                 # the training crop's side in pixels (the paper: 224)
     scale_min: int = 256                 # training scale S; scale_min == scale_max is a fixed S
     scale_max: int = 256                 # S ~ U[scale_min, scale_max] per image when larger
     test_scale: int = 0                  # Q for validation; 0 = S, or (Smin+Smax)/2 when jittered
-    flip: bool = True
+    flip: bool = True                    # random horizontal flips in training
     color_shift_std: float = 0.1         # std of the PCA colour-shift alphas; 0 disables it
     mean_subtraction: bool = True        # subtract dataset.json's training mean RGB
     decode: str = "mixed"                # mixed (GPU nvJPEG) | cpu; CPU-only machines always use cpu
@@ -68,11 +68,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-2
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = 1e-2                     # SGD learning rate at the start (the paper: 10^-2)
+    momentum: float = 0.9                # SGD momentum (the paper: 0.9)
+    weight_decay: float = 5e-4           # L2 penalty multiplier (the paper: 5 * 10^-4)
     decay_bias: bool = False             # biases are not decayed (see docs/training.md)
-    nesterov: bool = False
+    nesterov: bool = False               # Nesterov momentum (not the paper's)
     fused: bool = False                  # torch's fused SGD kernel (GPU)
 
 
@@ -83,7 +83,7 @@ class ScheduleConfig:
     # accuracy stopped improving"; these defaults are chosen by `python -m jobs.bench schedule --grid`, a
     # simulation of noisy (50,000-image val) and creeping curves (docs/training.md, "The plateau rule")
     patience: int = 5                    # counted epochs without a val top-1 improvement before dividing lr
-    factor: float = 0.1
+    factor: float = 0.1                  # what each decay multiplies the rate by (the paper: 0.1)
     max_decays: int = 3                  # the paper divided the rate 3 times in all
     min_delta: float = 0.01              # an improvement must beat the last one's (smoothed) error by more
                                          # than this (a fraction: 0.01 = 500 of ImageNet's 50,000 val images)
@@ -107,14 +107,14 @@ class RunConfig:
     resume: str = "auto"                 # auto: resume run.name if it has a checkpoint | never: refuse if
                                          # it has one | must: refuse if it has none
     storage_path: str = "runs"           # local folder or a pyarrow/fsspec URI (s3://...)
-    workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
+    workers: int = 2                     # Ray Train workers (data-parallel replicas), one GPU each with use_gpu
+    use_gpu: bool = False                # one GPU per worker (DALI mixed decode, bf16); false: CPU and gloo
+    cpus_per_worker: int = 1             # CPUs Ray reserves for each worker (and its torch threads on CPU)
     placement_strategy: str = "PACK"     # Ray placement of the workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     wait_for_nodes: bool = False         # workers that no live node set can hold: wait (an autoscaling
                                          # cluster adds nodes) instead of refusing before the run starts
     global_batch_size: int = 256         # split evenly across workers; an uneven split is an error
-    seed: int = 0
+    seed: int = 0                        # seeds the initial weights and the data order
     max_failures: int = 0                # Ray Train FailureConfig
     checkpoint_every_steps: int = 0      # 0 = only at the end of each epoch
     keep_last: int = 2                   # plus the best (by validation top-1 error)
@@ -124,15 +124,15 @@ class RunConfig:
     fuse_conv_relu: bool = False         # conv + bias + ReLU as one op, one cuDNN call on GPU (model/fused.py)
     grad_compression: str = "none"       # none | bf16 (a DDP communication hook)
     max_steps: int = 0                   # stop after this many optimizer steps (tests, smoke runs); 0 = off
-    log_every_steps: int = 10
+    log_every_steps: int = 10            # training metrics to MLflow every this many steps
 
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True                 # log to MLflow; false: checkpoints only
     uri: str = ""                        # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
-    experiment: str = "vgg"
-    system_metrics: bool = True
+    experiment: str = "vgg"              # the MLflow experiment the run is logged in
+    system_metrics: bool = True          # MLflow's CPU, memory (and GPU) metrics of each worker
     log_model: bool = True               # log the best weights as an MLflow PyTorch model at the end (torch.export)
     register_model: str = ""             # "" = don't register; else the registered model's name
     retry_s: float = 30.0                # while the server is unreachable, try again this often (training goes on)

@@ -93,3 +93,11 @@ def test_importing_the_config_does_not_import_torch():
 
     code = "import sys, pipeline.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_key_has_a_meaning_in_jobs_config():
+    from jobs import config as lister
+
+    rows = lister.describe()
+    assert len(rows) == len(config.flatten(config.Config()))
+    assert [key for key, _, _, meaning in rows if not meaning.strip()] == []
