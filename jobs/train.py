@@ -285,8 +285,7 @@ def check_resources(cfg: config_lib.Config, connect: bool) -> None:
 def job_env_vars() -> dict[str, str]:
     """The env_vars of the Ray job this driver runs in (``ray job submit`` / ``jobs.submit``): Ray
     refuses to merge a runtime env that sets one of them again, even to the same value."""
-    spec = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    return (json.loads(spec).get("runtime_env") or {}).get("env_vars") or {} if spec else {}
+    return (_ray.job_config().get("runtime_env") or {}).get("env_vars") or {}
 
 
 def finish(cfg: config_lib.Config, folder: str, tracker: _tracking.Tracker) -> dict[str, Any]:
