@@ -110,10 +110,12 @@ def log_model(client, tracking_uri: str, run_id: str, checkpoint: str, register:
             net, name="model", input_example=np.zeros((2, 3, crop, crop), np.float32), metadata=metadata,
             serialization_format="pt2", registered_model_name=register or None,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
-        # The model's own record, not the run's: a metric logged here would also land in the run's
-        # history, a second point at a step the training already logged.
-        errors = {k: f"{v:.6f}" for k, v in state.get("metrics", {}).items() if k.startswith("val/")}
+        # The model's val errors as its own metrics (the model page's table, and "best/..." in the run:
+        # under their own names, so the run's val/ curves get no second point at a step they logged).
+        errors = {k: float(v) for k, v in state.get("metrics", {}).items() if k.startswith("val/")}
         if errors:
-            mlflow.set_logged_model_tags(model.model_id, errors)
+            mlflow.set_logged_model_tags(model.model_id, {k: f"{v:.6f}" for k, v in errors.items()})
+            mlflow.log_metrics({f"best/{k}": v for k, v in errors.items()}, step=int(state.get("images_seen", 0)),
+                               model_id=model.model_id)
     client.set_tag(run_id, MODEL_URI_TAG, model.model_uri)
     return model.model_uri
