@@ -9,6 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs import _tracking
 from pipeline import config as config_lib
 from pipeline import dataset
 from pipeline.config import ConfigError
@@ -46,7 +47,7 @@ def check_working_dir(cfg: config_lib.Config, in_copy: bool) -> None:
 def local_places(cfg: config_lib.Config) -> dict[str, str]:
     """``key -> local path`` for every config value that names a place on this machine's disk (URIs
     such as s3:// or http:// and MLflow run references are no local places)."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
+    uri = _tracking.configured_uri(cfg.tracking.uri)
     places = {"data.root": cfg.data.root,
               "run.storage_path": "" if files.is_uri(cfg.run.storage_path) else cfg.run.storage_path}
     if cfg.tracking.enabled:

@@ -40,11 +40,17 @@ CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEO
               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
+def configured_uri(configured: str = "") -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the SQLite store in the working folder, as
+    given (relative paths stay relative)."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
+
+
 def resolve_uri(configured: str = "") -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the working folder.
     A relative ``sqlite:///`` path is made absolute, so Ray workers (whose working folder differs)
     write to the same file."""
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
+    uri = configured_uri(configured)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return uri

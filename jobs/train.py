@@ -154,7 +154,7 @@ def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
     print(_resume.describe(plan, cfg), flush=True)
     summary = {"run_folder": folder, "plan": plan.kind, "tracking_uri": cfg.tracking.uri, "metrics": {},
                "train_images": facts.train_images, "steps_per_epoch": facts.steps_per_epoch}
-    check_resources(cfg, connect=not dry_run)
+    check_resources(cfg)
     if dry_run:
         return {**summary, "config": config_lib.dump(cfg)}
     tags = {"git_commit": commit(), **tags}
@@ -258,7 +258,7 @@ def worker_resources(cfg: config_lib.Config) -> dict[str, float]:
     return {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})}
 
 
-def check_resources(cfg: config_lib.Config, connect: bool) -> None:
+def check_resources(cfg: config_lib.Config) -> None:
     """Before any MLflow run exists: refuse workers the cluster can never hold (a GPU config on CPU
     nodes would otherwise wait forever), and say so when they fit but the nodes are busy. On a
     cluster (``RAY_ADDRESS``) this connects, also for --dry-run; a local Ray is judged unstarted.
@@ -273,13 +273,16 @@ def check_resources(cfg: config_lib.Config, connect: bool) -> None:
         hint = "set run.use_gpu=false, " if "GPU" in need and not any(n.get("GPU") for n in nodes) else ""
         raise config_lib.ConfigError(f"run.workers, run.cpus_per_worker, run.use_gpu: {problem}; {hint}lower them, "
                                      f"add nodes, or set run.wait_for_nodes=true on an autoscaling cluster")
-    free = _ray.available(need) if on_cluster else {}
-    if on_cluster and not problem and any(free[k] < v * workers for k, v in need.items()):
+    if problem:
+        print(f"note: {problem}; waiting for the autoscaler (run.wait_for_nodes)", flush=True)
+        return
+    if not on_cluster:
+        return
+    free = _ray.available(need)
+    if any(free[k] < v * workers for k, v in need.items()):
         print(f"note: the workers need {', '.join(f'{k} {v * workers:g}' for k, v in need.items())} and the "
               f"cluster has {', '.join(f'{k} {v:g}' for k, v in free.items())} free now: waiting for them",
               flush=True)
-    elif problem:
-        print(f"note: {problem}; waiting for the autoscaler (run.wait_for_nodes)", flush=True)
 
 
 def job_env_vars() -> dict[str, str]:

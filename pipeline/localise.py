@@ -353,5 +353,4 @@ def mean_training_box(root, split: str = "train") -> torch.Tensor:
 
 def mean_box_cxcywh(root, split: str = "train") -> torch.Tensor:
     """:func:`mean_training_box` as (cx, cy, w, h), the box heads' order."""
-    x1, y1, x2, y2 = mean_training_box(root, split).tolist()
-    return torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+    return B.xyxy_to_cxcywh(mean_training_box(root, split))
