@@ -1,40 +1,19 @@
 """Every config key, its type, default and meaning: ``python -m jobs.config [SECTION ...]``.
 
-The meanings are the comments beside each field in pipeline/config.py, the one place the config is
-declared; this reads them from there, so the list cannot drift from the code. Override any key with
-``--set section.key=value`` on ``jobs.train``, or in an experiment YAML under ``jobs/configs/``.
+The meanings are declared with each field in pipeline/config.py (``key(default, meaning, ...)``),
+the one place the config is declared; this reads them from there, so the list cannot drift from the
+code. Override any key with ``--set section.key=value`` on ``jobs.train``, or in an experiment YAML
+under ``jobs/configs/``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 import sys
 import typing
 
-from jobs._cli import UsageError
+from jobs.cli import UsageError
 from pipeline import config as config_lib
-
-FIELD = re.compile(r"^\s+(\w+): [^=]+=.*?(?:\s(#)\s?(.*))?$")
-COMMENT = re.compile(r"^(\s+)#\s?(.*)$")
-
-
-def comments(cls: type) -> dict[str, str]:
-    """field name -> its comment in the dataclass source. A comment line aligned with the field
-    comment above it continues that comment; any other comment line is a note for the next field."""
-    out, last, column, note = {}, None, -1, ""
-    for line in inspect.getsource(cls).splitlines():
-        if m := FIELD.match(line):
-            last, column = m.group(1), m.start(2) if m.group(2) else -1
-            out[last] = " ".join(t for t in (m.group(3) or "", note) if t).strip()
-            note = ""
-        elif m := COMMENT.match(line):
-            if last and len(m.group(1)) == column:
-                out[last] = f"{out[last]} {m.group(2).strip()}"
-            else:
-                note = f"{note} {m.group(2).strip()}".strip()
-    return out
 
 
 def describe(sections: list[str] | None = None) -> list[tuple[str, str, str, str]]:
@@ -44,11 +23,11 @@ def describe(sections: list[str] | None = None) -> list[tuple[str, str, str, str
         if sections and section.name not in sections:
             continue
         cls = typing.get_type_hints(config_lib.Config)[section.name]
-        hints, notes = typing.get_type_hints(cls), comments(cls)
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             value = getattr(getattr(default, section.name), f.name)
             rows.append((f"{section.name}.{f.name}", getattr(hints[f.name], "__name__", str(hints[f.name])),
-                         repr(value), notes.get(f.name, "")))
+                         repr(value), f.metadata.get("meaning", "")))
     return rows
 
 
@@ -69,6 +48,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jobs import _cli
+    from jobs import cli
 
-    sys.exit(_cli.run(main))
+    sys.exit(cli.run(main))

@@ -20,75 +20,27 @@
   training run (tag mlflow.parentRunId), metrics plus the table as artifacts.
 - ``--task localisation``: the localisation nets' testing (Appendix A, Tables 8 and 9), with its own
   options (``--checkpoint``, ``--classifier``, ``--protocol a|b|both``); see
-  ``python -m jobs.evaluate --task localisation --help`` and jobs/_loc_eval.py.
+  ``python -m jobs.evaluate --task localisation --help`` and docs/localisation.md.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import logging
-import os
 import sys
 import time
-from pathlib import Path
-from typing import Callable
 
-import torch
-from torch import nn
-
-from jobs import _eval_report as report
-from jobs._cli import UsageError
-from jobs._ranks import (check_ensemble, check_workers, member_scales, pass_options, prepare_rank, resolve_member,
-                         run_ranks)
-from jobs._tracking import resolve_uri
-from pipeline import config as config_lib
-from pipeline import dataset
+from jobs.cli import UsageError, pass_parser
+from jobs.passes import classify, front, localise, results
 from pipeline import evaluate as E
 
-log = logging.getLogger("jobs.evaluate")
 TASKS = ("classification", "localisation")
+LOC_USAGE = """python -m jobs.evaluate --task localisation --checkpoint <loc run | checkpoint> [--checkpoint ...]
+    [--classifier <classification run | checkpoint> ...] [--protocol a|b|both]
+    [--scales single | 256,384 | auto] [--no-flip] [--workers N] [--gpu] [--split val] [--out DIR]"""
 
-
-# ----------------------------------------------------------------------------- protocol
-
-def parse_modes(text: str) -> tuple[str, ...]:
-    modes = ("center", "dense", "multicrop", "both") if text == "all" else tuple(text.split(","))
-    bad = [m for m in modes if m not in E.MODES]
-    if bad:
-        raise UsageError(f"--mode {text!r}: only {', '.join(E.MODES)} (comma-separated) or all")
-    return modes
-
-
-# ----------------------------------------------------------------------------- one worker's share
-
-def evaluate_rank(nets: list[nn.Module], data: config_lib.DataConfig, protocol: E.Protocol,
-                  batch_size: int, rank: int, world: int, use_gpu: bool = False, threads: int = 0,
-                  progress: Callable[[int], None] | None = None) -> E.ShareResult:
-    """Evaluate DALI shard ``rank`` of ``world`` (in a Ray task, or in-process)."""
-    nets, device, batches_at = prepare_rank(nets, data, batch_size, rank, world, use_gpu, threads)
-    return E.evaluate_share(nets, batches_at, protocol, device=device, progress=progress)
-
-
-def evaluate(nets: list[nn.Module], data: config_lib.DataConfig, protocol: E.Protocol, batch_size: int,
-             workers: int, use_ray: bool = True, use_gpu: bool = False, cpus_per_worker: int = 1,
-             quiet: bool = False) -> list[E.ShareResult]:
-    """Every rank's ShareResult, rank order."""
-    total = dataset.load_split(data.root, data.val_split).num_samples * len(protocol.scales)
-    nets = [n.cpu() for n in nets]
-    work = functools.partial(_evaluate_work, nets, data, protocol, batch_size, use_gpu,
-                             cpus_per_worker if use_ray else 0)
-    return run_ranks(work, workers, total, use_ray, use_gpu, cpus_per_worker, quiet)
-
-
-def _evaluate_work(nets, data, protocol, batch_size, use_gpu, threads, rank, world, progress):
-    return evaluate_rank(nets, data, protocol, batch_size, rank, world, use_gpu, threads, progress)
-
-
-# ----------------------------------------------------------------------------- main
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__, parents=[pass_options()],
+    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__, parents=[pass_parser()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, default="classification",
                    help="classification (this page) or localisation (its own options: --task localisation --help)")
@@ -103,36 +55,32 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    task, rest = task_of(argv)
-    if task == "localisation":
-        from jobs import _loc_eval
+def parse_localisation(argv):
+    p = argparse.ArgumentParser(prog="python -m jobs.evaluate --task localisation", usage=LOC_USAGE,
+                                description=localise.__doc__, parents=[pass_parser()],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", "--run", dest="checkpoint", action="append", required=True,
+                   help="localisation net: MLflow run id or checkpoint file/folder; repeat for an ensemble")
+    p.add_argument("--classifier", action="append", default=[],
+                   help="classification net whose posteriors rank protocol (b)'s boxes; repeat to average several")
+    p.add_argument("--protocol", choices=localise.PROTOCOLS, default="",
+                   help="a (central crop, ground-truth class), b (dense, merged) or both (default: both "
+                        "with --classifier, else a)")
+    p.add_argument("--batch-size", type=int, default=0, help="DALI batch (0: data.eval_batch_size, else 16)")
+    p.add_argument("--max-batch", type=int, default=0, help="images per forward pass (0: 256 on GPU, 64)")
+    p.add_argument("--out", default="", help="folder for results.csv/.md (default: eval-loc-<time>)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the child run")
+    p.add_argument("--experiment", default="vgg-eval", help="MLflow experiment when no training run is known")
+    p.set_defaults(scales="single")   # Table 9 reports one Q per net, or two
+    return p.parse_args(argv)
 
-        return _loc_eval.main(rest)
-    args = parse(argv)
-    args.started_ms = int(time.time() * 1000)   # the MLflow child run spans the whole evaluation
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    check_workers(args.workers)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    members = [resolve_member(spec, uri) for spec in args.run]
-    check_ensemble(members)
-    first = members[0].cfg
-    uri = uri or (first.tracking.uri if first.tracking.enabled else "")
-    data = dataclasses.replace(first.data, root=args.data or first.data.root,
-                               val_split=args.split or first.data.val_split, layout="NCHW", dtype="float32",
-                               decode="mixed" if args.gpu else "cpu")
-    protocol = E.Protocol(modes=parse_modes(args.mode), flip=not args.no_flip, crop=first.data.crop_size,
-                          max_batch=args.max_batch or (256 if args.gpu else 64),
-                          amp_dtype=torch.bfloat16 if args.gpu else None,
-                          **scales_fields(member_scales(args.scales, members)))
-    batch = args.batch_size or first.data.eval_batch_size or 16
-    expected = dataset.stored_labels(data.root, data.val_split)
-    shares = evaluate([m.net for m in members], data, protocol, batch, args.workers, use_ray=not args.no_ray,
-                      use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, quiet=args.quiet)
-    check_shares(shares, expected)
-    result = publish(args, members, data, protocol, shares, len(expected), uri)
-    return {**result, "shares": shares}
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    modes = ("center", "dense", "multicrop", "both") if text == "all" else tuple(text.split(","))
+    bad = [m for m in modes if m not in E.MODES]
+    if bad:
+        raise UsageError(f"--mode {text!r}: only {', '.join(E.MODES)} (comma-separated) or all")
+    return modes
 
 
 def task_of(argv: list[str]) -> tuple[str, list[str]]:
@@ -143,50 +91,48 @@ def task_of(argv: list[str]) -> tuple[str, list[str]]:
     return known.task, rest
 
 
-def scales_fields(own: tuple[tuple[int, ...], ...]) -> dict:
-    """Protocol fields: one member (or members sharing one Q set) at its scales in the order given;
-    members at different Q sets each at its own, over the union of them (one decode per Q)."""
-    if len(set(own)) == 1:
-        return {"scales": own[0]}
-    return {"scales": tuple(sorted({q for qs in own for q in qs})), "member_scales": own}
+def results_run(args, opts: front.PassOptions, first, parent_run_id: str, started_ms: int) -> results.ResultsRun | None:
+    uri = front.results_uri(opts, first.cfg)
+    if not uri or args.no_mlflow:
+        return None
+    return results.ResultsRun(uri, parent_run_id, args.experiment, started_ms)
 
 
-def check_shares(shares: list[E.ShareResult], expected: dict[str, int]) -> None:
-    """Before any figure: each stored image exactly once, with the manifest's label."""
-    E.check_exactly_once(shares, expected)
-    for s in shares:
-        wrong = [k for k, lbl in zip(s.keys, s.labels.tolist()) if expected[k] != lbl]
-        if wrong:
-            raise RuntimeError(f"labels from the shards differ from the manifest for keys {wrong[:5]}")
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    started_ms = int(time.time() * 1000)   # the MLflow results run spans the whole evaluation
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    task, rest = task_of(argv)
+    if task == "localisation":
+        return main_localisation(rest, started_ms)
+    args = parse(argv)
+    modes = parse_modes(args.mode)
+    opts = front.PassOptions.of(vars(args))
+    members = front.open_members(args.run, opts)
+    first = members[0]
+    protocol = E.Protocol(modes=modes, flip=opts.flip, crop=first.cfg.data.crop_size,
+                          max_batch=args.max_batch or (256 if opts.gpu else 64), amp_dtype=opts.amp_dtype,
+                          **classify.scales_fields(members, opts.scales))
+    data = front.split_data(first.cfg, opts)
+    req = classify.Request(args.mode, args.batch_size or first.cfg.data.eval_batch_size or 16,
+                           results.out_folder(args.out, "eval"),
+                           results_run(args, opts, first, first.parent_run_id, started_ms))
+    shares = classify.shares(members, data, protocol, req.batch_size, opts)
+    published, per_class = classify.publish(members, data, protocol, shares, req, opts.workers)
+    return {**vars(published), "per_class": per_class, "shares": shares}
 
 
-def publish(args, members, data: config_lib.DataConfig, protocol: E.Protocol, shares: list[E.ShareResult],
-            images: int, uri: str) -> dict:
-    """The table printed, written to ``--out`` and logged as an MLflow child run of the training run."""
-    cfgs, num_classes = [m.cfg for m in members], members[0].num_classes
-    rows, per_class = report.table(shares, protocol, cfgs, num_classes)
-    counts = torch.bincount(torch.cat([s.labels for s in shares]), minlength=num_classes)
-    print(report.markdown(rows), end="")
-    out = Path(args.out or f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
-    class_info = dataset.read_info(data.root).get("classes") or [{} for _ in range(num_classes)]
-    files = report.write(out, rows, per_class, class_info, counts)
-    print(f"results written to {out}/ (results.csv, results.md, per_class.csv)")
-    head = rows[-1]  # the headline: the last protocol asked for, over all scales
-    headline = {"top1_error": head["top-1 err %"] / 100, "top5_error": head["top-5 err %"] / 100}
-    params = {"mode": args.mode, "scales": report.scales_column(protocol), "flip": protocol.flip,
-              "workers": args.workers, "split": data.val_split, "images": images,
-              "models": report.config_name(cfgs), "train_S": report.train_scales(cfgs), "data": data.root}
-    run_id, parent = "", members[0].parent_run_id
-    if uri and not args.no_mlflow:
-        tags = {"eval.runs": " ".join(m.spec for m in members),
-                "eval.checkpoints": " ".join(m.checkpoint for m in members)}
-        run_id = report.log_child_run(resolve_uri(uri), parent, rows, files, params, headline, tags,
-                                      args.experiment, started_ms=args.started_ms, storage=str(out.parent))
-        print(f"MLflow: run {run_id}" + (f" (child of {parent})" if parent else ""))
-    return {"rows": rows, "files": [str(f) for f in files], "mlflow_run_id": run_id, "per_class": per_class}
+def main_localisation(argv: list[str], started_ms: int) -> dict:
+    args = parse_localisation(argv)
+    opts = front.PassOptions.of(vars(args))
+    members, classifiers = front.open_members(args.checkpoint, opts), front.open_members(args.classifier, opts)
+    req = localise.Request(args.protocol, args.batch_size, args.max_batch, results.out_folder(args.out, "eval-loc"),
+                           results_run(args, opts, members[0], members[0].parent_run_id, started_ms))
+    published, shares, mean_box = localise.evaluate(members, classifiers, req, opts)
+    return {**vars(published), "shares": shares, "mean_box": mean_box}
 
 
 if __name__ == "__main__":
-    from jobs import _cli
+    from jobs import cli
 
-    sys.exit(_cli.run(main))
+    sys.exit(cli.run(main))

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-from jobs._features import Pass, extract, split_data, write_parquet
-from jobs._ranks import check_ensemble, check_workers, member_scales, pass_options, resolve_member
+from jobs.cli import pass_parser
+from jobs.passes import front
+from jobs.passes.features import extract, write_parquet
+from jobs.passes.members import member_scales
 from pipeline import evaluate as E
 from pipeline import features as F
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jobs.features", description=__doc__, parents=[pass_options()],
+    p = argparse.ArgumentParser(prog="python -m jobs.features", description=__doc__, parents=[pass_parser()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True,
                    help="MLflow run id or checkpoint file/folder; repeat to stack nets (D + E)")
@@ -40,23 +41,19 @@ def parse(argv):
 def main(argv: list[str] | None = None) -> Path:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    check_workers(args.workers)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    members = [resolve_member(spec, uri) for spec in args.run]
-    check_ensemble(members)
-    data = split_data(members[0].cfg, args.data, args.split, args.gpu)
-    scales = member_scales(args.scales, members)
-    run = Pass(args.workers, not args.no_ray, args.gpu, args.cpus_per_worker, args.batch_size, args.quiet)
-    keys, labels, per_net = extract(members, data, scales, not args.no_flip, run)
+    opts = front.PassOptions.of(vars(args))
+    members = front.open_members(args.run, opts)
+    keys, labels, per_net = extract(members, opts.split, args.batch_size, opts)
     feats = F.descriptor(per_net, args.aggregate)
     out = Path(args.out)
     write_parquet(out, keys, labels, feats)
+    scales = member_scales(opts.scales, members)
     print(f"{len(keys)} features of dimension {feats.shape[1]} (scales "
           f"{' / '.join(E.scale_label(qs) for qs in scales)}, {args.aggregate}) -> {out}")
     return out
 
 
 if __name__ == "__main__":
-    from jobs import _cli
+    from jobs import cli
 
-    sys.exit(_cli.run(main))
+    sys.exit(cli.run(main))

@@ -113,6 +113,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jobs import _cli
+    from jobs import cli
 
-    sys.exit(_cli.run(main))
+    sys.exit(cli.run(main))

@@ -19,8 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from jobs import _ray
-from jobs._tracking import git_commit
+from jobs import cluster
+from jobs.tracking import git_commit
 from preprocessing.report import report_lines
 from preprocessing.verify import verify
 from preprocessing.writer import preprocess
@@ -31,7 +31,7 @@ def ray_map(address: str | None):
     """A ``map_fn`` for ``preprocessing.writer.preprocess``: one Ray task per shard, results as they finish."""
     import ray  # RAY: the only Ray in preprocessing, at the edge
 
-    _ray.connect(address=address)
+    cluster.connect(address=address)
 
     def map_fn(fn, jobs):
         task = ray.remote(num_cpus=1, max_retries=3)(fn)  # RAY: a retried task rewrites the same bytes
@@ -123,6 +123,6 @@ def _verify(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from jobs import _cli
+    from jobs import cli
 
-    sys.exit(_cli.run(main))
+    sys.exit(cli.run(main))

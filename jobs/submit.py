@@ -34,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from jobs import _cli, _tracking
+from jobs import cli
+from jobs import tracking
 from pipeline import config as config_lib
 from storage import files
 
@@ -55,12 +56,12 @@ def config_in_project(path: str, here: Path) -> str:
     if not file.is_file():
         raise FileNotFoundError(f"--config {path}: no such file (looked for {file})")
     if not file.is_relative_to(REPO):
-        raise _cli.UsageError(f"--config {path} lies outside the project folder {REPO}, which is all the job "
+        raise cli.UsageError(f"--config {path} lies outside the project folder {REPO}, which is all the job "
                               f"takes along; copy it under {REPO / 'jobs' / 'configs'} and submit that")
     rel = str(file.relative_to(REPO))
     ignored = subprocess.run(["git", "check-ignore", "-q", rel], cwd=REPO, capture_output=True).returncode == 0
     if ignored:
-        raise _cli.UsageError(f"--config {path} is git-ignored, so Ray does not upload it with the project; "
+        raise cli.UsageError(f"--config {path} is git-ignored, so Ray does not upload it with the project; "
                               f"move it out of the ignored folder (e.g. to jobs/configs/)")
     return rel
 
@@ -93,7 +94,7 @@ def path_overrides(cfg: config_lib.Config, here: Path) -> dict[str, str]:
     if init and not init.startswith("runs:/") and os.path.exists(here / init):
         out["model.init_from"] = local_path(init, here) or init
     if cfg.tracking.enabled:   # tracking.uri, else $MLFLOW_TRACKING_URI here, else sqlite:///<here>/mlflow.db
-        out["tracking.uri"] = _tracking.resolve_uri(cfg.tracking.uri)
+        out["tracking.uri"] = tracking.resolve_uri(cfg.tracking.uri)
     return {k: v for k, v in out.items() if v != _get(cfg, k)}
 
 
@@ -133,7 +134,7 @@ def requirements() -> list[str]:
     try:
         reqs = metadata.requires("vgg-at-scale") or []
     except metadata.PackageNotFoundError as e:
-        raise _cli.UsageError("--uv reads the project's requirements from its installed metadata: "
+        raise cli.UsageError("--uv reads the project's requirements from its installed metadata: "
                               "install the project first (make install, or pip install -e .)") from e
     return [r for r in reqs if "extra ==" not in r]
 
@@ -156,7 +157,7 @@ def client(address: str):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as e:
-        raise _cli.UsageError(f"no Ray Jobs API at {address} ({str(e).splitlines()[0]}); start the cluster, "
+        raise cli.UsageError(f"no Ray Jobs API at {address} ({str(e).splitlines()[0]}); start the cluster, "
                               f"open the tunnel (ssh -L 8265:127.0.0.1:8265 head) or give --address / "
                               f"RAY_ADDRESS, with RAY_AUTH_MODE=token and the cluster's token") from e
 
@@ -213,17 +214,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments, as for python -m jobs.<job>")
     args = p.parse_args(argv)
     if args.job not in JOBS:
-        raise _cli.UsageError(f"job {args.job!r}: this wrapper submits {', '.join(JOBS)}; submit other entry "
+        raise cli.UsageError(f"job {args.job!r}: this wrapper submits {', '.join(JOBS)}; submit other entry "
                               f"points with `ray job submit` and absolute paths (docs/cluster.md)")
     if args.python and args.uv:
-        raise _cli.UsageError("--python and --uv both say where the dependencies come from: give one")
+        raise cli.UsageError("--python and --uv both say where the dependencies come from: give one")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     here = Path.cwd()
-    commit = _tracking.git_commit(REPO)
+    commit = tracking.git_commit(REPO)
     entrypoint, cfg = train_entrypoint(args.args, here, args.python or "python", commit)
     env = runtime_env(args.python, args.uv)
     sid = args.submission_id or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         job_id = jobs_client.submit_job(entrypoint=entrypoint, runtime_env=env, metadata=metadata,
                                         submission_id=sid)
     except RuntimeError as e:   # the Jobs API's answer, e.g. a submission id already taken
-        raise _cli.UsageError(f"the cluster at {args.address} refused the job: {str(e).splitlines()[0]}") from e
+        raise cli.UsageError(f"the cluster at {args.address} refused the job: {str(e).splitlines()[0]}") from e
     print(f"submitted job {job_id} to {args.address} (commit {commit}): {entrypoint}", flush=True)
     if args.no_wait:
         print(f"follow it with: ray job logs --follow {job_id} --address {args.address}")
@@ -249,4 +250,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli.run(main))
+    sys.exit(cli.run(main))

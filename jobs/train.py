@@ -32,20 +32,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs import _mlflow_outputs, _preflight, _ray, _resume, _tracking
-from jobs._train_worker import DATA_ERROR, train_loop_per_worker
+from jobs import cluster, tracking
+from jobs.cluster import trainer
+from jobs.driver import preflight, resume
+from jobs.tracking import outputs
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
-from pipeline import dataset, goodput
-from storage import files
+from pipeline import goodput
+from storage import dataset, files
 
 log = logging.getLogger("jobs.train")
-# Environment forwarded from the driver to the Ray workers: the tests' fault knobs and MLflow client
-# settings. Credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN) are deliberately not forwarded:
-# a runtime env is visible in Ray's dashboard; set them on every node instead (docs/cluster.md).
 WALL = "goodput-wall.json"    # the wall time of every command that trained this run
-FORWARD_PREFIXES = ("VGG_", "MLFLOW_HTTP_", "MLFLOW_LOGGING_LEVEL", "MLFLOW_SYSTEM_METRICS_", "MLFLOW_TRACKING_INSECURE_TLS",
-                    "MLFLOW_TRACKING_SERVER_CERT_PATH", "GIT_COMMIT")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,16 +57,16 @@ def resolve(cfg: config_lib.Config) -> tuple[config_lib.Config, dict[str, str]]:
     """(the config with every path absolute, num_classes from dataset.json and init_from a checkpoint
     location; tags naming the parent run). This resolved config is what MLflow and checkpoints keep."""
     data = dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).resolve()))
-    info = dataset.read_info(data.root)
-    classes = dataset.num_classes(data.root, info)
+    ds = dataset.open_dataset(data.root)
+    classes = ds.num_classes
     if cfg.model.num_classes and cfg.model.num_classes != classes:
         raise config_lib.ConfigError(f"model.num_classes {cfg.model.num_classes} but {data.root}/dataset.json "
                                      f"has {classes} classes (0 reads it from there)")
     storage = cfg.run.storage_path if files.is_uri(cfg.run.storage_path) else str(Path(cfg.run.storage_path).resolve())
-    uri = _tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else cfg.tracking.uri
+    uri = tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else cfg.tracking.uri
     cfg = dataclasses.replace(cfg, data=data, run=dataclasses.replace(cfg.run, storage_path=storage),
                               tracking=dataclasses.replace(cfg.tracking, uri=uri))
-    tags = {"dataset_fingerprint": info.get("fingerprint", ""), "run_folder": run_folder(cfg)}
+    tags = {"dataset_fingerprint": ds.fingerprint, "run_folder": run_folder(cfg)}
     location, parent = resolve_init_from(cfg)
     if location:
         tags.update(init_from=cfg.model.init_from, parent_checkpoint=location)
@@ -104,7 +101,7 @@ def resolve_init_from(cfg: config_lib.Config) -> tuple[str, str]:
     if not parent:
         for folder in (location, file.rsplit("/", 1)[0], file.rsplit("/", 2)[0]):
             try:
-                parent = _tracking.read_run_id(folder)
+                parent = tracking.read_run_id(folder)
             except OSError:
                 parent = ""
             if parent:
@@ -115,16 +112,6 @@ def resolve_init_from(cfg: config_lib.Config) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------------
-
-def scaling_config(cfg: config_lib.Config):
-    from ray.train import ScalingConfig                            # RAY
-
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    if cfg.run.use_gpu:
-        resources["GPU"] = 1
-    return ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources,
-                         placement_strategy=cfg.run.placement_strategy)
-
 
 def final_weights(folder: str) -> Path | None:
     """The best checkpoint's weights without the optimizer, as a file to log: loadable with
@@ -140,41 +127,41 @@ def final_weights(folder: str) -> Path | None:
 
 def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
     """Run, resume or complete the training ``cfg`` describes; returns its summary. Everything the
-    driver can check is checked before Ray starts (jobs/_resume.py, jobs/_preflight.py)."""
+    driver can check is checked before Ray starts (jobs/driver/resume.py, jobs/driver/preflight.py)."""
     started = time.perf_counter()
-    _preflight.check_working_dir(cfg, _ray.in_working_dir_copy())
+    preflight.check_working_dir(cfg, cluster.in_working_dir_copy())
     cfg, tags = resolve(cfg)
     folder = run_folder(cfg)
-    plan = _resume.plan(cfg, folder, tags["dataset_fingerprint"])
-    facts = _preflight.check_data(cfg)
+    plan = resume.plan(cfg, folder, tags["dataset_fingerprint"])
+    facts = preflight.check_data(cfg)
     if plan.kind == "new":
-        _preflight.check_parent(cfg)
+        preflight.check_parent(cfg)
     if plan.kind != "complete":
-        _preflight.check_storage(cfg, folder, _preflight.checkpoint_bytes(cfg, plan.checkpoint))
-    print(_resume.describe(plan, cfg), flush=True)
+        preflight.check_storage(cfg, folder, preflight.checkpoint_bytes(cfg, plan.checkpoint))
+    print(resume.describe(plan, cfg), flush=True)
     summary = {"run_folder": folder, "plan": plan.kind, "tracking_uri": cfg.tracking.uri, "metrics": {},
                "train_images": facts.train_images, "steps_per_epoch": facts.steps_per_epoch}
-    check_resources(cfg)
+    trainer.check_resources(cfg)
     if dry_run:
         return {**summary, "config": config_lib.dump(cfg)}
     tags = {"git_commit": commit(), **tags}
     tags["mlflow.source.git.commit"] = tags["git_commit"]
-    tracker = _tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, folder,
-                               params=_tracking.params_from(config_lib.flatten(cfg)), tags=tags,
+    tracker = tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, folder,
+                               params=tracking.params_from(config_lib.flatten(cfg)), tags=tags,
                                retry_s=cfg.tracking.retry_s, enabled=cfg.tracking.enabled)
     run_id = connect_run(tracker, cfg, folder, (plan.state or {}).get("mlflow_run_id", ""))
     if plan.changed:
-        tracker.set_tags({f"resume.step{plan.step}.changed": _resume.describe(plan, cfg)})
+        tracker.set_tags({f"resume.step{plan.step}.changed": resume.describe(plan, cfg)})
     if plan.kind == "complete":
         summary["metrics"] = dict(plan.state.get("metrics", {}))
     else:
         try:
-            summary.update(fit(cfg, folder, run_id, tags))
+            summary.update(trainer.fit(cfg, folder, run_id, tags))
         except Exception as e:
             record_wall(folder, time.perf_counter() - started)
             tracker.replay()
             tracker.close("FAILED")
-            _preflight.explain_failure(cfg, folder, plan, e)
+            preflight.explain_failure(cfg, folder, plan, e)
             raise
         log_goodput(tracker, folder, record_wall(folder, time.perf_counter() - started))
     return {**summary, **finish(cfg, folder, tracker)}
@@ -183,9 +170,9 @@ def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
 def commit() -> str:
     """The code's commit: ``$GIT_COMMIT``, the checkout's HEAD, else what the Ray job's submitter put
     in its metadata (a ``working_dir`` copy has no .git); "unknown", said aloud, when none knows."""
-    found = _tracking.git_commit(Path(__file__).parent)
+    found = tracking.git_commit(Path(__file__).parent)
     if found == "unknown":
-        found = _ray.job_commit() or found
+        found = cluster.job_commit() or found
     if found == "unknown":
         print("note: the run's git_commit is 'unknown': this copy of the project has no .git; submit with "
               "python -m jobs.submit, or pass ray job submit --metadata-json '{\"git_commit\": \"<sha>\"}'",
@@ -201,7 +188,7 @@ def record_wall(folder: str, seconds: float) -> float:
     return total
 
 
-def log_goodput(tracker: _tracking.Tracker, folder: str, wall_s: float) -> None:
+def log_goodput(tracker: tracking.Tracker, folder: str, wall_s: float) -> None:
     """The goodput ledger of the finished run, as metrics and as a table (pipeline/goodput.py)."""
     state = ckpt.load_checkpoint(folder, "latest")
     ledger = goodput.Ledger.from_metrics(state.get("metrics", {}))
@@ -213,85 +200,21 @@ def log_goodput(tracker: _tracking.Tracker, folder: str, wall_s: float) -> None:
              ", ".join(f"{k} {v:.0f} s" for k, v in ledger.seconds.items()))
 
 
-def connect_run(tracker: _tracking.Tracker, cfg: config_lib.Config, folder: str, checkpoint_run_id: str) -> str:
+def connect_run(tracker: tracking.Tracker, cfg: config_lib.Config, folder: str, checkpoint_run_id: str) -> str:
     """The MLflow run id. Reachable: the run (found through the id file, or created). Unreachable:
     the id a previous attempt left (the id file, else its checkpoint), so the workers log into that
     run once the server is back."""
     if not cfg.tracking.enabled:
         return ""
-    run_id = tracker.connect() or _tracking.read_run_id(folder) or checkpoint_run_id
+    run_id = tracker.connect() or tracking.read_run_id(folder) or checkpoint_run_id
     tracker.run_id = run_id
     if tracker.connect():
         tracker.log_text(config_lib.dump(cfg), "config.yaml")
-        tracker.call("log dataset", lambda c: _mlflow_outputs.log_dataset(c, tracker.run_id, cfg.data.root))
+        tracker.call("log dataset", lambda c: outputs.log_dataset(c, tracker.run_id, cfg.data.root))
     return run_id
 
 
-def fit(cfg: config_lib.Config, folder: str, run_id: str, tags: dict[str, str]) -> dict[str, Any]:
-    """Ray Train's fit of ``train_loop_per_worker`` on ``run.workers`` workers."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig    # RAY
-    from ray.train.torch import TorchTrainer                            # RAY
-
-    files.remove(files.join(folder, DATA_ERROR))   # an earlier command's verdict on data since repaired
-    _ray.connect(cfg.run.workers * cfg.run.cpus_per_worker, runtime_env())
-    trainer = TorchTrainer(
-        train_loop_per_worker,                                     # RAY: runs on every worker
-        train_loop_config={"config": config_lib.dump(cfg), "run_id": run_id, "run_folder": folder, "tags": tags},
-        scaling_config=scaling_config(cfg),
-        run_config=RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_last),
-            logging_config=LoggingConfig(log_level="WARNING")),  # Ray Train's per-report INFO lines off
-    )
-    result = trainer.fit()
-    return {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else ""}
-
-
-def runtime_env() -> dict | None:
-    """The workers' runtime env: what the driver forwards (``FORWARD_PREFIXES``)."""
-    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES) and k not in job_env_vars()}
-    return {"env_vars": forwarded} if forwarded else None
-
-
-def worker_resources(cfg: config_lib.Config) -> dict[str, float]:
-    return {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})}
-
-
-def check_resources(cfg: config_lib.Config) -> None:
-    """Before any MLflow run exists: refuse workers the cluster can never hold (a GPU config on CPU
-    nodes would otherwise wait forever), and say so when they fit but the nodes are busy. On a
-    cluster (``RAY_ADDRESS``) this connects, also for --dry-run; a local Ray is judged unstarted.
-    ``run.wait_for_nodes`` is for autoscaling clusters, whose nodes come once asked for."""
-    need, workers = worker_resources(cfg), cfg.run.workers
-    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
-    if on_cluster:
-        _ray.connect(workers * cfg.run.cpus_per_worker, runtime_env())
-    nodes = _ray.live_nodes() if on_cluster else _ray.local_node(workers * cfg.run.cpus_per_worker)
-    problem = _ray.check_fits(workers, need, cfg.run.placement_strategy, nodes)
-    if problem and not cfg.run.wait_for_nodes:
-        hint = "set run.use_gpu=false, " if "GPU" in need and not any(n.get("GPU") for n in nodes) else ""
-        raise config_lib.ConfigError(f"run.workers, run.cpus_per_worker, run.use_gpu: {problem}; {hint}lower them, "
-                                     f"add nodes, or set run.wait_for_nodes=true on an autoscaling cluster")
-    if problem:
-        print(f"note: {problem}; waiting for the autoscaler (run.wait_for_nodes)", flush=True)
-        return
-    if not on_cluster:
-        return
-    free = _ray.available(need)
-    if any(free[k] < v * workers for k, v in need.items()):
-        print(f"note: the workers need {', '.join(f'{k} {v * workers:g}' for k, v in need.items())} and the "
-              f"cluster has {', '.join(f'{k} {v:g}' for k, v in free.items())} free now: waiting for them",
-              flush=True)
-
-
-def job_env_vars() -> dict[str, str]:
-    """The env_vars of the Ray job this driver runs in (``ray job submit`` / ``jobs.submit``): Ray
-    refuses to merge a runtime env that sets one of them again, even to the same value."""
-    return (_ray.job_config().get("runtime_env") or {}).get("env_vars") or {}
-
-
-def finish(cfg: config_lib.Config, folder: str, tracker: _tracking.Tracker) -> dict[str, Any]:
+def finish(cfg: config_lib.Config, folder: str, tracker: tracking.Tracker) -> dict[str, Any]:
     """The run's last words to MLflow: the best weights as an artifact (registered once, if asked),
     its tags, and every metric point the journal still holds; FINISHED only once all are delivered."""
     tracker.replay()
@@ -300,11 +223,11 @@ def finish(cfg: config_lib.Config, folder: str, tracker: _tracking.Tracker) -> d
         best_file = ckpt.resolve(folder, "best") if best else ""
         tracker.set_tags({"checkpoint": best_file, "run_folder": folder})
         tracker.log_text(config_lib.dump(cfg), "config.yaml")
-        tracker.call("log dataset", lambda c: _mlflow_outputs.log_dataset(c, tracker.run_id, cfg.data.root))
+        tracker.call("log dataset", lambda c: outputs.log_dataset(c, tracker.run_id, cfg.data.root))
         if best is not None:
             tracker.log_artifact(best, "model")
         if best is not None and (cfg.tracking.log_model or cfg.tracking.register_model):
-            tracker.call("log model", lambda c: _mlflow_outputs.log_model(
+            tracker.call("log model", lambda c: outputs.log_model(
                 c, cfg.tracking.uri, tracker.run_id, best_file, cfg.tracking.register_model))
     delivered = tracker.close("FINISHED")
     return {"mlflow_run_id": tracker.run_id, "delivered": delivered}
@@ -345,6 +268,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jobs import _cli
+    from jobs import cli
 
-    sys.exit(_cli.run(main))
+    sys.exit(cli.run(main))

@@ -19,26 +19,31 @@ mAP (VOC-style multi-label sets) or mean class recall (Caltech-style single-labe
 - Results: DIR/results.json and results.md (the metric per repeat, mean and std, per class), and
   DIR/scores-<repeat>.csv (each test image's SVM scores, one column per class).
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from jobs._cli import UsageError
-from jobs._features import Pass, extract, split_data, write_parquet
-from jobs._ranks import check_ensemble, check_workers, member_scales, pass_options, resolve_member
-from jobs._transfer_report import report, sample_labels
-from pipeline import dataset
+from jobs.cli import pass_parser
+from jobs.passes import front
+from jobs.passes import transfer as transfer_pass
+from storage import dataset
 from pipeline import features as F
-from pipeline import transfer as T
+from storage.dataformat import DataError
+from storage.files import atomic_write
+
+# The synthetic sample's kinds (preprocessing.synthetic.KINDS) in three overlapping families: each
+# image's labels are its kind and its family, so a multi-label set with a structure a net can see.
+FAMILIES = {"round": ("disc", "ring", "dots", "target", "halfdisc"),
+            "angular": ("square", "triangle", "cross", "diamond", "star", "hexagon"),
+            "lined": ("hstripes", "vstripes", "dstripes", "checker", "grid")}
+
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jobs.transfer", description=__doc__, parents=[pass_options()],
+    p = argparse.ArgumentParser(prog="python -m jobs.transfer", description=__doc__, parents=[pass_parser()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True,
                    help="MLflow run id or checkpoint file/folder; repeat to stack nets (D + E)")
@@ -56,79 +61,49 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def check_options(args) -> None:
-    """The combinations argparse cannot check."""
-    same = args.split == args.train_split
-    if args.svm_c <= 0 or args.repeats < 1 or args.train_per_class < 0 or args.test_per_class < 0:
-        raise UsageError("--svm-c must be > 0, --repeats >= 1, --train-per-class and --test-per-class >= 0")
-    if same and not args.train_per_class:
-        raise UsageError(f"--split and --train-split are both {args.split!r}: give --train-per-class N to "
-                         "split it at random per class (Caltech), or another --split to test on")
-    if args.labels and args.train_per_class:
-        raise UsageError("--train-per-class samples single-label classes; it does not apply with --labels")
-    if args.repeats > 1 and not args.train_per_class:
-        raise UsageError("--repeats needs --train-per-class: without it every repeat is the same split")
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "sample-labels":
         return sample_labels(argv[1:])
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    check_workers(args.workers)
-    members = [resolve_member(spec, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
-               for spec in args.run]
-    check_ensemble(members)
-    args.split = args.split or members[0].cfg.data.val_split
-    check_options(args)
-    scales = member_scales(args.scales, members)
-    run = Pass(args.workers, not args.no_ray, args.gpu, args.cpus_per_worker, args.batch_size, args.quiet)
-    out = Path(args.out)
-    splits = [args.train_split] if args.split == args.train_split else [args.train_split, args.split]
-    got = {}
-    for split in splits:
-        data = split_data(members[0].cfg, args.data, split, args.gpu)
-        keys, labels, per_net = extract(members, data, scales, not args.no_flip, run)
-        feats = F.descriptor(per_net, args.aggregate)
-        write_parquet(out / f"features-{split}.parquet", keys, labels, feats)
-        got[split] = (keys, labels.numpy(), feats.numpy())
-    root = args.data or members[0].cfg.data.root
-    names, targets = class_targets(args.labels, root, got)
-    return report(out, args, names, targets, got, splits_of(args, got), scales, members)
+    opts = front.PassOptions.of(vars(args))
+    members = front.open_members(args.run, opts)
+    req = transfer_pass.Request(train_split=args.train_split, split=args.split or members[0].cfg.data.val_split,
+                                labels=args.labels, aggregate=args.aggregate, svm_c=args.svm_c,
+                                train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+                                repeats=args.repeats, seed=args.seed, batch_size=args.batch_size, out=Path(args.out))
+    return transfer_pass.run(members, req, opts)
 
 
-def class_targets(labels_file: str, root: str, got: dict) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(class names, per split the (N, classes) 0/1 targets): the multi-label file's names, or the
-    dataset's classes with each image's single label."""
-    if labels_file:
-        names, labels = T.read_sidecar(labels_file)
-        return names, {s: T.label_matrix(keys, names, labels, labels_file) for s, (keys, _, _) in got.items()}
-    classes = dataset.read_info(root).get("classes") or []
-    n = max(len(classes), 1 + max(int(lbl.max()) for _, lbl, _ in got.values() if len(lbl)))
-    names = [c.get("wnid") or str(i) for i, c in enumerate(classes)] + [str(i) for i in range(len(classes), n)]
-    return names, {s: T.one_hot(lbl, n) for s, (_, lbl, _) in got.items()}
+def sample_labels(argv: list[str]) -> int:
+    """``python -m jobs.transfer sample-labels ROOT OUT.csv``: the synthetic sample's multi-label file,
+    every stored image of every split labelled with its kind and its kind's family."""
+    from preprocessing.synthetic import KINDS, synsets
 
-
-def splits_of(args, got: dict) -> list[tuple[tuple[str, np.ndarray], tuple[str, np.ndarray]]]:
-    """Per repeat ((train split, its indices), (test split, its indices))."""
-    rng = np.random.default_rng(args.seed)
-    train_labels = got[args.train_split][1]
-    everything = {s: np.arange(len(v[0])) for s, v in got.items()}
-    out = []
-    for _ in range(args.repeats):
-        if args.split == args.train_split:
-            train, test = T.per_class_split(train_labels, args.train_per_class, args.test_per_class, rng)
-        elif args.train_per_class:
-            train = T.per_class_split(train_labels, args.train_per_class, 0, rng, test_share=False)[0]
-            test = everything[args.split]
-        else:
-            train, test = everything[args.train_split], everything[args.split]
-        out.append(((args.train_split, train), (args.split, test)))
-    return out
+    p = argparse.ArgumentParser(prog="python -m jobs.transfer sample-labels", description=sample_labels.__doc__)
+    p.add_argument("root", help="the preprocessed synthetic sample (jobs.sample, then jobs.preprocess)")
+    p.add_argument("out", help="the CSV to write (key,labels)")
+    a = p.parse_args(argv)
+    ds = dataset.open_dataset(a.root)
+    kind_of = {w: KINDS[i] for i, (w, _) in enumerate(synsets()[:len(KINDS)])}
+    family = {k: f for f, kinds in FAMILIES.items() for k in kinds}
+    classes = [c.get("wnid", "") for c in ds.classes]
+    if not classes or any(w not in kind_of for w in classes):
+        raise DataError(f"{a.root}: not the synthetic sample (its classes are not the sample's wnids)")
+    rows: dict[str, str] = {}
+    for split in ds.info.get("splits", {}):
+        for key, label in ds.stored_labels(split).items():
+            if key in rows:
+                raise DataError(f"{a.root}: key {key!r} is in two splits; a key-labelled file cannot tell them apart")
+            kind = kind_of[classes[label]]
+            rows[key] = f"{kind} {family[kind]}"
+    atomic_write(Path(a.out), ("key,labels\n" + "".join(f"{k},{v}\n" for k, v in sorted(rows.items()))).encode())
+    print(f"{len(rows)} images, labels {sorted({n for v in rows.values() for n in v.split()})} -> {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    from jobs import _cli
+    from jobs import cli
 
-    sys.exit(_cli.run(main))
+    sys.exit(cli.run(main))

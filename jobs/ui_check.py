@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs import _cli
+from jobs import cli
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT, MODEL = "vgg-demo", "vgg-demo"
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="mlflow ui's port on 127.0.0.1 (default: a free one)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not Path(CHROMIUM).is_file():
-        raise _cli.UsageError(f"no {CHROMIUM}: apt-get update && apt-get install -y chromium chromium-driver")
+        raise cli.UsageError(f"no {CHROMIUM}: apt-get update && apt-get install -y chromium chromium-driver")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     images = Path(args.images) if args.images else out / "ui-check"
@@ -229,4 +229,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli.run(main))
+    sys.exit(cli.run(main))

@@ -11,10 +11,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.vgg import HEAD_KEYS, VGG
+from model.vgg import HEAD_KEYS, HEADS as ALL_HEADS, VGG
 
 HEADS = ("scr", "pcr")
 BOX_PARAMS = 4   # (cx, cy, w, h)
+
+
+def check_head(head: str) -> None:
+    if head not in ALL_HEADS:
+        raise ValueError(f"Invalid head {head!r}. Only {', '.join(ALL_HEADS)} are supported.")
+
+
+def with_head(net: VGG, head: str) -> VGG:
+    """``net`` (built with a class-score FC8) with ``head``'s FC8. A box head draws its own FC8 after
+    the rest, so a classification net's random numbers, and so its initial weights, do not depend on
+    whether localisation exists."""
+    check_head(head)
+    return net if head == "classes" else to_localisation(net, head)
 
 
 def box_outputs(head: str, num_classes: int) -> int:

@@ -93,26 +93,3 @@ def canonical_name(name: str) -> str:
 
 def list_models() -> list[str]:
     return list(cfgs)
-
-
-def build(name: str, num_classes: int = 1000, width: float = 1.0, init: str = "paper",
-          image_size: int = 224, dropout: float = 0.5, head: str = "classes") -> VGG:
-    """Build a VGG by name ("A", "A-LRN", "B", "C", "D", "E" or vgg11, vgg11_lrn, vgg13, vgg16_c,
-    vgg16, vgg19). ``width`` scales every channel count, conv and FC, for CPU-sized runs. ``head``:
-    "classes" (FC8 scores ``num_classes`` classes), or a localisation head, "scr" (FC8 predicts one
-    box, 4 outputs) or "pcr" (one box per class, 4 x ``num_classes``), see ``model.heads``."""
-    from model.heads import to_localisation  # keeps vgg.py importable on its own
-    from model.init import init_weights
-
-    if image_size % STRIDE or image_size < STRIDE:
-        raise ValueError(f"image_size must be a positive multiple of {STRIDE}, got {image_size}")
-    if width <= 0:
-        raise ValueError(f"width must be > 0, got {width}")
-    if head not in HEADS:
-        raise ValueError(f"Invalid head {head!r}. Only {', '.join(HEADS)} are supported.")
-    net = VGG(make_layers(cfgs[canonical_name(name)], width), num_classes,
-              scaled(FC_WIDTH, width), image_size // STRIDE, dropout)
-    init_weights(net, init)
-    # A box head draws its own FC8 after the rest, so a classification net's random numbers, and so its
-    # initial weights, do not depend on whether localisation exists.
-    return net if head == "classes" else to_localisation(net, head)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.dataset import Stats
+from storage.dataset import Stats
 
 # nvJPEG buffer preallocation (bytes), from DALI's ResNet-50 example: enough for most ImageNet JPEGs
 # without reallocation during the first epoch.
@@ -26,6 +26,7 @@ HOST_MEMORY_PADDING = 140_544_512
 
 LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
 DTYPES = ("float32", "bfloat16", "float16")
+DECODES = ("mixed", "cpu")          # data.decode: nvJPEG on the GPU, or libjpeg-turbo on the CPU
 
 
 # --- pure math (unit-tested without DALI) --------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.boxes import xyxy_to_cxcywh
-from pipeline.dataset import Split
+from storage.dataset import Dataset, Split
 from pipeline.scoring import center_box
 from storage import dataformat as fmt
 from storage.dataformat import DataError
@@ -29,23 +29,23 @@ BOX_WORD = f" {fmt.BOX_EXT} "
 
 # --- which samples: a filtered copy of DALI's index --------------------------------------------------
 
-def check_has_boxes(root, split: str, info: dict) -> None:
+def check_has_boxes(ds: Dataset, split: str) -> None:
     """``DataError`` naming dataset.json unless ``split`` records boxes (the contract: readers learn
     it from dataset.json, not by scanning shards)."""
-    if fmt.SPLIT_BOXES not in info.get("splits", {}).get(split, {}):
-        raise DataError(f"{fmt.info_path(root)}: split {split!r} has no {fmt.SPLIT_BOXES!r} entry, so its "
+    if not ds.has_boxes(split):
+        raise DataError(f"{fmt.info_path(ds.root)}: split {split!r} has no {fmt.SPLIT_BOXES!r} entry, so its "
                         "samples carry no boxes; preprocess the dataset with its box annotations to "
                         "train or evaluate localisation")
 
 
-def boxed_split(root, split: Split, info: dict, folder: Path) -> Split:
+def boxed_split(ds: Dataset, split: Split, folder: Path) -> Split:
     """The samples of ``split`` that have a box member, as DALI indexes in ``folder``.
 
     Each index keeps only the lines (samples) with a ``box`` component, at their offsets in the
     unchanged tar file; DALI's reader reads just those, and splits them over ranks like any index, so
     ``num_samples`` (hence steps per epoch, resume and the epoch guarantees) counts boxed samples
     only. A tar file without a boxed sample is left out."""
-    check_has_boxes(root, split.name, info)
+    check_has_boxes(ds, split.name)
     shards, indexes, total = [], [], 0
     for i, (tar, idx) in enumerate(zip(split.shards, split.indexes)):
         head, *lines = Path(idx).read_text().splitlines()
@@ -60,13 +60,13 @@ def boxed_split(root, split: Split, info: dict, folder: Path) -> Split:
             shards.append(tar)
             indexes.append(str(out))
             total += len(lines)
-    recorded = info["splits"][split.name][fmt.SPLIT_BOXES]
+    recorded = ds.info["splits"][split.name][fmt.SPLIT_BOXES]
     images = recorded.get("images") if isinstance(recorded, dict) else None
     if images is not None and int(images) != total:
-        raise DataError(f"{fmt.info_path(root)}: split {split.name!r} records {images} images with "
+        raise DataError(f"{fmt.info_path(ds.root)}: split {split.name!r} records {images} images with "
                         f"boxes but its indexes hold {total}; an index is stale (delete the .idx files)")
     if total == 0:
-        raise DataError(f"{fmt.info_path(root)}: split {split.name!r} has a {fmt.SPLIT_BOXES!r} entry but no "
+        raise DataError(f"{fmt.info_path(ds.root)}: split {split.name!r} has a {fmt.SPLIT_BOXES!r} entry but no "
                         "sample in its shards has a box member")
     return Split(name=split.name, shards=tuple(shards), indexes=tuple(indexes), num_samples=total)
 
@@ -160,9 +160,9 @@ def eval_outputs(box, jpegs) -> list:
     return [box, fn.peek_image_shape(jpegs)]
 
 
-def eval_boxes(extra, n: int, q: int, crop: int | None) -> list[torch.Tensor]:
-    """``Batch.boxes`` of an evaluation batch's first ``n`` samples from the DALI outputs (box
+def eval_boxes(extra, n: int, q: int, crop: int | None) -> tuple[torch.Tensor, ...]:
+    """``Batch.gt_boxes`` of an evaluation batch's first ``n`` samples from the DALI outputs (box
     members, the JPEG's (H, W, C) from its header): N (G, 4) float32 CPU corners in image pixels."""
     box, shape = extra
-    return [image_boxes(b, tuple(int(v) for v in np.array(shape[i])[:2]), q, crop)
-            for i, b in enumerate(per_sample_boxes(box, n))]
+    return tuple(image_boxes(b, tuple(int(v) for v in np.array(shape[i])[:2]), q, crop)
+                 for i, b in enumerate(per_sample_boxes(box, n)))

@@ -1,98 +1,146 @@
 """One typed config tree, loaded from YAML with ``--set a.b=c`` overrides.
 
-Every field is declared here with its default and meaning; a key nobody declared, or a value of the
-wrong type, is an error naming the key and what is allowed. The resolved tree is dumped back to YAML
-(into MLflow and every checkpoint) and flattened to ``section.key`` params for MLflow.
+Every key is declared once, as its dataclass field made by ``key()``: type, default, meaning (what
+``python -m jobs.config`` prints), allowed values (choices, or a check with the words its error gives)
+and whether a resume may change it (jobs/driver/resume.py); ``RANGES``, ``OWN_CHOICES``, ``choices()``
+and resume's ``MAY_CHANGE`` are derived from those fields. A key whose list of values belongs to the
+module that acts on it names that list as ``"module:NAME"``, imported only when a config is validated,
+so that importing this module never imports torch. A key nobody declared, or a value of the wrong
+type, is an error naming the key and what is allowed. The resolved tree is dumped back to YAML (into
+MLflow and every checkpoint) and flattened to ``section.key`` params for MLflow.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline.errors import ConfigError
+
 
 _YAML11_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
-class ConfigError(ValueError):
-    """A config key or value that is not allowed; the message names the key."""
+def key(default: Any, meaning: str, *, choices: tuple[str, ...] | str | None = None,
+        check: typing.Callable[[Any], bool] | None = None, needs: str = "", resume: bool = False,
+        default_factory: typing.Callable[[], Any] | None = None) -> Any:
+    """One config key, declared once: its default (or ``default_factory``), its meaning (what
+    ``python -m jobs.config`` prints), the values it allows (``choices``: a tuple, or the
+    ``"module:NAME"`` of the list the module that acts on the value owns; or a ``check`` with the
+    words ``needs`` the error gives), and whether a resume may change it (``resume``)."""
+    if not meaning.strip() or bool(check) != bool(needs):
+        raise TypeError(f"key({default!r}): needs a meaning, and a check only with the words it needs")
+    metadata = {"meaning": meaning, "choices": choices, "check": check, "needs": needs, "resume": resume}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "A"                      # A, A-LRN, B, C, D, E or vgg11 ... vgg19
-    width: float = 1.0                   # scales every channel count (conv and FC); 1.0 = the paper
-    num_classes: int = 1000              # 0 = read from dataset.json
-    init: str = "paper"                  # paper (N(0, 0.01)) | glorot | kaiming
-    init_from: str = ""                  # "" | checkpoint path or "runs:/<mlflow run id>" of the parent
-    init_from_mode: str = "all"          # all: the parent's whole state_dict (S=384 from S=256) |
-                                         # a: the paper's first-four-convs + FCs from a trained A
-    reinit_head: bool = False            # start FC8 afresh instead of taking the parent's (another class count)
-    dropout: float = 0.5                 # dropout ratio of FC6 and FC7 (the paper's 0.5)
-    head: str = "classes"                # classes | scr | pcr: FC8 scores the classes, or predicts one box
-                                         # (scr) or one per class (pcr), the paper's localisation (Appendix A)
-    train_layers: str = "all"            # all | fc: fine-tune every layer, or only FC6-FC8 (the convs frozen)
-    box_bias: str = "zero"               # zero | mean: a new box head's FC8 bias starts at 0 (the paper's
-                                         # random last layer) or at the training split's mean box, which
-                                         # spares a small net the mean-box phase (docs/localisation.md)
+    name: str = key("A", "A, A-LRN, B, C, D, E or vgg11 ... vgg19")
+    width: float = key(1.0, "scales every channel count (conv and FC); 1.0 = the paper",
+                       check=lambda v: v > 0, needs="> 0")
+    num_classes: int = key(1000, "0 = read from dataset.json",
+                           check=lambda v: v >= 0, needs=">= 0 (0 reads it from dataset.json)")
+    init: str = key("paper", "paper (N(0, 0.01)) | glorot | kaiming", choices="model.init:INITS")
+    # init_from, init_from_mode, reinit_head may change on resume: a resume takes its checkpoint's weights
+    init_from: str = key("", '"" | checkpoint path or "runs:/<mlflow run id>" of the parent', resume=True)
+    init_from_mode: str = key("all", "all: the parent's whole state_dict (S=384 from S=256) | "
+                              "a: the paper's first-four-convs + FCs from a trained A",
+                              choices=("all", "a"), resume=True)
+    reinit_head: bool = key(False, "start FC8 afresh instead of taking the parent's (another class count)",
+                            resume=True)
+    dropout: float = key(0.5, "dropout ratio of FC6 and FC7 (the paper's 0.5)",
+                         check=lambda v: 0 <= v < 1, needs="in [0, 1)")
+    head: str = key("classes", "classes | scr | pcr: FC8 scores the classes, or predicts one box (scr) or one "
+                    "per class (pcr), the paper's localisation (Appendix A)", choices="model.vgg:HEADS")
+    train_layers: str = key("all", "all | fc: fine-tune every layer, or only FC6-FC8 (the convs frozen)",
+                            choices=("all", "fc"))
+    box_bias: str = key("zero", "zero | mean: a new box head's FC8 bias starts at 0 (the paper's random last "
+                        "layer) or at the training split's mean box, which spares a small net the mean-box "
+                        "phase (docs/localisation.md)", choices=("zero", "mean"), resume=True)
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/imagenet"          # folder written by `python -m jobs.preprocess`
-    train_split: str = "train"           # the split the net trains on (a folder name in data.root)
-    val_split: str = "val"               # the split validated after each epoch, and evaluated
-    crop_size: int = 224                 # the training crop's side in pixels (the paper: 224)
-    scale_min: int = 256                 # training scale S; scale_min == scale_max is a fixed S
-    scale_max: int = 256                 # S ~ U[scale_min, scale_max] per image when larger
-    test_scale: int = 0                  # Q for validation; 0 = S, or (Smin+Smax)/2 when jittered
-    flip: bool = True                    # random horizontal flips in training
-    color_shift_std: float = 0.1         # std of the PCA colour-shift alphas; 0 disables it
-    mean_subtraction: bool = True        # subtract dataset.json's training mean RGB
-    decode: str = "mixed"                # mixed (GPU nvJPEG) | cpu; CPU-only machines always use cpu
-    hw_decoder_load: float = 1.0         # share of JPEGs for the hardware JPEG decoder (A100/H100); see README
-    threads: int = 4                     # DALI CPU threads per worker
-    prefetch: int = 2                    # DALI prefetch queue depth
-    layout: str = "NCHW"                 # NCHW | NHWC (channels_last)
-    dtype: str = "float32"               # float32 | bfloat16 | float16 (the last two on GPU)
-    shuffle_buffer: int = 4096           # DALI reader's shuffle buffer (shards are globally shuffled)
-    eval_batch_size: int = 0             # 0 = the per-worker training batch
-    val_mode: str = "center"             # center | dense: the per-epoch validation
+    # data.root may change on resume: the same data elsewhere, the dataset fingerprint is compared instead
+    root: str = key("data/imagenet", "folder written by `python -m jobs.preprocess`", resume=True)
+    train_split: str = key("train", "the split the net trains on (a folder name in data.root)")
+    val_split: str = key("val", "the split validated after each epoch, and evaluated")
+    crop_size: int = key(224, "the training crop's side in pixels (the paper: 224)",
+                         check=lambda v: v >= 1, needs=">= 1")
+    scale_min: int = key(256, "training scale S; scale_min == scale_max is a fixed S")
+    scale_max: int = key(256, "S ~ U[scale_min, scale_max] per image when larger")
+    test_scale: int = key(0, "Q for validation; 0 = S, or (Smin+Smax)/2 when jittered",
+                          check=lambda v: v == 0 or v >= 1, needs=">= 1, or 0 for the default")
+    flip: bool = key(True, "random horizontal flips in training")
+    color_shift_std: float = key(0.1, "std of the PCA colour-shift alphas; 0 disables it",
+                                 check=lambda v: v >= 0, needs=">= 0")
+    mean_subtraction: bool = key(True, "subtract dataset.json's training mean RGB")
+    decode: str = key("mixed", "mixed (GPU nvJPEG) | cpu; CPU-only machines always use cpu",
+                      choices="pipeline.augment:DECODES", resume=True)
+    hw_decoder_load: float = key(1.0, "share of JPEGs for the hardware JPEG decoder (A100/H100); see README",
+                                 check=lambda v: 0 <= v <= 1, needs="in [0, 1]", resume=True)
+    threads: int = key(4, "DALI CPU threads per worker", check=lambda v: v >= 1, needs=">= 1", resume=True)
+    prefetch: int = key(2, "DALI prefetch queue depth", check=lambda v: v >= 1, needs=">= 1", resume=True)
+    layout: str = key("NCHW", "NCHW | NHWC (channels_last)", choices="pipeline.augment:LAYOUTS")
+    dtype: str = key("float32", "float32 | bfloat16 | float16 (the last two on GPU)",
+                     choices="pipeline.augment:DTYPES")
+    shuffle_buffer: int = key(4096, "DALI reader's shuffle buffer (shards are globally shuffled)",
+                              check=lambda v: v >= 1, needs=">= 1")
+    eval_batch_size: int = key(0, "0 = the per-worker training batch", resume=True,
+                               check=lambda v: v >= 0, needs=">= 0 (0 is the training batch per worker)")
+    val_mode: str = key("center", "center | dense: the per-epoch validation", choices=("center", "dense"))
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-2                     # SGD learning rate at the start (the paper: 10^-2)
-    momentum: float = 0.9                # SGD momentum (the paper: 0.9)
-    weight_decay: float = 5e-4           # L2 penalty multiplier (the paper: 5 * 10^-4)
-    decay_bias: bool = False             # biases are not decayed (see docs/training.md)
-    nesterov: bool = False               # Nesterov momentum (not the paper's)
-    fused: bool = False                  # torch's fused SGD kernel (GPU)
+    lr: float = key(1e-2, "SGD learning rate at the start (the paper: 10^-2)", check=lambda v: v > 0, needs="> 0")
+    momentum: float = key(0.9, "SGD momentum (the paper: 0.9)", check=lambda v: 0 <= v < 1, needs="in [0, 1)")
+    weight_decay: float = key(5e-4, "L2 penalty multiplier (the paper: 5 * 10^-4)",
+                              check=lambda v: v >= 0, needs=">= 0")
+    decay_bias: bool = key(False, "biases are not decayed (see docs/training.md)")
+    nesterov: bool = key(False, "Nesterov momentum (not the paper's)")
+    fused: bool = key(False, "torch's fused SGD kernel (GPU)")
+
+
+def _increasing(v: list[int]) -> bool:
+    return all(1 <= a < b for a, b in zip(v, [*v[1:], float("inf")]))
 
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 74                     # the paper stopped after 370K iterations = 74 epochs
-    # patience, min_delta, cooldown, smoothing: assumption: the paper says only "when the validation set
-    # accuracy stopped improving"; these defaults are chosen by `python -m jobs.bench schedule --grid`, a
-    # simulation of noisy (50,000-image val) and creeping curves (docs/training.md, "The plateau rule")
-    patience: int = 5                    # counted epochs without a val top-1 improvement before dividing lr
-    factor: float = 0.1                  # what each decay multiplies the rate by (the paper: 0.1)
-    max_decays: int = 3                  # the paper divided the rate 3 times in all
-    min_delta: float = 0.01              # an improvement must beat the last one's (smoothed) error by more
-                                         # than this (a fraction: 0.01 = 500 of ImageNet's 50,000 val images)
-    cooldown: int = 2                    # epochs after a decay whose lack of improvement is not counted
-    smoothing: float = 0.7               # the rule judges an exponential moving average of the val error
-                                         # with this weight on the past (0: each epoch's error alone)
-    milestones: list[int] = field(default_factory=list)  # epochs done after which lr is divided, e.g.
-                                         # [30, 50, 65]; replaces the plateau rule; [] = plateau rule
-    stop_after_max_decays: bool = False  # stop early once the rate was divided max_decays times and stalls
+    epochs: int = key(74, "the paper stopped after 370K iterations = 74 epochs",
+                      check=lambda v: v >= 1, needs=">= 1", resume=True)
+    # patience, min_delta, cooldown, smoothing: the assumption behind their defaults is in patience's meaning
+    patience: int = key(5, "counted epochs without a val top-1 improvement before dividing lr; "
+                        "patience, min_delta, cooldown, smoothing: assumption: the paper says only \"when the "
+                        "validation set accuracy stopped improving\"; these defaults are chosen by `python -m "
+                        "jobs.bench schedule --grid`, a simulation of noisy (50,000-image val) and creeping "
+                        "curves (docs/training.md, \"The plateau rule\")", check=lambda v: v >= 1, needs=">= 1")
+    factor: float = key(0.1, "what each decay multiplies the rate by (the paper: 0.1)",
+                        check=lambda v: 0 < v < 1, needs="in (0, 1)")
+    max_decays: int = key(3, "the paper divided the rate 3 times in all", check=lambda v: v >= 0, needs=">= 0")
+    min_delta: float = key(0.01, "an improvement must beat the last one's (smoothed) error by more than this "
+                           "(a fraction: 0.01 = 500 of ImageNet's 50,000 val images)",
+                           check=lambda v: 0 <= v < 1, needs="in [0, 1) (a fraction of the val images)")
+    cooldown: int = key(2, "epochs after a decay whose lack of improvement is not counted",
+                        check=lambda v: v >= 0, needs=">= 0")
+    smoothing: float = key(0.7, "the rule judges an exponential moving average of the val error with this "
+                           "weight on the past (0: each epoch's error alone)",
+                           check=lambda v: 0 <= v < 1, needs="in [0, 1)")
+    milestones: list[int] = key(MISSING, "epochs done after which lr is divided, e.g. [30, 50, 65]; replaces "
+                                "the plateau rule; [] = plateau rule", default_factory=list,
+                                check=_increasing, needs="strictly increasing epoch counts >= 1")
+    stop_after_max_decays: bool = key(False, "stop early once the rate was divided max_decays times and stalls")
 
     def __post_init__(self) -> None:
         late = [m for m in self.milestones if m >= self.epochs]
@@ -103,39 +151,52 @@ class ScheduleConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "vgg"                    # the same name resumes; a fresh start needs a new name
-    resume: str = "auto"                 # auto: resume run.name if it has a checkpoint | never: refuse if
-                                         # it has one | must: refuse if it has none
-    storage_path: str = "runs"           # local folder or a pyarrow/fsspec URI (s3://...)
-    workers: int = 2                     # Ray Train workers (data-parallel replicas), one GPU each with use_gpu
-    use_gpu: bool = False                # one GPU per worker (DALI mixed decode, bf16); false: CPU and gloo
-    cpus_per_worker: int = 1             # CPUs Ray reserves for each worker (and its torch threads on CPU)
-    placement_strategy: str = "PACK"     # Ray placement of the workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
-    wait_for_nodes: bool = False         # workers that no live node set can hold: wait (an autoscaling
-                                         # cluster adds nodes) instead of refusing before the run starts
-    global_batch_size: int = 256         # split evenly across workers; an uneven split is an error
-    seed: int = 0                        # seeds the initial weights and the data order
-    max_failures: int = 0                # Ray Train FailureConfig
-    checkpoint_every_steps: int = 0      # 0 = only at the end of each epoch
-    keep_last: int = 2                   # plus the best (by validation top-1 error)
-    amp: bool = True                     # bf16 autocast on GPU; CPU always runs fp32
-    channels_last: bool = True           # on GPU
-    compile: bool = False                # torch.compile the model
-    fuse_conv_relu: bool = False         # conv + bias + ReLU as one op, one cuDNN call on GPU (model/fused.py)
-    grad_compression: str = "none"       # none | bf16 (a DDP communication hook)
-    max_steps: int = 0                   # stop after this many optimizer steps (tests, smoke runs); 0 = off
-    log_every_steps: int = 10            # training metrics to MLflow every this many steps
+    name: str = key("vgg", "the same name resumes; a fresh start needs a new name")
+    resume: str = key("auto", "auto: resume run.name if it has a checkpoint | never: refuse if it has one | "
+                      "must: refuse if it has none", choices=("auto", "never", "must"), resume=True)
+    storage_path: str = key("runs", "local folder or a pyarrow/fsspec URI (s3://...)")
+    workers: int = key(2, "Ray Train workers (data-parallel replicas), one GPU each with use_gpu",
+                       check=lambda v: v >= 1, needs=">= 1", resume=True)
+    use_gpu: bool = key(False, "one GPU per worker (DALI mixed decode, bf16); false: CPU and gloo", resume=True)
+    cpus_per_worker: int = key(1, "CPUs Ray reserves for each worker (and its torch threads on CPU)",
+                               check=lambda v: v >= 1, needs=">= 1", resume=True)
+    placement_strategy: str = key("PACK", "Ray placement of the workers: PACK | SPREAD | STRICT_PACK | "
+                                  "STRICT_SPREAD", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                                  resume=True)
+    wait_for_nodes: bool = key(False, "workers that no live node set can hold: wait (an autoscaling cluster "
+                               "adds nodes) instead of refusing before the run starts", resume=True)
+    global_batch_size: int = key(256, "split evenly across workers; an uneven split is an error",
+                                 check=lambda v: v >= 1, needs=">= 1")
+    seed: int = key(0, "seeds the initial weights and the data order")
+    max_failures: int = key(0, "Ray Train FailureConfig", check=lambda v: v >= 0, needs=">= 0", resume=True)
+    checkpoint_every_steps: int = key(0, "0 = only at the end of each epoch", resume=True,
+                                      check=lambda v: v >= 0, needs=">= 0 (0: at epoch ends only)")
+    keep_last: int = key(2, "plus the best (by validation top-1 error)",
+                         check=lambda v: v >= 1, needs=">= 1", resume=True)
+    amp: bool = key(True, "bf16 autocast on GPU; CPU always runs fp32", resume=True)
+    channels_last: bool = key(True, "on GPU", resume=True)
+    compile: bool = key(False, "torch.compile the model", resume=True)
+    fuse_conv_relu: bool = key(False, "conv + bias + ReLU as one op, one cuDNN call on GPU (model/fused.py)",
+                               resume=True)
+    grad_compression: str = key("none", "none | bf16 (a DDP communication hook)", choices="pipeline.ddp:HOOKS")
+    max_steps: int = key(0, "stop after this many optimizer steps (tests, smoke runs); 0 = off", resume=True,
+                         check=lambda v: v >= 0, needs=">= 0 (0: no limit)")
+    log_every_steps: int = key(10, "training metrics to MLflow every this many steps",
+                               check=lambda v: v >= 1, needs=">= 1", resume=True)
 
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True                 # log to MLflow; false: checkpoints only
-    uri: str = ""                        # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
-    experiment: str = "vgg"              # the MLflow experiment the run is logged in
-    system_metrics: bool = True          # MLflow's CPU, memory (and GPU) metrics of each worker
-    log_model: bool = True               # log the best weights as an MLflow PyTorch model at the end (torch.export)
-    register_model: str = ""             # "" = don't register; else the registered model's name
-    retry_s: float = 30.0                # while the server is unreachable, try again this often (training goes on)
+    """Where and how the run is logged: every key here may change on resume."""
+    enabled: bool = key(True, "log to MLflow; false: checkpoints only", resume=True)
+    uri: str = key("", '"" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here', resume=True)
+    experiment: str = key("vgg", "the MLflow experiment the run is logged in", resume=True)
+    system_metrics: bool = key(True, "MLflow's CPU, memory (and GPU) metrics of each worker", resume=True)
+    log_model: bool = key(True, "log the best weights as an MLflow PyTorch model at the end (torch.export)",
+                          resume=True)
+    register_model: str = key("", "\"\" = don't register; else the registered model's name", resume=True)
+    retry_s: float = key(30.0, "while the server is unreachable, try again this often (training goes on)",
+                         check=lambda v: v > 0, needs="> 0", resume=True)
 
 
 @dataclass
@@ -222,66 +283,36 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-# Choice lists no other module owns: the loop's per-epoch validation (center crop or dense), how the
-# net starts from its parent, Ray's placement strategies.
-OWN_CHOICES = {
-    "model.init_from_mode": ("all", "a"),
-    "model.train_layers": ("all", "fc"),
-    "model.box_bias": ("zero", "mean"),
-    "data.val_mode": ("center", "dense"),
-    "run.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-    "run.resume": ("auto", "never", "must"),
-}
-# Numeric keys and the values they accept: (test, what the error says is needed).
-RANGES = {
-    "model.width": (lambda v: v > 0, "> 0"),
-    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "model.num_classes": (lambda v: v >= 0, ">= 0 (0 reads it from dataset.json)"),
-    "data.crop_size": (lambda v: v >= 1, ">= 1"),
-    "data.test_scale": (lambda v: v == 0 or v >= 1, ">= 1, or 0 for the default"),
-    "data.color_shift_std": (lambda v: v >= 0, ">= 0"),
-    "data.hw_decoder_load": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "data.threads": (lambda v: v >= 1, ">= 1"),
-    "data.prefetch": (lambda v: v >= 1, ">= 1"),
-    "data.shuffle_buffer": (lambda v: v >= 1, ">= 1"),
-    "data.eval_batch_size": (lambda v: v >= 0, ">= 0 (0 is the training batch per worker)"),
-    "optim.lr": (lambda v: v > 0, "> 0"),
-    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
-    "schedule.epochs": (lambda v: v >= 1, ">= 1"),
-    "schedule.patience": (lambda v: v >= 1, ">= 1"),
-    "schedule.factor": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "schedule.max_decays": (lambda v: v >= 0, ">= 0"),
-    "schedule.min_delta": (lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the val images)"),
-    "schedule.cooldown": (lambda v: v >= 0, ">= 0"),
-    "schedule.smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "schedule.milestones": (lambda v: all(1 <= a < b for a, b in zip(v, [*v[1:], float("inf")])),
-                            "strictly increasing epoch counts >= 1"),
-    "run.workers": (lambda v: v >= 1, ">= 1"),
-    "run.cpus_per_worker": (lambda v: v >= 1, ">= 1"),
-    "run.global_batch_size": (lambda v: v >= 1, ">= 1"),
-    "run.max_failures": (lambda v: v >= 0, ">= 0"),
-    "run.checkpoint_every_steps": (lambda v: v >= 0, ">= 0 (0: at epoch ends only)"),
-    "run.keep_last": (lambda v: v >= 1, ">= 1"),
-    "run.max_steps": (lambda v: v >= 0, ">= 0 (0: no limit)"),
-    "run.log_every_steps": (lambda v: v >= 1, ">= 1"),
-    "tracking.retry_s": (lambda v: v > 0, "> 0"),
-}
+def leaves() -> dict[str, dataclasses.Field]:
+    """``{"optim.lr": its field, ...}``: every key's declaration, in declaration order."""
+    hints = typing.get_type_hints(Config)
+    return {f"{s.name}.{f.name}": f for s in dataclasses.fields(Config) for f in dataclasses.fields(hints[s.name])}
+
+
+def _allowed(spec: tuple[str, ...] | str) -> tuple[str, ...]:
+    """A key's ``choices``: the tuple itself, or the ``"module:NAME"`` list imported now."""
+    if isinstance(spec, str):
+        module, name = spec.split(":")
+        return tuple(getattr(importlib.import_module(module), name))
+    return tuple(spec)
+
+
+# Derived from the fields: the choice lists declared here (not named in another module), and the
+# numeric keys with the values they accept: (test, what the error says is needed).
+OWN_CHOICES = {k: f.metadata["choices"] for k, f in leaves().items() if isinstance(f.metadata.get("choices"), tuple)}
+RANGES = {k: (f.metadata["check"], f.metadata["needs"]) for k, f in leaves().items() if f.metadata.get("check")}
 
 
 def choices() -> dict[str, tuple[str, ...]]:
-    """Every key with a fixed list of values -> its allowed values. Each list comes from the module
-    that acts on the value; they are imported here, not at the top, because they import torch and
-    ``ConfigError`` must stay importable without it (jobs.preprocess)."""
-    import model
-    from pipeline import augment, ddp, loader
-
-    return {"model.init": model.INITS, "model.head": model.HEADS, "data.decode": loader.DECODES, "data.layout": tuple(augment.LAYOUTS),
-            "data.dtype": augment.DTYPES, "run.grad_compression": tuple(ddp.HOOKS), **OWN_CHOICES}
+    """Every key with a fixed list of values -> its allowed values. A list another module acts on is
+    named there and imported only here, when called: most of them import torch, and ``ConfigError``
+    must stay importable without it (jobs.preprocess)."""
+    return {k: _allowed(f.metadata["choices"]) for k, f in leaves().items() if f.metadata.get("choices")}
 
 
 def validate(cfg: Config) -> None:
     """Every check a config allows without looking at data or storage (jobs/train.py does those)."""
+    from pipeline.task import task_for   # imports torch; a config alone does not
     import model
 
     flat = flatten(cfg)
@@ -299,29 +330,10 @@ def validate(cfg: Config) -> None:
     if not d.crop_size <= d.scale_min <= d.scale_max:
         raise ConfigError(f"data.scale_min/scale_max: need crop_size <= scale_min <= scale_max, got "
                           f"{d.crop_size}, {d.scale_min}, {d.scale_max}")
-    validate_localisation(cfg)
+    task_for(cfg.model.head).check_config(cfg)   # what the head refuses (pipeline/task.py)
     if cfg.run.workers < 1 or cfg.run.global_batch_size % cfg.run.workers:
         raise ConfigError(f"run.global_batch_size {cfg.run.global_batch_size} does not split evenly "
                           f"across run.workers {cfg.run.workers}")
-
-
-def validate_localisation(cfg: Config) -> None:
-    """A box head starts from a classification net's body (every weight but FC8, which is always new)
-    and validates on the centre crop (the paper's protocol (a)); the options that mean otherwise are
-    refused instead of ignored."""
-    m = cfg.model
-    if m.head == "classes":
-        if m.box_bias != "zero":
-            raise ConfigError(f"model.box_bias: {m.box_bias!r} starts a box head; model.head is 'classes'")
-        return
-    if m.init_from_mode != "all":
-        raise ConfigError(f"model.init_from_mode: {m.init_from_mode!r} with model.head {m.head!r}; a "
-                          f"localisation net starts from a classification net of the same model (all)")
-    if m.reinit_head:
-        raise ConfigError(f"model.reinit_head: a localisation head ({m.head}) is always new; leave it false")
-    if cfg.data.val_mode != "center":
-        raise ConfigError(f"data.val_mode: {cfg.data.val_mode!r} with model.head {m.head!r}; a localisation "
-                          f"run validates on the centre crop (center), dense boxes are jobs.evaluate's")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -5,3 +5,7 @@ entry points report them as one line before anything heavy is loaded)."""
 class CheckpointError(ValueError):
     """A file that is not a whole checkpoint of this format (truncated, another format, not one at
     all); the message names it."""
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not allowed; the message names the key."""

@@ -27,10 +27,10 @@ from torch import nn
 
 import model
 from pipeline import scoring
+from pipeline.batch import Batch
 
 MODES = ("center", "dense", "multicrop", "both")
 # keys, labels (N,), images at one Q: [(3, H, W)] of any sizes, or one (N, 3, H, W) tensor
-Batch = tuple[list[str], torch.Tensor, "list[torch.Tensor] | torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,8 @@ def checked_passes(batches_at: Callable[[int], Iterable[Batch]], scales: Sequenc
     first: set[str] | None = None
     for q in scales:
         seen: set[str] = set()
-        for keys, lbl, images in batches_at(q):
+        for batch in batches_at(q):
+            keys, lbl, images = batch.keys, batch.labels, batch.images
             dup = [key for key in keys if key in seen] or _repeated(keys)
             if dup:
                 raise DuplicateKeyError(f"key(s) {dup[:5]} came twice in the pass at Q={q}")

@@ -16,7 +16,8 @@ from torch import nn
 
 import model
 from pipeline import scoring
-from pipeline.evaluate import Batch, checked_passes, flip_stack, forward_chunks, same_shape_batches
+from pipeline.batch import Batch
+from pipeline.evaluate import checked_passes, flip_stack, forward_chunks, same_shape_batches
 
 AGGREGATES = ("mean", "stack")
 

@@ -16,39 +16,27 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from pipeline import augment, box_augment
+from pipeline.augment import DECODES
+from pipeline.batch import Batch
 from pipeline.config import test_scale
-from pipeline.dataset import DataError, Split, decode_failure, load_split, load_stats, read_info
+from storage.dataset import DataError, Split, open_dataset
+from storage.shard_check import decode_failure
 from pipeline.scoring import crop_grid
-# re-exported: callers and tests import them from here
-from pipeline.sharding import (read_window, reader_batches, shard_range, shards_holding,  # noqa: F401
-                               steps_per_epoch)
+from pipeline.sharding import read_window, reader_batches, shard_range, shards_holding, steps_per_epoch
 from storage import dataformat as fmt
 from storage.dataformat import index_count
 
 STATE_FORMAT = 1
 EVAL_MODES = ("center", "dense", "multicrop")
-DECODES = ("mixed", "cpu")          # data.decode: nvJPEG on the GPU, or libjpeg-turbo on the CPU
 # a DALI failure that comes from the data (a sample it cannot decode, a shard it cannot read), not
 # from the machine (memory, CUDA): only these become a DataError that names the shards
 DATA_FAILURE = re.compile(r"fn\.(decoders|readers)\.|nvImageCodec")
-
-
-class Batch(NamedTuple):
-    """``images``: (N, C, H, W) on the loader's device (channels_last strides when layout is NHWC);
-    multicrop: (N, 50, C, crop, crop). ``labels``: (N,) int64 on the same device. ``keys``: N str.
-    ``boxes`` (loaders built with ``boxes=True``, else None): training, (N, 4) float32 target
-    (cx, cy, w, h) in crop units on the device; evaluation, N (G, 4) float32 CPU corners in pixels of
-    the yielded image (``pipeline.box_augment``)."""
-    images: torch.Tensor
-    labels: torch.Tensor
-    keys: list[str]
-    boxes: torch.Tensor | list[torch.Tensor] | None = None
 
 
 # --- pure functions --------------------------------------------------------------------------------
@@ -129,7 +117,7 @@ class _Runner:
         reason = lines[min(after[0], len(lines) - 1)] if lines else "no reason given"
         counts = [index_count(i) for i in self.split.indexes]
         shards = [self.split.shards[i] for i in shards_holding(counts, self.suspects()())]
-        return decode_failure(self.cfg.root, self.split, shards or list(self.split.shards), reason)
+        return decode_failure(self.cfg.root, self.split.name, shards or list(self.split.shards), reason)
 
     def tensor(self, dali_tensor) -> torch.Tensor:
         """Zero-copy view (DALI's default executor keeps the buffer alive while torch holds it)."""
@@ -177,14 +165,14 @@ class TrainLoader:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        info = read_info(cfg.root)
-        self.split = load_split(cfg.root, cfg.train_split, info, check=check)
+        ds = open_dataset(cfg.root)
+        self.split = ds.split(cfg.train_split, check=check)
         if boxes:   # DALI reads filtered copies of the indexes, removed with the loader
             folder = tempfile.mkdtemp(prefix="vgg-box-index-")
             weakref.finalize(self, shutil.rmtree, folder, True)
-            self.split = box_augment.boxed_split(cfg.root, self.split, info, Path(folder))
-        self.stats = load_stats(cfg.root, info)
-        self.fingerprint = info.get("fingerprint", "")
+            self.split = box_augment.boxed_split(ds, self.split, Path(folder))
+        self.stats = ds.stats()
+        self.fingerprint = ds.fingerprint
         self.batch_size, self.shard_id, self.num_shards, self.seed = batch_size, shard_id, num_shards, seed
         self.boxes = boxes
         n = self.split.num_samples
@@ -296,11 +284,11 @@ class EvalLoader:
             raise ValueError("boxes=True is for eval modes center and dense, not multicrop")
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
-        info = read_info(cfg.root)
-        self.split = load_split(cfg.root, cfg.val_split, info, check=check)
+        ds = open_dataset(cfg.root)
+        self.split = ds.split(cfg.val_split, check=check)
         if boxes:
-            box_augment.check_has_boxes(cfg.root, cfg.val_split, info)
-        self.stats = load_stats(cfg.root, info)
+            box_augment.check_has_boxes(ds, cfg.val_split)
+        self.stats = ds.stats()
         self.mode, self.batch_size, self.crop = mode, batch_size, cfg.crop_size
         self.shard_id, self.num_shards = shard_id, num_shards
         self.scale = int(scale or test_scale(cfg))
@@ -358,9 +346,9 @@ class EvalLoader:
             seen.update(keys)
             labels = r.labels(labels)[:n]
             crop = self.crop if self.mode == "center" else None
-            boxes = box_augment.eval_boxes(extra, n, self.scale, crop) if extra else None
+            boxes = box_augment.eval_boxes(extra, n, self.scale, crop) if extra else ()
             if self.mode == "center":
-                yield Batch(r.images(r.tensor(images.as_tensor()))[:n], labels, keys, boxes)
+                yield Batch(r.images(r.tensor(images.as_tensor()))[:n], labels, keys, gt_boxes=boxes)
             elif self.mode == "dense":
                 yield from self._groups(images, labels, keys, n, boxes)
             else:
@@ -379,8 +367,7 @@ class EvalLoader:
             t = torch.cat([self._sample(images, i) for i in idx])
             if self._runner.cfg.layout == "NHWC":
                 t = t.contiguous(memory_format=torch.channels_last)
-            yield Batch(t, labels[idx], [keys[i] for i in idx],
-                        None if boxes is None else [boxes[i] for i in idx])
+            yield Batch(t, labels[idx], [keys[i] for i in idx], gt_boxes=tuple(boxes[i] for i in idx) if boxes else ())
 
     def _multicrop(self, images, n) -> torch.Tensor:
         c, out = self.crop, []

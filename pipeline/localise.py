@@ -31,6 +31,7 @@ from model.vgg import STRIDE
 from pipeline import boxes as B
 from pipeline import evaluate as E
 from pipeline import scoring
+from pipeline.batch import Batch
 from storage import dataformat as fmt
 
 WHOLE, MEAN_BOX = "whole image", "mean training box"
@@ -38,8 +39,6 @@ BASELINES = (WHOLE, MEAN_BOX)
 ENSEMBLE = "ensemble"
 # One worker's hits per (row, column): "a" protocol (a); "b1" / "b5" protocol (b) top-1 / top-5.
 COLUMNS = ("a", "b1", "b5")
-# keys, labels (N,), images (N, 3, H, W) of one size at one Q, ground-truth corners [(G, 4)] in its pixels
-LocBatch = tuple[list[str], torch.Tensor, torch.Tensor, list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -277,7 +276,7 @@ def _b_hits(im: _Image, label: int, mean_box: torch.Tensor, p: LocProtocol) -> d
 
 @torch.no_grad()
 def evaluate_loc_share(loc_nets: Sequence[nn.Module], cls_nets: Sequence[nn.Module],
-                       batches_at: Callable[[int], Iterable[LocBatch]], p: LocProtocol, mean_box: torch.Tensor,
+                       batches_at: Callable[[int], Iterable[Batch]], p: LocProtocol, mean_box: torch.Tensor,
                        device: torch.device | str = "cpu",
                        progress: Callable[[int], None] | None = None) -> LocShare:
     """Protocols (a) and (b) on one worker's share: ``batches_at(Q)`` yields that share's images at Q
@@ -289,10 +288,10 @@ def evaluate_loc_share(loc_nets: Sequence[nn.Module], cls_nets: Sequence[nn.Modu
     loc_dense, cls_dense = [model.to_dense(n) for n in loc_nets], [model.to_dense(n) for n in cls_nets]
     gts: dict[str, torch.Tensor] = {}
 
-    def plain(q: int):  # the ground truth rides beside the batches checked_passes knows
-        for keys, lbl, x, gt in batches_at(q):
-            gts.update(zip(keys, gt))
-            yield keys, lbl, x
+    def plain(q: int):  # the ground truth is kept aside, by key
+        for batch in batches_at(q):
+            gts.update(zip(batch.keys, batch.gt_boxes))
+            yield batch
 
     labels: dict[str, int] = {}
     a_hits: dict[str, dict[str, bool]] = {}

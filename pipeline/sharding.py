@@ -1,5 +1,5 @@
 """How DALI's webdataset reader splits samples over ranks and epochs: pure functions, tested without
-DALI (docs/pipeline.md, "The epoch"). ``pipeline.loader`` re-exports them."""
+DALI (docs/pipeline.md, "The epoch"); the loaders (``pipeline.loader``) follow them."""
 from __future__ import annotations
 
 import math

@@ -1,20 +1,25 @@
-"""What a training run does that depends on what FC8 predicts (``model.head``): the loss, the running
-training metrics, the per-epoch validation and the error the schedule and the best checkpoint follow.
+"""What a training run does that depends on what FC8 predicts (``model.head``): one class per head,
+made by ``task_for(head)``. Outside this module (and ``model.heads``, which builds FC8), no code asks
+which head a net has: it asks its task.
 
-- ``classes`` (the paper's section 3.1): softmax cross-entropy; train top-1/top-5 error; validation
-  top-1/top-5 error and loss on the centre crop or densely; the plateau rule follows val top-1 error.
-- ``scr`` / ``pcr`` (Appendix A): the Euclidean loss between the predicted box and the ground truth,
+- ``Classification`` (``classes``, the paper's section 3.1): softmax cross-entropy; train top-1/top-5
+  error; validation top-1/top-5 error and loss on the centre crop or densely; the plateau rule
+  follows val top-1 error.
+- ``SCR`` / ``PCR`` (Appendix A): the Euclidean loss between the predicted box and the ground truth,
   (cx, cy, w, h) in units of the crop side (docs/localisation.md); PCR counts only the ground-truth
   class's 4 outputs. Validation is the paper's protocol (a), "the central crop, the ground-truth class's
   box": an image is correct when that box has IoU > 0.5 with one of its ground-truth boxes; the
   fraction wrong is ``val/loc_err``, which replaces val top-1 error in the plateau rule and the choice
   of the best checkpoint.
 
-Plain torch; the training loop (pipeline/train_loop.py) calls these and nothing else of the task.
+Plain torch; the training loop, the driver's checks, the logged model and the localisation pass ask
+these and nothing else of the head.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +30,7 @@ import model
 from pipeline import boxes as box_lib
 from pipeline import evaluate as eval_lib
 from pipeline import scoring
+from pipeline.errors import ConfigError
 from pipeline.worker import Worker
 
 # Caffe's EuclideanLoss, which the paper's code used, is 1/(2N) sum_i ||p_i - t_i||^2 over the 4 box
@@ -32,6 +38,8 @@ from pipeline.worker import Worker
 # is Caffe's, so the paper's lr 1e-3 and weight decay 5e-4 keep their balance (doubling the lr instead
 # would double the decay too).
 EUCLIDEAN = 2.0
+log = logging.getLogger("pipeline.train_loop")
+ROLES = ("classification", "localisation")
 
 
 def freeze(net: nn.Module, train_layers: str) -> int:
@@ -49,47 +57,203 @@ def freeze(net: nn.Module, train_layers: str) -> int:
     return len(frozen)
 
 
-@dataclass(frozen=True)
 class Task:
-    """The head's part of training: ``Task(cfg.model.head)``."""
-    head: str = "classes"
+    """The head's part of a run. ``boxes``: whether the loaders must yield boxes (``Batch.boxes`` in
+    training, ``Batch.gt_boxes`` in validation); ``role``: what a pass may use the net for."""
+    head: ClassVar[str]
+    label: ClassVar[str]                 # the head in a results table
+    role: ClassVar[str]
+    boxes: ClassVar[bool]
+    count_names: ClassVar[tuple[str, str]]   # the metric names of ``counts``' two sums per image
+    output: ClassVar[str]                # what the logged model's output means
 
-    @property
-    def boxes(self) -> bool:
-        """Whether the loaders must yield boxes (``Batch.boxes``)."""
-        return self.head != "classes"
-
-    @property
-    def count_names(self) -> tuple[str, str]:
-        """The metric names of ``counts``'s two sums once divided by the images."""
-        return ("train/box_iou", "train/box_err") if self.boxes else ("train/top1_err", "train/top5_err")
+    def require(self, role: str, what: str, hint: str) -> None:
+        """Refuse a net of another role where ``role`` is needed, naming ``what`` and a ``hint``."""
+        if role != self.role:
+            raise ConfigError(f"{what}: a {self.role} net (model.head={self.head}); {role} needs "
+                              f"model.head {' or '.join(t.head for t in TASKS.values() if t.role == role)} ({hint})")
 
     def loss(self, out: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
         """The training loss of a batch: ``out`` the net's (N, outputs), ``labels`` (N,), ``boxes``
-        (N, 4) target boxes (localisation only). In fp32 whatever the autocast dtype."""
-        if not self.boxes:
-            return F.cross_entropy(out.float(), labels)
+        (N, 4) target boxes (a box head's). In fp32 whatever the autocast dtype."""
+        raise NotImplementedError
+
+    def counts(self, out: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        """(2,) sums over a batch, kept on the device (``count_names``)."""
+        raise NotImplementedError
+
+    def validate(self, net: nn.Module, loader, *, worker: Worker, num_classes: int, mode: str,
+                 amp_dtype: torch.dtype | None) -> "Validation":
+        """The task's validation over every rank's share of the validation split, exactly once."""
+        raise NotImplementedError
+
+    def check_config(self, cfg) -> None:
+        """Refuse the config options that mean something else for this head (``config.validate``)."""
+        raise NotImplementedError
+
+    def train_images(self, ds, train_split: str, val_split: str) -> int:
+        """How many images of dataset ``ds`` an epoch trains on; the splits must hold what it needs."""
+        raise NotImplementedError
+
+    def check_parent(self, cfg, weights: dict[str, torch.Tensor], path: str, net: nn.Module) -> None:
+        """``model.init_from``'s ``weights`` (at ``path``) fit ``net`` (on the meta device: shapes only)."""
+        raise NotImplementedError
+
+    def load_parent(self, net: nn.Module, cfg, weights: dict[str, torch.Tensor]) -> str:
+        """Copy ``model.init_from``'s ``weights`` into ``net``; returns what was copied, for the log."""
+        raise NotImplementedError
+
+    def start(self, net: nn.Module, cfg, mean_box) -> None:
+        """A fresh net's last touch after its parent's weights (``model.box_bias``); ``mean_box()``
+        gives the training split's mean box, computed only when asked for."""
+
+
+class Classification(Task):
+    head: ClassVar[str] = "classes"
+    label: ClassVar[str] = "classes"
+    role: ClassVar[str] = "classification"
+    boxes: ClassVar[bool] = False
+    count_names: ClassVar[tuple[str, str]] = ("train/top1_err", "train/top5_err")
+    output: ClassVar[str] = "(N, classes) class scores (logits)"
+
+    def loss(self, out, labels, boxes=None):
+        return F.cross_entropy(out.float(), labels)
+
+    def counts(self, out, labels, boxes=None):
+        """Top-1 and top-5 misses."""
+        return scoring.misses(out.topk(min(5, out.shape[1]), dim=1).indices, labels)
+
+    def validate(self, net, loader, *, worker, num_classes, mode, amp_dtype):
+        tally, loss = evaluate(net, loader, worker=worker, num_classes=num_classes, mode=mode, amp_dtype=amp_dtype)
+        return Validation(tally.top1_error, {"val/top1_err": tally.top1_error, "val/top5_err": tally.top5_error,
+                                             "val/loss": loss},
+                          f"val top-1 err {100 * tally.top1_error:.2f} %, top-5 err {100 * tally.top5_error:.2f} % "
+                          f"({tally.n} images)", tally)
+
+    def check_config(self, cfg) -> None:
+        if cfg.model.box_bias != "zero":
+            raise ConfigError(f"model.box_bias: {cfg.model.box_bias!r} starts a box head; model.head is 'classes'")
+
+    def train_images(self, ds, train_split, val_split):
+        return ds.split(train_split).num_samples
+
+    def check_parent(self, cfg, weights, path, net):
+        """Its FC8 has this dataset's class count, or the config asks for a new one (``reinit_head``)."""
+        fc8 = weights.get("classifier.6.weight")
+        if not cfg.model.reinit_head and fc8 is not None and fc8.shape[0] != cfg.model.num_classes:
+            raise ConfigError(f"model.init_from {path} has {fc8.shape[0]} classes, {cfg.data.root} has "
+                              f"{cfg.model.num_classes}: set model.reinit_head=true to start a new last layer")
+
+    def load_parent(self, net, cfg, weights):
+        """All of them (S=384 from S=256, multi-scale from S=384) or the paper's "from A" subset; with
+        ``model.reinit_head`` all but FC8, kept fresh."""
+        keep_fc8 = not cfg.model.reinit_head
+        if cfg.model.init_from_mode == "a":
+            return f"{len(model.init_from_a(net, weights, head=keep_fc8))} tensors from A"
+        if not keep_fc8:
+            weights = {k: v for k, v in weights.items() if k not in model.HEAD_KEYS}
+        net.load_state_dict(weights, strict=keep_fc8)
+        return "every weight" if keep_fc8 else "every weight but FC8"
+
+
+class BoxTask(Task):
+    """What SCR and PCR share: a box regressor's FC8 on a classification net's body."""
+    role: ClassVar[str] = "localisation"
+    boxes: ClassVar[bool] = True
+    count_names: ClassVar[tuple[str, str]] = ("train/box_iou", "train/box_err")
+
+    def predicted_boxes(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, 4) (cx, cy, w, h): the box of class ``labels`` (the ground truth)."""
+        raise NotImplementedError
+
+    def loss(self, out, labels, boxes):
         if boxes is None:
             raise ValueError(f"model.head {self.head!r} trains on boxes, but the batch has none")
         return EUCLIDEAN * model.box_loss(out.float(), boxes.float(), labels)
 
-    def predicted_boxes(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(N, 4) (cx, cy, w, h): SCR's box, or PCR's box of class ``labels`` (the ground truth)."""
-        out = out.float()
-        return out if self.head == "scr" else model.select_class_boxes(out, labels)
-
-    def counts(self, out: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
-        """(2,) sums over a batch, kept on the device: classification, top-1 and top-5 misses;
-        localisation, the IoU of each predicted box with its target box, and the images whose IoU is
-        not above 0.5 (the training counterpart of ``val/loc_err``)."""
-        if not self.boxes:
-            return scoring.misses(out.topk(min(5, out.shape[1]), dim=1).indices, labels)
+    def counts(self, out, labels, boxes):
+        """The IoU of each predicted box with its target box, and the images whose IoU is not above
+        0.5 (the training counterpart of ``val/loc_err``)."""
         pred = box_lib.cxcywh_to_xyxy(self.predicted_boxes(out, labels))
         iou = box_lib.box_iou(pred, box_lib.cxcywh_to_xyxy(boxes.float())).diagonal()   # (N,) pairs
         return torch.stack([iou.sum(), (iou <= box_lib.IOU_CORRECT).sum().double()]).float()
 
+    def validate(self, net, loader, *, worker, num_classes, mode, amp_dtype):
+        return evaluate_boxes(self, net, loader, worker=worker, amp_dtype=amp_dtype)
 
-CLASSES = Task()   # the classification task, the default
+    def check_config(self, cfg) -> None:
+        """It starts from a classification net's body (every weight but FC8, always new) and
+        validates on the centre crop (the paper's protocol (a))."""
+        m = cfg.model
+        if m.init_from_mode != "all":
+            raise ConfigError(f"model.init_from_mode: {m.init_from_mode!r} with model.head {m.head!r}; a "
+                              f"localisation net starts from a classification net of the same model (all)")
+        if m.reinit_head:
+            raise ConfigError(f"model.reinit_head: a localisation head ({m.head}) is always new; leave it false")
+        if cfg.data.val_mode != "center":
+            raise ConfigError(f"data.val_mode: {cfg.data.val_mode!r} with model.head {m.head!r}; a localisation "
+                              f"run validates on the centre crop (center), dense boxes are jobs.evaluate's")
+
+    def train_images(self, ds, train_split, val_split):
+        """The training images with a box; both splits must have boxes (dataset.json says so)."""
+        for split in (train_split, val_split):
+            if not ds.has_boxes(split):
+                raise ConfigError(f"model.head {self.head!r} needs boxes, but split {split!r} of {ds.root} has "
+                                  f"none (dataset.json); preprocess it with its box annotations (docs/localisation.md)")
+        return ds.boxed_images(train_split)
+
+    def check_parent(self, cfg, weights, path, net):
+        """Every weight but FC8 comes from the parent: the same model at the same width and crop,
+        whatever its FC8 (classes or another head)."""
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items() if k not in model.HEAD_KEYS}
+        got = {k: tuple(v.shape) for k, v in weights.items() if k not in model.HEAD_KEYS}
+        if want == got:
+            return
+        wrong = sorted(set(want) ^ set(got)) + sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        m = cfg.model
+        raise ConfigError(f"model.init_from {path} is not a net {m.name} of width {m.width} on "
+                          f"{cfg.data.crop_size} px crops, the body the {m.head} net takes from its parent: "
+                          f"{len(wrong)} tensors differ ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
+
+    def load_parent(self, net, cfg, weights):
+        copied = model.init_from_classification(net, weights)
+        return f"{len(copied)} tensors, every weight but FC8 (a new {self.head} head)"
+
+    def start(self, net, cfg, mean_box) -> None:
+        """``model.box_bias mean``: FC8 starts at the training split's mean box."""
+        if cfg.model.box_bias == "mean":
+            box = mean_box()
+            model.start_at_box(net, box)
+            log.info("model.box_bias mean: FC8 starts at the training split's mean box %s", box.tolist())
+
+
+class SCR(BoxTask):
+    head: ClassVar[str] = "scr"
+    label: ClassVar[str] = "SCR"
+    output: ClassVar[str] = "(N, 4) one box (cx, cy, w, h) in units of the crop side"
+
+    def predicted_boxes(self, out, labels):
+        return out.float()
+
+
+class PCR(BoxTask):
+    head: ClassVar[str] = "pcr"
+    label: ClassVar[str] = "PCR"
+    output: ClassVar[str] = ("(N, 4 x classes) a box (cx, cy, w, h) per class, class c at 4c..4c+3, in units "
+                             "of the crop side")
+
+    def predicted_boxes(self, out, labels):
+        return model.select_class_boxes(out.float(), labels)
+
+
+TASKS: dict[str, Task] = {t.head: t for t in (Classification(), SCR(), PCR())}   # model.HEADS' tasks
+
+
+def task_for(head: str = "classes") -> Task:
+    """The task of ``model.head``."""
+    if head not in TASKS:
+        raise ConfigError(f"model.head: {head!r}; one of {', '.join(TASKS)}")
+    return TASKS[head]
 
 
 @dataclass
@@ -106,18 +270,6 @@ def all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
         dist.all_reduce(t)
     return t
-
-
-def validate(task: Task, net: nn.Module, loader, *, worker: Worker, num_classes: int, mode: str,
-             amp_dtype: torch.dtype | None) -> Validation:
-    """The task's validation over every rank's share of the validation split, exactly once."""
-    if task.boxes:
-        return evaluate_boxes(task, net, loader, worker=worker, amp_dtype=amp_dtype)
-    tally, loss = evaluate(net, loader, worker=worker, num_classes=num_classes, mode=mode, amp_dtype=amp_dtype)
-    return Validation(tally.top1_error, {"val/top1_err": tally.top1_error, "val/top5_err": tally.top5_error,
-                                         "val/loss": loss},
-                      f"val top-1 err {100 * tally.top1_error:.2f} %, top-5 err {100 * tally.top5_error:.2f} % "
-                      f"({tally.n} images)", tally)
 
 
 def net_outputs(net: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
@@ -166,7 +318,7 @@ def image_correct(pred: torch.Tensor, gt: torch.Tensor) -> tuple[bool, float]:
 
 
 @torch.no_grad()
-def evaluate_boxes(task: Task, net: nn.Module, loader, *, worker: Worker,
+def evaluate_boxes(task: BoxTask, net: nn.Module, loader, *, worker: Worker,
                    amp_dtype: torch.dtype | None) -> Validation:
     """Protocol (a) on the centre crops of an ``EvalLoader(..., mode="center", boxes=True)``: the box
     for the ground-truth class, in pixels of the crop, against the image's ground-truth boxes (pixels of
@@ -177,7 +329,7 @@ def evaluate_boxes(task: Task, net: nn.Module, loader, *, worker: Worker,
         out = net_outputs(net, batch.images.to(worker.device, non_blocking=True), amp_dtype)
         pred = task.predicted_boxes(out, batch.labels.to(out.device)).cpu()
         pixels = box_lib.cxcywh_to_xyxy(pred.double()) * loader.crop           # (N, 4) corners in the crop
-        for box, gt in zip(pixels, batch.boxes):
+        for box, gt in zip(pixels, batch.gt_boxes):
             if gt.numel() == 0:
                 continue
             correct, iou = image_correct(box, gt)

@@ -25,7 +25,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-import model
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
 from pipeline import faults, localise, scoring
@@ -34,7 +33,7 @@ from pipeline.goodput import Ledger
 from pipeline.loader import EvalLoader, TrainLoader
 from pipeline.schedule import decay_metrics, improved, plateau_step, should_stop
 from pipeline.step import StepOptions, layout, prepare, sgd, train_step
-from pipeline.task import CLASSES, Task, Validation, all_reduce, freeze, validate
+from pipeline.task import Task, Validation, all_reduce, freeze, task_for
 from pipeline.train_state import Progress, restore, save
 from pipeline.worker import Log, Report, Worker
 
@@ -89,7 +88,7 @@ class Throttle:
 
 
 def log_window(w: Window, *, step: int, lr: float, loader: TrainLoader, worker: Worker, global_batch: int,
-               log: Log, console: Throttle, total_steps: int = 0, task: Task = CLASSES) -> None:
+               log: Log, console: Throttle, total_steps: int = 0, task: Task = task_for()) -> None:
     """Rank 0 logs the window's train loss, the task's two rates (top-1/top-5 error, or box IoU and box
     error), images/s, data-wait fraction (over all ranks: every rank takes part in the reduction, a
     CPU-GPU sync point) and the epoch as a fraction, so charts can put epochs on their x axis; its
@@ -118,14 +117,14 @@ def duration(seconds: float) -> str:
     return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
-def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, *, step: int,
-                    opts: StepOptions, worker: Worker, global_batch: int, log: Log, log_every: int,
-                    max_batches: int | None = None, ledger: Ledger | None = None, total_steps: int = 0,
-                    task: Task = CLASSES) -> int:
+def train_one_epoch(run: Run, max_batches: int | None = None) -> int:
     """Train on the rest of the loader's current epoch, or on ``max_batches`` of it; returns the global
-    optimizer step count. Every ``log_every`` steps rank 0 logs (``log_window``), its goodput ledger
-    first: that needs no other rank, so it is recorded even when another rank has just died."""
-    ledger = ledger if ledger is not None else Ledger()
+    optimizer step count. Every ``run.log_every_steps`` steps rank 0 logs (``log_window``), its goodput
+    ledger first: that needs no other rank, so it is recorded even when another rank has just died."""
+    net, optimizer, loader, opts, worker, log, ledger, task = (run.net, run.optimizer, run.loader, run.opts,
+                                                              run.worker, run.log, run.ledger, run.task)
+    step, global_batch, log_every = run.prog.step, run.cfg.run.global_batch_size, run.cfg.run.log_every_steps
+    total_steps = min(n for n in (run.cfg.schedule.epochs * len(loader), run.cfg.run.max_steps) if n)
     net.train()
     w = Window.new(worker.device)
     console = Throttle(CONSOLE_EVERY_S)
@@ -145,11 +144,10 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader: Tr
         ledger.add("data_wait", mark - t0)
         images = layout(batch.images.to(worker.device, non_blocking=True), opts)
         labels = batch.labels.to(worker.device, non_blocking=True)
-        boxes = batch.boxes if task.boxes else None         # (N, 4) on the device (TrainLoader boxes=True)
         loss, out = train_step(net, optimizer, images, labels, opts.amp_dtype,
-                               loss_fn=partial(task.loss, labels=labels, boxes=boxes) if task.boxes else None)
+                               loss_fn=partial(task.loss, labels=labels, boxes=batch.boxes))
         w.loss += loss * labels.shape[0]
-        w.counts += task.counts(out, labels, boxes)
+        w.counts += task.counts(out, labels, batch.boxes)
         w.images += labels.shape[0]
         step, done = step + 1, done + 1
         faults.after_step(worker.rank, step)
@@ -183,7 +181,7 @@ class Run:
     log: Log
     run_id: Callable[[], str]
     ledger: Ledger = field(default_factory=Ledger)
-    task: Task = field(default_factory=Task)
+    task: Task = field(default_factory=task_for)
 
 
 def default_wrap(net: nn.Module, worker: Worker) -> nn.Module:
@@ -194,28 +192,14 @@ def default_wrap(net: nn.Module, worker: Worker) -> nn.Module:
     return nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
 
-def initial_weights(net: nn.Module, cfg: config_lib.Config) -> None:
+def initial_weights(net: nn.Module, cfg: config_lib.Config, task: Task) -> None:
     """The parent's weights, when ``model.init_from`` names one (a checkpoint location resolved by the
-    job, or a bare state_dict such as torchvision's): all of them (S=384 from S=256, multi-scale from
-    S=384) or the paper's "from A" subset; with ``model.reinit_head`` all but FC8, kept fresh. A box
-    head takes every weight but FC8 from a classification net, its own FC8 random (Appendix A)."""
-    if not cfg.model.init_from:
-        return
-    weights, path = ckpt.load_weights(cfg.model.init_from)
-    if cfg.model.head != "classes":
-        copied = model.init_from_classification(net, weights)
-        log_.info("initialised %d tensors, every weight but FC8 (a new %s head), from %s", len(copied),
-                  cfg.model.head, path)
-        return
-    head = not cfg.model.reinit_head
-    if cfg.model.init_from_mode == "a":
-        copied = model.init_from_a(net, weights, head=head)
-        log_.info("initialised %d tensors from A at %s", len(copied), path)
-        return
-    if not head:
-        weights = {k: v for k, v in weights.items() if k not in model.HEAD_KEYS}
-    net.load_state_dict(weights, strict=head)
-    log_.info("initialised %s from %s", "every weight" if head else "every weight but FC8", path)
+    job, or a bare state_dict such as torchvision's), as the task takes them (``Task.load_parent``);
+    then the task's start (``Task.start``: ``model.box_bias``)."""
+    if cfg.model.init_from:
+        weights, path = ckpt.load_weights(cfg.model.init_from)
+        log_.info("initialised %s from %s", task.load_parent(net, cfg, weights), path)
+    task.start(net, cfg, lambda: localise.mean_box_cxcywh(cfg.data.root, cfg.data.train_split))
 
 
 def build_net(cfg: config_lib.Config, worker: Worker, opts: StepOptions, resume: dict[str, Any] | None,
@@ -227,11 +211,7 @@ def build_net(cfg: config_lib.Config, worker: Worker, opts: StepOptions, resume:
     if resume is not None:
         net.load_state_dict(resume["model"])
     else:
-        initial_weights(net, cfg)
-        if cfg.model.box_bias == "mean":
-            box = localise.mean_box_cxcywh(cfg.data.root, cfg.data.train_split)
-            model.start_at_box(net, box)
-            log_.info("model.box_bias mean: FC8 starts at the training split's mean box %s", box.tolist())
+        initial_weights(net, cfg, task_for(cfg.model.head))
     if freeze(net, cfg.model.train_layers):                 # before DDP and the optimizer see the net
         log_.info("model.train_layers %s: the convolutions are frozen", cfg.model.train_layers)
     net = net.to(worker.device)
@@ -267,7 +247,7 @@ def setup(cfg: config_lib.Config, worker: Worker, *, report: Report, log: Log,
     prog, data_state = restore(resume, optimizer, worker, cfg.optim.lr)
     # Without a data position (a fresh run, or another world size) the epoch's order comes from the
     # seed: offset it by the epoch so a resumed run does not replay epoch 0's order.
-    task = Task(cfg.model.head)
+    task = task_for(cfg.model.head)
     loader = TrainLoader(cfg.data, batch, worker.rank, worker.world_size, worker.device_id,
                          seed=cfg.run.seed + (prog.epoch if data_state is None else 0), state=data_state,
                          boxes=task.boxes)
@@ -310,18 +290,13 @@ def fit(run: Run) -> Result:
            and not should_stop(prog.schedule, prog.epoch, cfg.schedule)):
         for group in run.optimizer.param_groups:
             group["lr"] = prog.schedule.lr
-        prog.step = train_one_epoch(run.net, run.optimizer, run.loader, step=prog.step, opts=run.opts,
-                                    worker=worker, global_batch=cfg.run.global_batch_size, log=run.log,
-                                    log_every=cfg.run.log_every_steps,
-                                    max_batches=steps_to_checkpoint(prog.step, cfg.run), ledger=run.ledger,
-                                    total_steps=min(n for n in (cfg.schedule.epochs * len(run.loader),
-                                                                cfg.run.max_steps) if n), task=run.task)
+        prog.step = train_one_epoch(run, max_batches=steps_to_checkpoint(prog.step, cfg.run))
         epoch_over = run.loader.step == len(run.loader)
         best = False
         if epoch_over:
             epoch_s = time.perf_counter() - epoch_start
             t0 = time.perf_counter()
-            v = validate(run.task, ckpt.unwrap(run.net), run.val_loader, worker=worker,
+            v = run.task.validate(ckpt.unwrap(run.net), run.val_loader, worker=worker,
                          num_classes=cfg.model.num_classes, mode=cfg.data.val_mode, amp_dtype=run.opts.amp_dtype)
             run.ledger.add("validation", time.perf_counter() - t0)
             before, tally = prog.schedule, v.tally

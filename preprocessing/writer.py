@@ -30,7 +30,6 @@ from preprocessing import plan, report, state
 from preprocessing.annotations import check_boxes
 from preprocessing.check import check_image, quarantine
 from preprocessing.lock import Lock
-from preprocessing.plan import parse_shard_size  # noqa: F401  (public: jobs and tests parse with it)
 from preprocessing.shards import ShardWriter
 from preprocessing.sources import Layout
 from preprocessing.walk import problem_of

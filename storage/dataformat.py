@@ -96,7 +96,8 @@ def decode_boxes(data: bytes, name: str = "box member"):
 def boxed_images(info: dict, split: str) -> int:
     """How many stored images of ``split`` have a box, from dataset.json's ``boxes`` entry (0: none).
     Readers learn that a split has boxes from here, never by scanning its shards."""
-    return int((info.get("splits", {}).get(split, {}).get(SPLIT_BOXES) or {}).get("images", 0))
+    images = (info.get("splits", {}).get(split, {}).get(SPLIT_BOXES) or {}).get("images", 0)
+    return images if isinstance(images, int) and not isinstance(images, bool) else 0
 
 
 def info_path(root: str | os.PathLike) -> Path:

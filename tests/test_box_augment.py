@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline import box_augment
-from pipeline.dataset import DataError, load_stats
+from storage.dataset import DataError, load_stats
 from pipeline.loader import EvalLoader, TrainLoader
 
 # Images: red a horizontal ramp (tells a flipped crop); green 255 inside the first rectangle, blue 255
@@ -194,12 +194,12 @@ def test_without_boxes_the_loaders_are_unchanged(box_dataset, data_config):
     loader = TrainLoader(cfg_for(data_config, root), 8, 0, 1)
     assert len(loader) == 2 * PER_CLASS["train"] // 8                    # every sample, boxed or not
     batch = next(iter(loader))
-    assert batch.boxes is None and len(batch) == 4
+    assert batch.boxes is None and batch.gt_boxes == () and len(batch) == 5
     with pytest.raises(DataError, match=r"dataset\.json: split 'train' has no 'boxes' entry"):
         TrainLoader(cfg_for(data_config, plain), 8, 0, 1, boxes=True)
     with pytest.raises(DataError, match=r"dataset\.json: split 'val' has no 'boxes' entry"):
         EvalLoader(cfg_for(data_config, plain), 4, 0, 1, boxes=True)
-    assert next(iter(EvalLoader(cfg_for(data_config, plain), 4, 0, 1))).boxes is None
+    assert next(iter(EvalLoader(cfg_for(data_config, plain), 4, 0, 1))).gt_boxes == ()
 
 
 def test_a_stale_box_count_or_boxless_shards_are_named(box_dataset, data_config, tmp_path):
@@ -227,8 +227,8 @@ def test_eval_boxes_bound_the_rectangles_in_the_yielded_image(box_dataset, data_
     cfg = cfg_for(data_config, root, mean_subtraction=False)
     seen_keys, beyond, errors = [], 0, []
     for batch in EvalLoader(cfg, 4, 0, 1, mode=mode, scale=80, boxes=True):
-        assert isinstance(batch.boxes, list) and len(batch.boxes) == len(batch.keys)
-        for key, img, boxes in zip(batch.keys, batch.images, batch.boxes):
+        assert isinstance(batch.gt_boxes, tuple) and len(batch.gt_boxes) == len(batch.keys)
+        for key, img, boxes in zip(batch.keys, batch.images, batch.gt_boxes):
             seen_keys.append(key)
             assert boxes.dtype == torch.float32 and boxes.device.type == "cpu"
             assert boxes.shape == (box_count(key), 4)                       # (0, 4) without boxes

@@ -101,3 +101,21 @@ def test_every_key_has_a_meaning_in_jobs_config():
     rows = lister.describe()
     assert len(rows) == len(config.flatten(config.Config()))
     assert [key for key, _, _, meaning in rows if not meaning.strip()] == []
+
+
+def test_each_key_is_declared_once_and_the_tables_are_derived_from_it():
+    """Every key's field carries its meaning; RANGES, OWN_CHOICES, choices() and resume's MAY_CHANGE
+    say exactly what the fields declare, and every tracking key may change on resume."""
+    from jobs.driver import resume
+
+    fields = config.leaves()
+    assert list(fields) == list(config.flatten(config.Config()))
+    assert [k for k, f in fields.items() if not f.metadata.get("meaning", "").strip()] == []
+    meta = {k: f.metadata for k, f in fields.items()}
+    assert config.RANGES == {k: (m["check"], m["needs"]) for k, m in meta.items() if m.get("check")}
+    assert all(needs for _, needs in config.RANGES.values())
+    assert config.OWN_CHOICES == {k: m["choices"] for k, m in meta.items() if isinstance(m.get("choices"), tuple)}
+    assert set(config.choices()) == {k for k, m in meta.items() if m.get("choices")}
+    assert resume.MAY_CHANGE == {k for k, m in meta.items() if m.get("resume")}
+    assert all(resume.may_change(k) == bool(m.get("resume")) for k, m in meta.items())
+    assert all(resume.may_change(k) for k in fields if k.startswith("tracking."))

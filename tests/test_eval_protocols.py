@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import model
+from pipeline.batch import Batch
 from pipeline import evaluate as E
 from pipeline import features as F
 from pipeline import scoring as S
@@ -201,7 +202,7 @@ def fake_share(keys, shapes_at, labels):
         imgs = images([shapes_at(q)] * len(keys), seed=q)
         half = len(keys) // 2
         for sl in (slice(0, half), slice(half, None)):
-            yield keys[sl], torch.tensor(labels[sl]), imgs[sl]
+            yield Batch(imgs[sl], torch.tensor(labels[sl]), keys[sl])
     return batches_at
 
 

@@ -15,8 +15,8 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline import config as C
 from pipeline import evaluate as E
-from pipeline.dataset import stored_labels
-from pipeline.loader import shard_range
+from storage.dataset import stored_labels
+from pipeline.sharding import shard_range
 from services import MlflowServer
 
 
@@ -72,12 +72,12 @@ def test_exactly_once_on_1_2_3_workers_and_the_same_figures(trained, sample_data
 
 
 def test_a_broken_sharding_is_caught_before_any_figure(trained, tmp_path, monkeypatch):
-    from jobs import _ranks as J
+    from jobs.passes import front as J
 
     real = J.loader_batches
 
-    def rank1_reads_rank0(data, batch, rank, world, device_id, boxes=False):
-        return real(data, batch, 0 if rank == 1 else rank, world, device_id, boxes)
+    def rank1_reads_rank0(data, batch, rank, world, device_id, boxes, q):
+        return real(data, batch, 0 if rank == 1 else rank, world, device_id, boxes, q)
 
     monkeypatch.setattr(J, "loader_batches", rank1_reads_rank0)
     with pytest.raises(E.DuplicateKeyError, match=r"not exactly once: 10 duplicated .* 11 missing"):
@@ -159,7 +159,7 @@ def test_ensemble_members_trained_at_different_s_are_each_evaluated_at_their_own
     assert columns == [("A (w=0.03125)", "64", "32,64,96", 32), ("A (w=0.03125)", "[32;64]", "32,48,64", 32),
                        ("A (w=0.03125) + A (w=0.03125)", "64 / [32;64]", "32,64,96 / 32,48,64", 32)]
     assert "32,64,96 / 32,48,64" in (tmp_path / "ensemble" / "results.md").read_text()
-    from jobs._eval_report import metric_key
+    from jobs.passes.classify import metric_key
 
     assert [metric_key(r["mode"], r["row"], "top1_error") for r in res["rows"]] == [
         "dense/net1/q32-64-96/top1_error", "dense/net2/q32-48-64/top1_error", "dense/ensemble/top1_error"]
@@ -171,16 +171,16 @@ def test_ensemble_members_trained_at_different_s_are_each_evaluated_at_their_own
     ("dataset", dict(fingerprint="another-dataset"), "different datasets"),
 ])
 def test_ensemble_members_must_share_classes_and_dataset(sample_dataset, tmp_path, capsys, what, other, names):
-    from jobs import _cli
+    from jobs import cli
     from jobs import evaluate as J
-    from jobs._cli import UsageError
+    from jobs.cli import UsageError
 
     a = member(tmp_path, sample_dataset, 64, 64, seed=1)               # its fingerprint: the sample's
     b = member(tmp_path, sample_dataset, 64, 128, seed=2, **other)
     argv = ["--run", a, "--run", b, "--no-ray", "--no-mlflow", "--out", str(tmp_path / "x")]
     with pytest.raises(UsageError, match=names):
         J.main(argv)
-    assert _cli.run(J.main, argv) == 2
+    assert cli.run(J.main, argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ensemble members") and names in err[0]
 
@@ -230,6 +230,7 @@ def test_mlflow_child_run_of_the_training_run(trained, tmp_path, mlflow_server, 
     # A training run as jobs/train.py leaves it: tagged with its run folder (best/ checkpoint inside).
     parent = client.create_run(exp, run_name="A-tiny", tags={"run_folder": str(trained)}).info.run_id
     from jobs import evaluate as J
+    from jobs.passes.members import resolve_member
 
     started = time.time()
     res = J.main(["--run", parent, "--mode", "both", "--scales", "64,96", "--no-ray", "--workers", "2",
@@ -255,7 +256,7 @@ def test_mlflow_child_run_of_the_training_run(trained, tmp_path, mlflow_server, 
     # A run that only holds its checkpoint as an artifact: downloaded, then evaluated.
     other = client.create_run(exp, run_name="artifact-only").info.run_id
     client.log_artifact(other, str(trained / "best" / ckpt.FILENAME), "best")
-    member = J.resolve_member(other, mlflow_server)
+    member = resolve_member(other, mlflow_server)
     assert member.parent_run_id == other and member.checkpoint.endswith(ckpt.FILENAME)
 
 

@@ -153,30 +153,30 @@ def no_boxes(sample_dataset, tmp_path):
 ])
 def test_bad_input_is_one_error_line_before_any_worker(nets, sample_dataset, tmp_path, capsys, monkeypatch,
                                                        case, says):
-    from jobs import _cli, _loc_eval
+    from jobs import cli
     from jobs import evaluate as J
+    from jobs.passes import front
 
     def never(*a, **k):
         raise AssertionError("workers started")
 
-    monkeypatch.setattr(_loc_eval, "run_ranks", never)
+    monkeypatch.setattr(front, "run_ranks", never)
     argv = {"classifier as loc": ["--checkpoint", nets["classes"]],
             "loc as classifier": ["--checkpoint", nets["pcr"], "--classifier", nets["whole"]],
             "b without classifier": ["--checkpoint", nets["pcr"], "--protocol", "b"],
             "split without boxes": ["--checkpoint", nets["pcr"], "--data", str(no_boxes(sample_dataset, tmp_path))],
             }[case]
-    assert _cli.run(J.main, ["--task", "localisation", "--workers", "2", "--no-mlflow", "--out",
+    assert cli.run(J.main, ["--task", "localisation", "--workers", "2", "--no-mlflow", "--out",
                              str(tmp_path / "x"), *argv]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and says in err[0]
 
 
 def test_help_names_the_task_and_its_options(capsys):
-    from jobs import _loc_eval
     from jobs import evaluate as J
 
     for parse, words in ((J.parse, ("--task", "localisation")),
-                         (_loc_eval.parse, ("--checkpoint", "--classifier", "--protocol", "union", "baselines"))):
+                         (J.parse_localisation, ("--checkpoint", "--classifier", "--protocol", "union", "baselines"))):
         with pytest.raises(SystemExit):
             parse(["--help"])
         out = capsys.readouterr().out

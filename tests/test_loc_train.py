@@ -14,7 +14,8 @@ import model
 from pipeline import checkpoint as ckpt
 from pipeline import config
 from pipeline.step import StepOptions, train_step
-from pipeline.task import EUCLIDEAN, Task, evaluate_boxes, freeze
+from pipeline.task import EUCLIDEAN, evaluate_boxes, freeze
+from pipeline.task import task_for as Task
 from pipeline.train_loop import Worker, build_net, default_wrap
 from tiny import Recorder
 
@@ -173,7 +174,7 @@ def test_protocol_a_validation_by_hand(head):
     row = [0.5, 0.5, 0.5, 0.5] if head == "scr" else [0.0, 0.0, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5] + [0.9] * 8
     gt = [torch.tensor([[8.0, 8, 24, 24]]), torch.tensor([[0.0, 0, 8, 8]]),
           torch.tensor([[0.0, 0, 4, 4], [8, 8, 24, 20]]), torch.zeros(0, 4)]
-    batch = SimpleNamespace(images=torch.zeros(4, 3, 32, 32), labels=torch.ones(4, dtype=torch.long), boxes=gt)
+    batch = SimpleNamespace(images=torch.zeros(4, 3, 32, 32), labels=torch.ones(4, dtype=torch.long), gt_boxes=gt)
     loader = type("Loader", (), {"crop": 32, "__iter__": lambda self: iter([batch])})()
     v = evaluate_boxes(Task(head), ConstantBoxes(row), loader, worker=Worker(), amp_dtype=None)
     assert v.error == pytest.approx(1 / 3) and v.metrics["val/loc_err"] == v.error
@@ -239,11 +240,11 @@ def test_a_localisation_run_in_one_process_trains_only_the_fc_layers(sample_data
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    from jobs import _ray
+    from jobs import cluster
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started")
-    monkeypatch.setattr(_ray, "connect", refuse)
+    monkeypatch.setattr(cluster, "connect", refuse)
 
 
 def test_a_localisation_mistake_is_one_error_line_before_ray(sample_dataset, tmp_path, no_ray, capsys):
@@ -251,7 +252,7 @@ def test_a_localisation_mistake_is_one_error_line_before_ray(sample_dataset, tmp
     import json
     import shutil
 
-    from jobs import _cli
+    from jobs import cli
     from jobs import train as J
     from tiny import tiny_sets
 
@@ -266,7 +267,7 @@ def test_a_localisation_mistake_is_one_error_line_before_ray(sample_dataset, tmp
             "run.global_batch_size": 8, "run.storage_path": tmp_path / "runs", "tracking.enabled": "false"}
     for over, names in [({"model.init_from": parent}, "model.init_from"), ({"data.root": bare}, "needs boxes")]:
         sets = tiny_sets(sample_dataset, **{**base, **over})
-        code = _cli.run(J.main, [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+        code = cli.run(J.main, [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and names in err[0], err
 

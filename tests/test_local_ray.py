@@ -1,4 +1,4 @@
-"""The local Ray that jobs/_ray.py starts when no cluster is given: it does not outlive its driver
+"""The local Ray that jobs/cluster/__init__.py starts when no cluster is given: it does not outlive its driver
 (a SIGKILLed driver's leftovers are reaped by its watchdog, or else at the next local start, and a
 live driver's session is never touched), and a tiny training run prints no Ray Train
 PlacementGroupCleaner warnings. Every Ray here lives in its own RAY_TMPDIR, so only processes of
@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs import _ray
+from jobs import cluster
 from tiny import tiny_sets
 
 REPO = Path(__file__).resolve().parent.parent
-DRIVER = "import time; from jobs import _ray; _ray.connect(num_cpus=1); print('ready', flush=True); time.sleep(600)"
+DRIVER = "import time; from jobs import cluster; cluster.connect(num_cpus=1); print('ready', flush=True); time.sleep(600)"
 SPAM = "Failed to query Ray Train Controller actor state"
 
 
@@ -35,7 +35,7 @@ def ray_tmp():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     yield tmp, {**env, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0"}
     for session in (tmp / "ray").glob("session_2*"):
-        for proc in _ray.members(str(session)):
+        for proc in cluster.members(str(session)):
             with contextlib.suppress(psutil.NoSuchProcess):   # gone already
                 proc.kill()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -53,7 +53,7 @@ def session_of(tmp: Path, driver: subprocess.Popen, log: Path, timeout: float = 
         assert driver.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
-    for marker in (tmp / "ray").glob(f"session_*/{_ray.MARKER}"):
+    for marker in (tmp / "ray").glob(f"session_*/{cluster.MARKER}"):
         record = json.loads(marker.read_text())
         if record["driver"] == driver.pid:
             return record["session_dir"]
@@ -74,7 +74,7 @@ def started(session: str, timeout: float = 60) -> list[psutil.Process]:
     """The session's processes, once its raylet has started both agents."""
     deadline = time.monotonic() + timeout
     while True:
-        procs = _ray.members(session)
+        procs = cluster.members(session)
         names = {p.name() for p in procs}
         if {"raylet", "gcs_server", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names:
             return procs
@@ -85,13 +85,13 @@ def started(session: str, timeout: float = 60) -> list[psutil.Process]:
 def settled(session: str, timeout: float = 15) -> list[str]:
     """Those of the session's processes still running after ``timeout``, or none once none are."""
     deadline = time.monotonic() + timeout
-    while (left := running(_ray.members(session))) and time.monotonic() < deadline:
+    while (left := running(cluster.members(session))) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
 
 def watchdog(procs: list[psutil.Process]) -> psutil.Process:
-    [found] = [p for p in procs if "from jobs._ray import watch" in " ".join(p.cmdline())]
+    [found] = [p for p in procs if "from jobs.cluster import watch" in " ".join(p.cmdline())]
     return found
 
 
@@ -110,8 +110,8 @@ def test_a_killed_driver_leaves_nothing_running_and_a_live_driver_is_left_alone(
         assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= {n.split()[1] for n in running(dead_procs)}
         # ... until the next local start reaps them (connect() calls reap() before ray.init), leaving
         # the live driver's session as it was.
-        reaped = _ray.reap(tmp / "ray")
-        assert running(dead_procs) == [] and _ray.members(dead_session) == []
+        reaped = cluster.reap(tmp / "ray")
+        assert running(dead_procs) == [] and cluster.members(dead_session) == []
         assert set(reaped) >= agents
         assert len(running(live_procs)) == len(live_procs) and live.poll() is None
 
@@ -119,7 +119,7 @@ def test_a_killed_driver_leaves_nothing_running_and_a_live_driver_is_left_alone(
         live.kill()
         live.wait()
         assert settled(live_session) == [] and running(live_procs) == []
-        assert list((tmp / "ray").glob(f"session_*/{_ray.MARKER}")) == []
+        assert list((tmp / "ray").glob(f"session_*/{cluster.MARKER}")) == []
     finally:
         for driver in (dead, live):
             if driver.poll() is None:
@@ -146,7 +146,7 @@ def test_a_tiny_local_training_run_prints_no_placement_group_cleaner_warnings(ra
 
 
 MOVED_WATCH = ("import sys, psutil._pslinux as L; real = L.boot_time; L.boot_time = lambda: real() + 1.0; "
-               "from jobs._ray import watch; watch(sys.argv[1], poll_s=0.1)")
+               "from jobs.cluster import watch; watch(sys.argv[1], poll_s=0.1)")
 
 
 def test_a_live_driver_is_not_reaped_when_the_boot_time_moves(monkeypatch, tmp_path):
@@ -157,33 +157,33 @@ def test_a_live_driver_is_not_reaped_when_the_boot_time_moves(monkeypatch, tmp_p
     time.sleep(0.1)   # a later start, as a reused pid's would be (ticks are 10 ms)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        record = _ray.identity(driver.pid)
+        record = cluster.identity(driver.pid)
         real = psutil._pslinux.boot_time
         monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real() + 1.0)
         assert psutil.Process(driver.pid).create_time() != record["started"]   # the move took effect
-        assert _ray._alive(record)
-        assert _ray._alive({k: v for k, v in record.items() if k != "start_ticks"})  # 2 s tolerance
-        assert not _ray._alive({**record, "driver": other.pid})                 # a reused pid is not it
-        assert not _ray._alive({**record, "cmdline": ["python", "else"]})
+        assert cluster._alive(record)
+        assert cluster._alive({k: v for k, v in record.items() if k != "start_ticks"})  # 2 s tolerance
+        assert not cluster._alive({**record, "driver": other.pid})                 # a reused pid is not it
+        assert not cluster._alive({**record, "cmdline": ["python", "else"]})
 
         # The real watchdog, in a process whose boot time is a second later, leaves the live driver's
         # session alone, then reaps it once the driver is gone and says so on the driver's terminal.
         session = tmp_path / "session_moved"
         (session / "logs").mkdir(parents=True)
-        (session / _ray.MARKER).write_text(json.dumps({"session_dir": str(session), **record}))
+        (session / cluster.MARKER).write_text(json.dumps({"session_dir": str(session), **record}))
         member = subprocess.Popen(["sleep", "600"], stdout=open(session / "logs" / "raylet.out", "w"))
-        dog = subprocess.Popen([sys.executable, "-c", MOVED_WATCH, str(session / _ray.MARKER)], cwd=REPO,
+        dog = subprocess.Popen([sys.executable, "-c", MOVED_WATCH, str(session / cluster.MARKER)], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(3)
         assert dog.poll() is None, dog.communicate()
-        assert (session / _ray.MARKER).exists() and member.poll() is None
+        assert (session / cluster.MARKER).exists() and member.poll() is None
         driver.kill()
         driver.wait()
         out, err = dog.communicate(timeout=30)
         assert dog.returncode == 0, err
         [line] = err.splitlines()
         assert f"driver pid {record['driver']} has ended" in line and str(session) in line
-        assert not (session / _ray.MARKER).exists() and member.wait(timeout=10) == -9
+        assert not (session / cluster.MARKER).exists() and member.wait(timeout=10) == -9
     finally:
         for proc in (driver, other, *([member] if "member" in locals() else [])):
             proc.kill()

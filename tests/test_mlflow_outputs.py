@@ -1,15 +1,16 @@
-"""Where a run's artifacts go and how its experiment is marked (jobs/_mlflow_outputs.py), for the two
+"""Where a run's artifacts go and how its experiment is marked (jobs/tracking/outputs.py), for the two
 kinds of tracking URI users have: a SQLite file (no server) and a tracking server. The logged model
 and the dataset input are checked on a real training run in test_train.py."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from jobs import _mlflow_outputs, _tracking
+from jobs.tracking import outputs
+from jobs import tracking
 
 
-def log_a_file(uri: str, storage: Path, experiment: str) -> _tracking.Tracker:
-    tracker = _tracking.Tracker(uri, experiment, "r", str(storage / "r"), retry_s=1.0)
+def log_a_file(uri: str, storage: Path, experiment: str) -> tracking.Tracker:
+    tracker = tracking.Tracker(uri, experiment, "r", str(storage / "r"), retry_s=1.0)
     assert tracker.connect()
     assert tracker.log_text("resolved config\n", "config.yaml")
     tracker.close("FINISHED")
@@ -28,7 +29,7 @@ def test_with_a_sqlite_store_artifacts_go_beside_the_run_storage(tmp_path, monke
     assert not any(elsewhere.iterdir())                      # nothing in the working folder
     client = tracker._client
     exp = client.get_experiment_by_name("sqlite-exp")
-    assert exp.tags[_mlflow_outputs.KIND_TAG] == _mlflow_outputs.KIND
+    assert exp.tags[outputs.KIND_TAG] == outputs.KIND
     assert exp.artifact_location == (storage / "mlflow-artifacts" / "sqlite-exp").resolve().as_uri()
 
 
@@ -40,7 +41,7 @@ def test_with_a_server_artifacts_go_to_its_artifact_store(shared_mlflow, tmp_pat
     assert any(p.read_text() == "resolved config\n" for p in found)
     assert not (storage / "mlflow-artifacts").exists() and not (tmp_path / "mlruns").exists()
     exp = shared_mlflow.client().get_experiment_by_name("server-exp")
-    assert exp.tags[_mlflow_outputs.KIND_TAG] == _mlflow_outputs.KIND
+    assert exp.tags[outputs.KIND_TAG] == outputs.KIND
 
 
 def test_an_existing_experiment_is_marked_for_model_training(tmp_path):
@@ -49,5 +50,5 @@ def test_an_existing_experiment_is_marked_for_model_training(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     old = client.create_experiment("old")                    # as an earlier version made it
-    assert _mlflow_outputs.experiment_id(client, "old", uri, str(tmp_path)) == old
-    assert client.get_experiment(old).tags[_mlflow_outputs.KIND_TAG] == _mlflow_outputs.KIND
+    assert outputs.experiment_id(client, "old", uri, str(tmp_path)) == old
+    assert client.get_experiment(old).tags[outputs.KIND_TAG] == outputs.KIND

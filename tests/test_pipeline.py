@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from pipeline import augment
-from pipeline.dataset import DataError, Stats, load_split, stored_labels
-from pipeline.loader import EvalLoader, TrainLoader, reader_batches, shard_range, steps_per_epoch
+from storage.dataset import DataError, Stats, load_split, stored_labels
+from pipeline.loader import EvalLoader, TrainLoader
+from pipeline.sharding import reader_batches, shard_range, steps_per_epoch
 from pipeline.scoring import crop_grid
 
 # The pattern dataset: "ramp" images (R = a_x * x, G = a_y * y, B = 128) measure the scale, the crop and

@@ -146,7 +146,7 @@ def test_a_lock_from_another_host_is_stale_only_when_old_and_break_lock_removes_
 def test_readers_see_the_published_dataset_while_a_run_adds_to_it(sample_source, sample_dataset, tmp_path):
     """What a reader can meet mid-publication: new shards on disk and the new manifest, with the
     dataset.json from before (published last). It sees exactly the old dataset."""
-    from pipeline import dataset
+    from storage import dataset
 
     src, out = tmp_path / "src", tmp_path / "out"
     shutil.copytree(sample_source, src)

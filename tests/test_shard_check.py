@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import dataset
-from pipeline.dataset import DataError, check_shards
-from pipeline.loader import EvalLoader, TrainLoader, read_window, shards_holding
+from storage import shard_check
+from storage.dataset import DataError, check_shards
+from pipeline.loader import EvalLoader, TrainLoader
+from pipeline.sharding import read_window, shards_holding
 from storage import dataformat as fmt
 
 SHARD = "train-000003.tar"          # the shard every fault goes into
@@ -25,21 +26,21 @@ SHARD = "train-000003.tar"          # the shard every fault goes into
 def node_cache(tmp_path, monkeypatch) -> Path:
     """Every test gets its own node cache, never the user's."""
     path = tmp_path / "cache" / "shards.json"
-    monkeypatch.setenv(dataset.CACHE_ENV, str(path))
+    monkeypatch.setenv(shard_check.CACHE_ENV, str(path))
     return path
 
 
 @pytest.fixture
 def hashes(monkeypatch) -> list[Path]:
     """Every file the check hashes, in order (the real hashing still runs)."""
-    seen, real, lock = [], dataset._sha256_file, threading.Lock()
+    seen, real, lock = [], shard_check._sha256_file, threading.Lock()
 
     def counting(path):
         with lock:
             seen.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(dataset, "_sha256_file", counting)
+    monkeypatch.setattr(shard_check, "_sha256_file", counting)
     return seen
 
 
@@ -50,7 +51,7 @@ def copy_dataset(src: Path, dst: Path, checksums: bool = True) -> Path:
     if not checksums:
         info = json.loads((dst / "dataset.json").read_text())
         for entry in info["splits"].values():
-            del entry[dataset.SHARDS_SHA256]
+            del entry[shard_check.SHARDS_SHA256]
         (dst / "dataset.json").write_text(json.dumps(info))
     return dst
 
@@ -83,7 +84,7 @@ def test_an_untouched_dataset_passes_and_the_second_check_reads_the_cache(sample
     root = copy_dataset(sample_dataset, tmp_path / "data")
     entry = fmt.read_info(root)["splits"]["train"]
     shards = entry["shards"]
-    assert entry[dataset.SHARDS_SHA256] == [hashlib.sha256((root / n).read_bytes()).hexdigest() for n in shards]
+    assert entry[shard_check.SHARDS_SHA256] == [hashlib.sha256((root / n).read_bytes()).hexdigest() for n in shards]
     check_shards(root, "train")
     assert sorted(p.name for p in hashes) == sorted(shards)
     assert node_cache.is_file()
@@ -96,7 +97,7 @@ def test_an_untouched_dataset_passes_and_the_second_check_reads_the_cache(sample
 @pytest.mark.parametrize("how", ["flip", "zero"])
 def test_a_damaged_jpeg_is_refused_before_use_naming_the_shard(sample_dataset, data_config, tmp_path, how):
     root = copy_dataset(sample_dataset, tmp_path / "data")
-    recorded = fmt.read_info(root)["splits"]["train"][dataset.SHARDS_SHA256][3]
+    recorded = fmt.read_info(root)["splits"]["train"][shard_check.SHARDS_SHA256][3]
     damage(root, SHARD, how)
     actual = hashlib.sha256((root / SHARD).read_bytes()).hexdigest()
     with pytest.raises(DataError) as err:
@@ -162,12 +163,12 @@ def test_a_broken_cache_file_is_rebuilt(sample_dataset, tmp_path, hashes, node_c
     node_cache.parent.mkdir(parents=True)
     node_cache.write_text("{not json")
     check_shards(root, "train")
-    assert hashes and json.loads(node_cache.read_text())["format"] == dataset.CACHE_FORMAT
+    assert hashes and json.loads(node_cache.read_text())["format"] == shard_check.CACHE_FORMAT
 
 
 def test_a_dataset_without_checksums_is_read_with_one_warning(sample_dataset, tmp_path, hashes, caplog):
     root = copy_dataset(sample_dataset, tmp_path / "data", checksums=False)
-    with caplog.at_level(logging.WARNING, logger="pipeline.dataset"):
+    with caplog.at_level(logging.WARNING, logger="storage.shard_check"):
         check_shards(root, "train")
         check_shards(root, "train")
     warnings = [r.getMessage() for r in caplog.records if "unchecked" in r.getMessage()]
@@ -178,9 +179,9 @@ def test_a_dataset_without_checksums_is_read_with_one_warning(sample_dataset, tm
 def test_a_malformed_checksum_list_names_dataset_json(sample_dataset, tmp_path):
     root = copy_dataset(sample_dataset, tmp_path / "data")
     info = json.loads((root / "dataset.json").read_text())
-    info["splits"]["train"][dataset.SHARDS_SHA256].pop()
+    info["splits"]["train"][shard_check.SHARDS_SHA256].pop()
     (root / "dataset.json").write_text(json.dumps(info))
-    with pytest.raises(DataError, match=rf"dataset.json: split 'train': {dataset.SHARDS_SHA256} must list"):
+    with pytest.raises(DataError, match=rf"dataset.json: split 'train': {shard_check.SHARDS_SHA256} must list"):
         check_shards(root, "train")
 
 

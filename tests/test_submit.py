@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from cluster import REPO, checkpoints, only_run, small, steps_of, submit_job
-from jobs import _cli, submit
-from jobs import _tracking as tracking
+from jobs import cli
+from jobs import submit
+from jobs import tracking
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError
 from services import BIN, free_port
@@ -74,10 +75,10 @@ def test_uv_puts_the_projects_requirements_in_the_runtime_env(tmp_path, monkeypa
 
 @pytest.mark.parametrize("argv, cls, names", [
     (["train", "--set", "data.root=nowhere"], ConfigError, "does not exist here"),
-    (["train", "--config", "elsewhere.yaml"], _cli.UsageError, "outside the project folder"),
+    (["train", "--config", "elsewhere.yaml"], cli.UsageError, "outside the project folder"),
     (["train", "--config", "missing.yaml"], FileNotFoundError, "missing.yaml"),
-    (["evaluate", "--run", "x"], _cli.UsageError, "ray job submit"),
-    (["--uv", "--python", "python3", "train"], _cli.UsageError, "give one"),
+    (["evaluate", "--run", "x"], cli.UsageError, "ray job submit"),
+    (["--uv", "--python", "python3", "train"], cli.UsageError, "give one"),
     (["train", "--set", "run.workers=0"], ConfigError, "run.workers"),
 ])
 def test_mistakes_are_refused_before_the_job_leaves(tmp_path, monkeypatch, argv, cls, names):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cluster import REPO, checkpoints, gate, only_run, run_train, small, steps_of, train_proc
-from jobs import _tracking as tracking
+from jobs import tracking
 from pipeline import checkpoint as ckpt
 from services import free_port, stop_group, wait_for
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import _tracking as tracking
+from jobs import tracking
 from pipeline import checkpoint as ckpt
 from pipeline import config
 from pipeline.train_loop import Worker, run_worker
@@ -228,7 +228,8 @@ def test_cli_help_names_the_options():
     (["--config", "BAD"], "error: BAD: not valid YAML"),
 ])
 def test_a_users_mistake_is_one_line_and_status_2_not_a_traceback(tmp_path, args, message, capsys):
-    from jobs import _cli as cli, train
+    from jobs import cli
+    from jobs import train
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [\n")

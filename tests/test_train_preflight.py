@@ -1,6 +1,6 @@
 """The training driver checks everything it can before Ray starts: each bad input below ends as one
 ``error:`` line naming the key, file or folder, exit status 2, within seconds, and Ray is never
-started (``jobs._ray.connect`` fails the test if it is called). ``--dry-run`` says what would happen."""
+started (``jobs.cluster.connect`` fails the test if it is called). ``--dry-run`` says what would happen."""
 from __future__ import annotations
 
 import shutil
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import model
-from jobs import _cli, _ray
+from jobs import cli
+from jobs import cluster
 from jobs import train as J
 from pipeline import checkpoint as ckpt
 from tiny import tiny_sets
@@ -29,7 +30,7 @@ def args_for(dataset, storage, **over) -> list[str]:
 def no_ray(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started")
-    monkeypatch.setattr(_ray, "connect", refuse)
+    monkeypatch.setattr(cluster, "connect", refuse)
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ CASES = [  # (id, overrides; {tmp} is the test's folder, what the error line mus
 @pytest.mark.parametrize("case, over, names", CASES, ids=[c[0] for c in CASES])
 def test_a_bad_input_is_one_error_line_before_ray(case, over, names, places, sample_dataset, no_ray, capsys):
     over = {k: str(v).format(tmp=places) for k, v in over.items()}
-    code = _cli.run(J.main, args_for(sample_dataset, places / "runs", **over))
+    code = cli.run(J.main, args_for(sample_dataset, places / "runs", **over))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert names in err[0]
@@ -80,7 +81,7 @@ def test_resume_never_refuses_a_run_with_checkpoints(sample_dataset, tmp_path, n
     cfg, _ = J.resolve(J.config_lib.load(None, args_for(sample_dataset, tmp_path / "runs")[1::2]))
     state = {"model": ckpt.build_model(cfg, 4).state_dict(), "config": J.config_lib.dump(cfg), "num_classes": 4}
     ckpt.save_checkpoint(ckpt.weights_only(state), folder / "checkpoint_0000000003" / ckpt.FILENAME)
-    assert _cli.run(J.main, args_for(sample_dataset, tmp_path / "runs", **{"run.resume": "never"})) == 2
+    assert cli.run(J.main, args_for(sample_dataset, tmp_path / "runs", **{"run.resume": "never"})) == 2
     err = capsys.readouterr().err
     assert "run.resume=never" in err and "checkpoint_0000000003" in err
 

@@ -13,7 +13,7 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline import config as C
 from pipeline import transfer as T
-from pipeline.dataset import stored_labels
+from storage.dataset import stored_labels
 from storage.dataformat import DataError
 
 
@@ -100,7 +100,7 @@ def net(folder: Path, root, seed: int) -> str:
 def test_transfer_on_a_multi_label_sample_gives_sklearns_map(sample_dataset, tmp_path):
     from sklearn.metrics import average_precision_score
 
-    from jobs import _features
+    from jobs.passes import features
     from jobs import transfer
 
     labels_file = tmp_path / "labels.csv"
@@ -113,7 +113,7 @@ def test_transfer_on_a_multi_label_sample_gives_sklearns_map(sample_dataset, tmp
                          "--scales", "32,48", "--aggregate", "stack", "--no-ray", "--quiet", "--batch-size", "8"])
     assert res["metric"] == "mAP" and res["classes"] == ["angular", "disc", "ring", "round", "square", "triangle"]
     # The descriptor: FC7 (4096 / 32 = 128-D) at 2 scales stacked, L2-normalised, every val image once.
-    keys, _, feats = _features.read_parquet(tmp_path / "t" / "features-val.parquet")
+    keys, _, feats = features.read_parquet(tmp_path / "t" / "features-val.parquet")
     assert keys == sorted(val) and feats.shape == (32, 2 * 128)
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(32))
     # mAP by hand: sklearn's AP of each label over the written test scores, averaged.
@@ -129,16 +129,16 @@ def test_transfer_on_a_multi_label_sample_gives_sklearns_map(sample_dataset, tmp
 
 
 def test_transfer_caltech_style_random_splits_of_one_split(sample_dataset, tmp_path, capsys):
-    from jobs import _cli
+    from jobs import cli
     from jobs import transfer
-    from jobs._cli import UsageError
+    from jobs.cli import UsageError
 
     ckpt_path = net(tmp_path, sample_dataset, 2)
     argv = ["--run", ckpt_path, "--out", str(tmp_path / "c"), "--train-split", "val", "--split", "val",
             "--scales", "32", "--no-ray", "--quiet", "--batch-size", "8"]
     with pytest.raises(UsageError, match="--train-per-class"):     # one split, no way to split it: a mistake
         transfer.main(argv)
-    assert _cli.run(transfer.main, argv) == 2 and capsys.readouterr().err.count("\n") == 1
+    assert cli.run(transfer.main, argv) == 2 and capsys.readouterr().err.count("\n") == 1
     res = transfer.main(argv + ["--train-per-class", "5", "--test-per-class", "2", "--repeats", "2"])
     assert res["metric"] == "mean_class_recall" and len(res["repeats"]) == 2
     for r, path in zip(res["repeats"], res["scores"]):

@@ -1,5 +1,5 @@
 """Every entry point meets a user's mistake the same way: one ``error:`` line on stderr naming the
-key, file or option at fault, exit status 2, no traceback (jobs/_cli.py). Each user-facing error
+key, file or option at fault, exit status 2, no traceback (jobs/cli.py). Each user-facing error
 class is raised by at least one case, in a real ``python -m`` process. The processes start together:
 most of their time is importing torch."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import _cli
-from jobs._cli import UsageError
+from jobs import cli
+from jobs.cli import UsageError
 from pipeline import checkpoint as ckpt
 from pipeline import config
 from storage.dataformat import DataError
@@ -59,7 +59,7 @@ MAIN = {"jobs.bench": "jobs.bench.__main__"}
 
 
 def test_every_user_error_class_is_covered():
-    assert {cls for _, cls, _, _ in CASES} == set(_cli.USER_ERRORS)
+    assert {cls for _, cls, _, _ in CASES} == set(cli.USER_ERRORS)
 
 
 def prepare(tmp: Path) -> None:
@@ -110,5 +110,5 @@ def test_each_mistake_raises_its_class_and_becomes_one_line(case, cls, argv, nam
     with pytest.raises(cls):
         main(args)
     capsys.readouterr()
-    code = _cli.run(main, args)
+    code = cli.run(main, args)
     assert_one_error_line(code, capsys.readouterr().err, names)

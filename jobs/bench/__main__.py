@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-from jobs._cli import UsageError
+from jobs.cli import UsageError
 
 BENCHES = {
     "train": "the training step on a batch resident on the device, variant by variant",
@@ -26,6 +26,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from jobs import _cli
+    from jobs import cli
 
-    sys.exit(_cli.run(main, sys.argv[1:]))
+    sys.exit(cli.run(main, sys.argv[1:]))

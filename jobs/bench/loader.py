@@ -10,7 +10,7 @@ time is noise, CPU time much less so.
 Without ``--root`` a synthetic ILSVRC-shaped sample is generated and preprocessed into ``--work``
 (ImageNet-sized JPEGs by default). On a GPU: ``--device 0 --decode mixed --threads 16``.
 
-``--checksum`` times the shard sha256 check (``pipeline.dataset.check_shards``) in the same run: once
+``--checksum`` times the shard sha256 check (``storage.dataset.check_shards``) in the same run: once
 on a cold node cache (every shard hashed) and once warm (the cache read), then the loader without the
 check and with it side by side, in ``--rounds`` alternating rounds so that load from other jobs falls
 on both alike; the ratio row has their images/s ratio and the cold check as a share of one epoch.
@@ -127,29 +127,31 @@ def bench_dali(args, root: Path, device: torch.device) -> tuple[float, float, in
 
 def bench_checksum(args, root: Path, device: torch.device, report: Report) -> tuple[float, float, int]:
     """The check cold and warm, then the loader without and with it in alternating rounds."""
-    from pipeline import dataset
+    from storage.shard_check import CACHE_ENV
 
     cache = Path(tempfile.mkdtemp(prefix="bench-shard-cache-")) / "shards.json"
-    saved, os.environ[dataset.CACHE_ENV] = os.environ.get(dataset.CACHE_ENV), str(cache)
+    saved, os.environ[CACHE_ENV] = os.environ.get(CACHE_ENV), str(cache)
     try:                                             # cold at first, and never the user's own cache
         return _checksum_rounds(args, root, device, report)
     finally:
-        os.environ.pop(dataset.CACHE_ENV)
+        os.environ.pop(CACHE_ENV)
         if saved is not None:
-            os.environ[dataset.CACHE_ENV] = saved
+            os.environ[CACHE_ENV] = saved
 
 
 def _checksum_rounds(args, root: Path, device: torch.device, report: Report) -> tuple[float, float, int]:
-    from pipeline import dataset
+    from storage import dataset
+    from storage.shard_check import SHARDS_SHA256
 
-    split = dataset.load_split(root, "train", check=False)
-    if dataset.SHARDS_SHA256 not in dataset.read_info(root)["splits"]["train"]:
-        raise SystemExit(f"--checksum: {root}/dataset.json records no {dataset.SHARDS_SHA256}; "
+    ds = dataset.open_dataset(root)
+    split = ds.split("train", check=False)
+    if SHARDS_SHA256 not in ds.info["splits"]["train"]:
+        raise SystemExit(f"--checksum: {root}/dataset.json records no {SHARDS_SHA256}; "
                          "preprocess the dataset again to record them")
     spans = []
     for _ in range(2):                               # cold: every shard hashed; warm: the cache read
         start = time.perf_counter()
-        dataset.check_shards(root, "train")
+        ds.check_shards("train")
         spans.append(time.perf_counter() - start)
     totals, round_ratios, steps = alternate(args, root, device)
     n = args.rounds * args.steps * args.batch_size
@@ -215,7 +217,7 @@ def bench_torchvision(args, source: Path, root: Path, device: torch.device) -> f
     from torchvision.datasets import ImageFolder
 
     from pipeline import augment
-    from pipeline.dataset import load_stats
+    from storage.dataset import load_stats
 
     stats = load_stats(root)
     tf = PaperTrainTransform(args.crop, args.scale_min, args.scale_max,

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 import yaml
 
-from jobs import _tracking
+from jobs import tracking
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
-from pipeline import dataset, goodput
+from pipeline import goodput
+from storage import dataset
 from pipeline.goodput import Ledger
 from storage import files
 from storage.dataformat import DataError
@@ -95,7 +96,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             wrap=lambda net, w: ray.train.torch.prepare_model(net),  # RAY: DDP
                             ledger=ledger, started=started)
         if tracker is not None and result.tally is not None:
-            classes = dataset.read_info(cfg.data.root).get("classes", [])
+            classes = dataset.open_dataset(cfg.data.root).classes
             tracker.log_dict(per_class_table(result.tally, classes), f"eval/val_{cfg.data.val_mode}_per_class.json")
     except DataError as e:
         files.atomic_write(stop, str(e).encode())
@@ -106,12 +107,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def rank0_tracker(cfg: config_lib.Config, loop_config: dict[str, Any],
-                  resume: dict[str, Any] | None) -> _tracking.Tracker:
+                  resume: dict[str, Any] | None) -> tracking.Tracker:
     """Rank 0's MLflow tracker: the driver's run (or the checkpoint's), and the run's journal."""
-    tracker = _tracking.Tracker(
+    tracker = tracking.Tracker(
         cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, loop_config["run_folder"],
         run_id=loop_config["run_id"] or (resume or {}).get("mlflow_run_id", ""),
-        params=_tracking.params_from(config_lib.flatten(cfg)), tags=loop_config["tags"],
+        params=tracking.params_from(config_lib.flatten(cfg)), tags=loop_config["tags"],
         system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s,
         enabled=cfg.tracking.enabled, node_id=None, journal=True)
     tracker.connect()
@@ -133,7 +134,7 @@ def store_checkpoint(folder: Path, run_folder: str, name: str, best: bool) -> No
     if best:
         files.atomic_copy(src, files.join(run_folder, ckpt.BEST, ckpt.FILENAME))
     src.unlink()
-    (folder / MARKER).write_text(f"{ckpt.FILENAME} of this folder was written by jobs/_train_worker.py\n")
+    (folder / MARKER).write_text(f"{ckpt.FILENAME} of this folder was written by jobs/cluster/worker.py\n")
 
 
 def worker_logging() -> None:

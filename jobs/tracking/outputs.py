@@ -21,11 +21,6 @@ from storage import files
 
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 MODEL_URI_TAG = "model_uri"
-# What the logged model's output means, by model.head (docs/localisation.md: a box is (cx, cy, w, h) in
-# units of the crop side; PCR's class c box is at outputs 4c..4c+3)
-OUTPUTS = {"classes": "(N, classes) class scores (logits)",
-           "scr": "(N, 4) one box (cx, cy, w, h) in units of the crop side",
-           "pcr": "(N, 4 x classes) a box (cx, cy, w, h) per class, class c at 4c..4c+3, in units of the crop side"}
 
 
 def artifact_location(tracking_uri: str, storage_path: str, experiment: str) -> str | None:
@@ -85,21 +80,22 @@ def log_model(client, tracking_uri: str, run_id: str, checkpoint: str, register:
 
     from pipeline import checkpoint as ckpt
     from pipeline import config as config_lib
-    from pipeline import dataset
+    from storage import dataset
+    from pipeline.task import task_for
 
     tags = client.get_run(run_id).data.tags
     if tags.get(MODEL_URI_TAG):
         return tags[MODEL_URI_TAG]
     net, cfg = ckpt.model_from_checkpoint(checkpoint)
     state = ckpt.load_checkpoint(checkpoint)
-    info = dataset.read_info(cfg.data.root)
+    ds = dataset.open_dataset(cfg.data.root)
     crop = cfg.data.crop_size
-    metadata = {"head": cfg.model.head, "output": OUTPUTS[cfg.model.head],
-                "classes": [c["wnid"] for c in info.get("classes", [])],
-                "class_names": [c.get("name", "") for c in info.get("classes", [])],
+    metadata = {"head": cfg.model.head, "output": task_for(cfg.model.head).output,
+                "classes": [c["wnid"] for c in ds.classes],
+                "class_names": [c.get("name", "") for c in ds.classes],
                 "input": f"(N, 3, {crop}, {crop}) float32 RGB, 0-255 minus mean_rgb, centre crop of the "
                          f"image rescaled to shorter side test_scale",
-                "mean_rgb": list(dataset.load_stats(cfg.data.root, info).mean_rgb),
+                "mean_rgb": list(ds.stats().mean_rgb),
                 "test_scale": config_lib.test_scale(cfg.data), "crop": crop,
                 "dataset_fingerprint": state.get("dataset_fingerprint", "")}
     mlflow.set_tracking_uri(tracking_uri)

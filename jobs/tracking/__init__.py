@@ -9,7 +9,7 @@
 - The server may be down at the start or go away mid-run: the tracker warns once, buffers metrics,
   retries every ``tracking.retry_s`` seconds from a background thread, and carries on. Training never
   blocks on it and never fails because of it. What is still undelivered goes to the run's journal
-  (jobs/_journal.py) before every checkpoint and at the end, and the run is FINISHED only once every
+  (jobs/tracking/journal.py) before every checkpoint and at the end, and the run is FINISHED only once every
   point is delivered (else tag ``mlflow_pending_points`` says how many wait in the journal).
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs import _journal, _mlflow_outputs
+from jobs.tracking import journal
+from jobs.tracking import outputs
 from storage import files
 
 log = logging.getLogger("jobs.tracking")  # the logger keeps its public name
@@ -122,7 +123,7 @@ class Tracker:
         self._next_try = 0.0
         self._warned = False
         self._monitor = None
-        self._pending: deque[_journal.Point] = deque()
+        self._pending: deque[journal.Point] = deque()
         self._owns_journal = False             # this tracker read the journal, so it rewrites it
         if journal and enabled:
             self.replay()
@@ -193,7 +194,7 @@ class Tracker:
             self._last_step = last_steps(client, run)
         else:
             storage = self.run_folder.rstrip("/").rsplit("/", 1)[0]
-            exp_id = _mlflow_outputs.experiment_id(client, self.experiment, self.uri, storage)
+            exp_id = outputs.experiment_id(client, self.experiment, self.uri, storage)
             run = client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
             run_id = run.info.run_id
             items = list(self.params.items())
@@ -297,17 +298,17 @@ class Tracker:
 
     def replay(self) -> None:
         """Take over the run's journal: its points go before anything buffered since."""
-        self._pending.extendleft(reversed(_journal.read(self.run_folder)))
+        self._pending.extendleft(reversed(journal.read(self.run_folder)))
         self._owns_journal = True
 
-    def undelivered(self) -> list[_journal.Point]:
+    def undelivered(self) -> list[journal.Point]:
         queued = [p for batch in list(self._queue.queue) for p in batch]
         return list(self._pending) + queued
 
     def persist(self) -> None:
         """Write what is undelivered to the journal (a checkpoint is about to be reported)."""
         if self.enabled:
-            _journal.write(self.run_folder, self.undelivered())
+            journal.write(self.run_folder, self.undelivered())
             self._owns_journal = True
 
     # -- everything else is synchronous and returns whether it reached the server ---------------
@@ -356,7 +357,7 @@ class Tracker:
         pending = len(self.undelivered())
         if pending:
             log.warning("MLflow: %d metric points wait in %s; run the same command again once %s is "
-                        "reachable to deliver them", pending, _journal.path(self.run_folder), self.uri)
+                        "reachable to deliver them", pending, journal.path(self.run_folder), self.uri)
             self.set_tags({PENDING_TAG: str(pending)})
         elif self._owns_journal and self.connect():
             self.set_tags({PENDING_TAG: "0"})

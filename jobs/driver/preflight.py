@@ -9,11 +9,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import _tracking
+from jobs import tracking
 from pipeline import config as config_lib
-from pipeline import dataset
 from pipeline.config import ConfigError
-from storage import dataformat, files
+from pipeline.task import task_for
+from storage import dataset, files
 from storage.dataformat import DataError
 from storage.files import StorageError
 
@@ -47,7 +47,7 @@ def check_working_dir(cfg: config_lib.Config, in_copy: bool) -> None:
 def local_places(cfg: config_lib.Config) -> dict[str, str]:
     """``key -> local path`` for every config value that names a place on this machine's disk (URIs
     such as s3:// or http:// and MLflow run references are no local places)."""
-    uri = _tracking.configured_uri(cfg.tracking.uri)
+    uri = tracking.configured_uri(cfg.tracking.uri)
     places = {"data.root": cfg.data.root,
               "run.storage_path": "" if files.is_uri(cfg.run.storage_path) else cfg.run.storage_path}
     if cfg.tracking.enabled:
@@ -65,11 +65,12 @@ def local_places(cfg: config_lib.Config) -> dict[str, str]:
 
 def check_data(cfg: config_lib.Config) -> DataFacts:
     """Both splits resolve (shards, indexes, manifests), match their checksums, and the training split
-    holds at least one global batch."""
+    holds at least one global batch of the images the task trains on."""
     d = cfg.data
-    train = dataset.load_split(d.root, d.train_split)     # each checks its shards' sha256 (cached per node)
-    val = dataset.load_split(d.root, d.val_split)
-    images = train.num_samples if cfg.model.head == "classes" else boxed_images(cfg)
+    ds = dataset.open_dataset(d.root)
+    ds.split(d.train_split)                        # each checks its shards' sha256 (cached per node)
+    val = ds.split(d.val_split)
+    images = task_for(cfg.model.head).train_images(ds, d.train_split, d.val_split)
     batch = cfg.run.global_batch_size
     if images < batch:
         raise ConfigError(f"run.global_batch_size {batch} is larger than the {images} training "
@@ -77,55 +78,18 @@ def check_data(cfg: config_lib.Config) -> DataFacts:
     return DataFacts(images, val.num_samples, images // batch)
 
 
-def boxed_images(cfg: config_lib.Config) -> int:
-    """A localisation run trains on the training images with a box and validates on images with
-    boxes: both splits must have them (dataset.json says so). Returns the boxed training images."""
-    d = cfg.data
-    info = dataset.read_info(d.root)
-    counts = {split: dataformat.boxed_images(info, split) for split in (d.train_split, d.val_split)}
-    for split, n in counts.items():
-        if n == 0:
-            raise ConfigError(f"model.head {cfg.model.head!r} needs boxes, but split {split!r} of {d.root} has "
-                              f"none (dataset.json); preprocess it with its box annotations (docs/localisation.md)")
-    return counts[d.train_split]
-
-
 def check_parent(cfg: config_lib.Config) -> None:
-    """A new run's ``model.init_from`` fits the net: its FC8 has this dataset's class count, or the
-    config asks for a new one (``model.reinit_head``); for a box head, every weight but FC8 fits."""
-    if not cfg.model.init_from or (cfg.model.reinit_head and cfg.model.head == "classes"):
+    """A new run's ``model.init_from`` fits the net, as its task takes it (``Task.check_parent``)."""
+    if not cfg.model.init_from:
         return
+    import torch
+
     from pipeline import checkpoint as ckpt
 
     weights, path = ckpt.load_weights(cfg.model.init_from)
-    if cfg.model.head != "classes":
-        check_box_parent(cfg, weights, path)
-        return
-    head = weights.get("classifier.6.weight")
-    if head is not None and head.shape[0] != cfg.model.num_classes:
-        raise ConfigError(f"model.init_from {path} has {head.shape[0]} classes, {cfg.data.root} has "
-                          f"{cfg.model.num_classes}: set model.reinit_head=true to start a new last layer")
-
-
-def check_box_parent(cfg: config_lib.Config, weights: dict, path: str) -> None:
-    """A localisation net takes every weight but FC8 from its parent (``model.heads``): the parent
-    must be the same model at the same width and crop, whatever its FC8 (classes or another head)."""
-    import torch
-
-    import model
-    from pipeline import checkpoint as ckpt
-
     with torch.device("meta"):     # shapes only, nothing allocated
         net = ckpt.build_model(cfg, cfg.model.num_classes)
-    want = {k: tuple(v.shape) for k, v in net.state_dict().items() if k not in model.HEAD_KEYS}
-    got = {k: tuple(v.shape) for k, v in weights.items() if k not in model.HEAD_KEYS}
-    if want == got:
-        return
-    wrong = sorted(set(want) ^ set(got)) + sorted(k for k in set(want) & set(got) if want[k] != got[k])
-    m = cfg.model
-    raise ConfigError(f"model.init_from {path} is not a net {m.name} of width {m.width} on "
-                      f"{cfg.data.crop_size} px crops, the body the {m.head} net takes from its parent: "
-                      f"{len(wrong)} tensors differ ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
+    task_for(cfg.model.head).check_parent(cfg, weights, path, net)
 
 
 def checkpoint_bytes(cfg: config_lib.Config, existing: str = "") -> int:
@@ -166,7 +130,7 @@ def explain_failure(cfg: config_lib.Config, run_folder: str, plan, error: Except
     """After the workers failed: a worker's DataError (bad data met in training), or a storage with no
     room left for another checkpoint, become user errors; the workers' tracebacks say the same, deep in
     Ray's report."""
-    from jobs._train_worker import DATA_ERROR
+    from jobs.cluster.worker import DATA_ERROR
 
     stop = files.join(run_folder, DATA_ERROR)
     if files.exists(stop):

@@ -21,7 +21,7 @@ import psutil
 
 MARKER = "vgg-driver.json"  # in a local session's folder: which driver started it
 _REPO = Path(__file__).resolve().parent.parent
-_WATCH = "import sys; from jobs._ray import watch; watch(sys.argv[1])"
+_WATCH = "import sys; from jobs.cluster import watch; watch(sys.argv[1])"
 _watchdogs: list[subprocess.Popen] = []  # they outlive the driver on purpose: no "still running" warning
 
 

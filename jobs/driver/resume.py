@@ -2,8 +2,9 @@
 have checkpoints (``run.resume``: auto | never | must).
 
 The resolved config is compared with the one the latest checkpoint was trained with. Keys that only
-change how long, where or how the run is carried out (``MAY_CHANGE``) are applied on resume and
-reported; any other difference changes the experiment and is refused, every differing key named.
+change how long, where or how the run is carried out (``MAY_CHANGE``, each declared so by its field in
+pipeline/config.py) are applied on resume and reported; any other difference changes the experiment
+and is refused, every differing key named.
 """
 from __future__ import annotations
 
@@ -16,16 +17,9 @@ from pipeline.config import ConfigError
 from pipeline.schedule import Plateau, should_stop
 
 # How long, with what failure budget, on how many workers, where it is logged and how it is loaded:
-# none of these changes what is learnt from the same data in the same order.
-MAY_CHANGE_PREFIXES = ("tracking.",)
-MAY_CHANGE = {
-    "schedule.epochs", "run.max_steps", "run.max_failures", "run.workers", "run.cpus_per_worker",
-    "run.use_gpu", "run.placement_strategy", "run.wait_for_nodes", "model.box_bias", "run.checkpoint_every_steps", "run.keep_last",
-    "run.log_every_steps", "run.resume", "run.compile", "run.fuse_conv_relu", "run.amp", "run.channels_last",
-    "data.threads", "data.prefetch", "data.decode", "data.hw_decoder_load", "data.eval_batch_size",
-    "data.root",            # the same data elsewhere: the dataset fingerprint is compared instead
-    "model.init_from", "model.init_from_mode", "model.reinit_head",   # a resume takes its checkpoint's weights
-}
+# none of these changes what is learnt from the same data in the same order. Each key says so itself,
+# with ``resume=True`` in its field (pipeline/config.py); every ``tracking.*`` key does.
+MAY_CHANGE = frozenset(k for k, f in config_lib.leaves().items() if f.metadata.get("resume"))
 
 
 class ResumeError(ConfigError):
@@ -44,7 +38,7 @@ class Plan:
 
 
 def may_change(key: str) -> bool:
-    return key in MAY_CHANGE or key.startswith(MAY_CHANGE_PREFIXES)
+    return key in MAY_CHANGE
 
 
 def plan(cfg: config_lib.Config, run_folder: str, fingerprint: str) -> Plan:

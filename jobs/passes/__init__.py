@@ -1,0 +1,1 @@
+"""The sharded passes over a split: classification and localisation evaluation, features, transfer; one front (``front``), one writer of results (``results``). No Ray or MLflow here: ``jobs.cluster`` and ``jobs.tracking`` do that."""

@@ -1,0 +1,193 @@
+"""A preprocessed dataset folder, opened once and checked before DALI sees it: ``open_dataset(root)``.
+
+The format is ``storage.dataformat`` (docs/data-format.md). Every check here fails with a
+``DataError`` that names the file, so a broken dataset never reaches DALI (which would otherwise read
+garbage from a stale index, or hang on an empty shard list), and a shard whose bytes changed since
+preprocessing is refused before it is read (``storage.shard_check``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage import dataformat as fmt
+from storage import shard_check
+from storage.dataformat import DataError, read_info
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Training-set colour statistics on the 0-255 scale (dataset.json ``stats``)."""
+    mean_rgb: tuple[float, float, float]
+    eigval: tuple[float, float, float]                 # RGB covariance eigenvalues (pixel^2), descending
+    eigvec: tuple[tuple[float, float, float], ...]     # eigvec[i] is the unit eigenvector of eigval[i]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's shards, in dataset.json order, and the number of samples stored in them."""
+    name: str
+    shards: tuple[str, ...]       # absolute paths of the .tar files
+    indexes: tuple[str, ...]      # absolute paths of their .idx files, same order
+    num_samples: int
+
+
+@dataclass
+class Dataset:
+    """A dataset folder's ``dataset.json``, read once; its splits resolved (and their shards' sha256
+    checked) once each, when first asked for."""
+    root: Path
+    info: dict
+    _splits: dict[tuple[str, bool], Split] = field(default_factory=dict, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.info.get("fingerprint", ""))
+
+    @property
+    def classes(self) -> list[dict]:
+        return list(self.info.get("classes", []))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def stats(self) -> Stats:
+        return _stats(self.root, self.info)
+
+    def boxed_images(self, split: str) -> int:
+        """How many stored images of ``split`` have a box (0: none), from dataset.json."""
+        return fmt.boxed_images(self.info, split)
+
+    def has_boxes(self, split: str) -> bool:
+        """Whether dataset.json records boxes for ``split`` (readers learn it here, never by scanning)."""
+        return fmt.SPLIT_BOXES in self.info.get("splits", {}).get(split, {})
+
+    def split(self, name: str, build_missing_index: bool = True, check: bool = True) -> Split:
+        """The split resolved and checked (``resolve_split``); with ``check``, its shards' sha256 too."""
+        key = (name, check)
+        if key not in self._splits:
+            self._splits[key] = resolve_split(self.root, self.info, name, build_missing_index)
+            if check:
+                self.check_shards(name)
+        return self._splits[key]
+
+    def check_shards(self, split: str, cache: str | os.PathLike | None = None) -> None:
+        shard_check.check_split_shards(self.root, split, self.info.get("splits", {}).get(split, {}), cache)
+
+    def stored_labels(self, split: str) -> dict[str, int]:
+        """key -> label of every sample stored in the split's shards (quarantined rows excluded)."""
+        table = fmt.read_manifest(self.root, split, columns=["key", "label", "shard", "status"]).to_pydict()
+        return {k: int(lbl) for k, lbl, shard, status in
+                zip(table["key"], table["label"], table["shard"], table["status"])
+                if shard is not None and status != "quarantined"}
+
+
+def open_dataset(root: str | os.PathLike) -> Dataset:
+    """The dataset at ``root``: its dataset.json read and checked to be a format this version reads."""
+    root = Path(root).resolve()
+    return Dataset(root, read_info(root))
+
+
+# The same, for a caller that needs one thing of a dataset once.
+def load_split(root: str | os.PathLike, split: str, build_missing_index: bool = True, check: bool = True) -> Split:
+    return open_dataset(root).split(split, build_missing_index, check)
+
+
+def load_stats(root: str | os.PathLike) -> Stats:
+    return open_dataset(root).stats()
+
+
+def stored_labels(root: str | os.PathLike, split: str) -> dict[str, int]:
+    return open_dataset(root).stored_labels(split)
+
+
+def check_shards(root: str | os.PathLike, split: str, cache: str | os.PathLike | None = None) -> None:
+    open_dataset(root).check_shards(split, cache)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _stats(root: Path, info: dict) -> Stats:
+    """The training mean RGB and RGB eigen-decomposition from dataset.json, validated."""
+    path = fmt.info_path(root)
+    stats = info.get("stats")
+    if not stats:
+        raise DataError(f"{path}: has no 'stats' (mean_rgb, rgb_eigval, rgb_eigvec); the pipeline "
+                           "takes the mean subtraction and the colour shift from there. Re-run preprocessing "
+                           "with the train split.")
+    missing = [k for k in ("mean_rgb", "rgb_eigval", "rgb_eigvec") if stats.get(k) is None]
+    if missing:
+        raise DataError(f"{path}: 'stats' lacks {', '.join(missing)}")
+    mean, val, vec = stats["mean_rgb"], stats["rgb_eigval"], stats["rgb_eigvec"]
+    if not (_numbers(mean, 3) and _numbers(val, 3) and isinstance(vec, list) and len(vec) == 3
+            and all(_numbers(row, 3) for row in vec)):
+        raise DataError(f"{path}: stats need mean_rgb[3], rgb_eigval[3], rgb_eigvec[3][3] of numbers; got "
+                        f"{mean!r}, {val!r}, {vec!r}")
+    if not all(math.isfinite(x) for x in [*mean, *val, *(x for row in vec for x in row)]):
+        raise DataError(f"{path}: stats contain NaN or infinity")
+    if any(v < -1e-6 for v in val):
+        raise DataError(f"{path}: rgb_eigval must be >= 0 (a covariance's eigenvalues), got {val}")
+    return Stats(mean_rgb=tuple(float(x) for x in mean), eigval=tuple(max(float(v), 0.0) for v in val),
+                 eigvec=tuple(tuple(float(x) for x in row) for row in vec))
+
+
+def _numbers(values, n: int) -> bool:
+    return (isinstance(values, list) and len(values) == n
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values))
+
+
+def resolve_split(root: Path, info: dict, split: str, build_missing_index: bool = True) -> Split:
+    """Resolve and check one split: every shard on disk, an index for each (built when missing),
+    index sample counts summing to dataset.json's ``num_samples``, the manifest's shards all listed."""
+    splits = info.get("splits", {})
+    if split not in splits:
+        raise DataError(f"{fmt.info_path(root)}: no split {split!r}; it has {', '.join(splits) or 'none'}")
+    entry = splits[split]
+    names = list(entry.get("shards", []))
+    if not names:
+        raise DataError(f"{fmt.info_path(root)}: split {split!r} lists no shards")
+    _check_manifest_shards(root, split, names)
+    shards, indexes, total = [], [], 0
+    for name in names:
+        tar = root / name
+        if not tar.is_file():
+            raise DataError(f"{tar}: shard of split {split!r} listed in dataset.json is missing on disk")
+        idx = tar.with_suffix(".idx")
+        if not idx.is_file():
+            if not build_missing_index:
+                raise DataError(f"{idx}: index of {tar.name} is missing")
+            log.warning("%s: index missing, building it", idx)
+            fmt.write_index(idx, fmt.scan_index_lines(tar))
+        total += fmt.index_count(idx)
+        shards.append(str(tar))
+        indexes.append(str(idx))
+    expected = int(entry.get("num_samples", -1))
+    if total != expected:
+        raise DataError(f"{root}: the {split!r} indexes count {total} samples but dataset.json says "
+                           f"{expected}; an index is stale (delete the .idx files to rebuild them) or a "
+                           "shard was rewritten")
+    return Split(name=split, shards=tuple(shards), indexes=tuple(indexes), num_samples=total)
+
+
+def _check_manifest_shards(root: Path, split: str, listed: list[str]) -> None:
+    """Every shard the manifest puts a sample in is one dataset.json lists (reads one column)."""
+    import pyarrow.compute as pc
+
+    path = fmt.manifest_path(root, split)
+    column = fmt.read_manifest(root, split, columns=["shard"]).column("shard")
+    in_manifest = {s for s in pc.unique(column).to_pylist() if s}
+    unlisted = sorted(in_manifest - set(listed))
+    if unlisted:
+        raise DataError(f"{path}: samples stored in {', '.join(unlisted[:5])} which dataset.json does not "
+                           f"list for split {split!r}")
+    for name in sorted(in_manifest):
+        if not (root / name).is_file():
+            raise DataError(f"{root / name}: shard named in {path} is missing on disk")
+
+
