@@ -32,6 +32,7 @@ import time
 from jobs.cli import UsageError, pass_parser
 from jobs.passes import classify, front, localise, results
 from pipeline import evaluate as E
+from storage import dataset
 
 TASKS = ("classification", "localisation")
 LOC_USAGE = """python -m jobs.evaluate --task localisation --checkpoint <loc run | checkpoint> [--checkpoint ...]
@@ -117,8 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     req = classify.Request(args.mode, args.batch_size or first.cfg.data.eval_batch_size or 16,
                            results.out_folder(args.out, "eval"),
                            results_run(args, opts, first, first.parent_run_id, started_ms))
-    shares = classify.shares(members, data, protocol, req.batch_size, opts)
-    published, per_class = classify.publish(members, data, protocol, shares, req, opts.workers)
+    ds = dataset.open_dataset(data.root)
+    shares = classify.shares(members, data, ds, protocol, req.batch_size, opts)
+    published, per_class = classify.publish(members, data, ds, protocol, shares, req, opts.workers)
     return {**vars(published), "per_class": per_class, "shares": shares}
 
 

@@ -25,6 +25,7 @@ from jobs.passes.features import extract, write_parquet
 from jobs.passes.members import member_scales
 from pipeline import evaluate as E
 from pipeline import features as F
+from storage import dataset
 
 
 def parse(argv):
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     opts = front.PassOptions.of(vars(args))
     members = front.open_members(args.run, opts)
-    keys, labels, per_net = extract(members, opts.split, args.batch_size, opts)
+    ds = dataset.open_dataset(opts.data or members[0].cfg.data.root)
+    keys, labels, per_net = extract(members, ds, opts.split, args.batch_size, opts)
     feats = F.descriptor(per_net, args.aggregate)
     out = Path(args.out)
     write_parquet(out, keys, labels, feats)

@@ -30,8 +30,8 @@ from pathlib import Path
 from jobs.cli import pass_parser
 from jobs.passes import front
 from jobs.passes import transfer as transfer_pass
-from storage import dataset
 from pipeline import features as F
+from storage import dataset
 from storage.dataformat import DataError
 from storage.files import atomic_write
 

@@ -17,9 +17,8 @@ from jobs import tracking
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
 from pipeline import goodput
-from storage import dataset
 from pipeline.goodput import Ledger
-from storage import files
+from storage import dataset, files
 from storage.dataformat import DataError
 
 MARKER = "reported"        # what Ray copies into checkpoint_<step>/ beside our checkpoint.pt

@@ -13,7 +13,7 @@ from torch import nn
 from jobs.passes import front, results
 from jobs.passes.members import Member, config_name, member_scales, one_name, train_scale, train_scales
 from pipeline import config as config_lib
-from storage import dataset
+from storage.dataset import Dataset
 from pipeline import evaluate as E
 
 COLUMNS = ("config", "train S", "test Q", "mode", "top-1 err %", "top-5 err %", "images")
@@ -48,10 +48,10 @@ def evaluate_rank(nets: list[nn.Module], data: config_lib.DataConfig, protocol: 
     return E.evaluate_share(nets, batches_at, protocol, device=device, progress=progress)
 
 
-def shares(members: list[Member], data: config_lib.DataConfig, protocol: E.Protocol, batch_size: int,
-           opts: front.PassOptions) -> list[E.ShareResult]:
+def shares(members: list[Member], data: config_lib.DataConfig, ds: Dataset, protocol: E.Protocol,
+           batch_size: int, opts: front.PassOptions) -> list[E.ShareResult]:
     """Every rank's ShareResult, rank order, each image checked counted once with its label."""
-    expected = front.stored_labels(data)
+    expected = ds.stored_labels(data.val_split)
     work = functools.partial(evaluate_rank, [m.net.cpu() for m in members], data, protocol, batch_size,
                              use_gpu=opts.gpu, threads=opts.threads)
     got = front.run(lambda rank, world, progress: work(rank, world, progress=progress), opts,
@@ -115,14 +115,14 @@ def metric_key(mode: str, row: str, what: str) -> str:
     return f"{mode}/{row.replace('@', '/q') if not row[0].isdigit() else 'q' + row}/{what}"
 
 
-def publish(members: list[Member], data: config_lib.DataConfig, protocol: E.Protocol, got: list[E.ShareResult],
-            req: Request, workers: int) -> tuple[results.Published, dict[tuple[str, str], torch.Tensor]]:
+def publish(members: list[Member], data: config_lib.DataConfig, ds: Dataset, protocol: E.Protocol,
+            got: list[E.ShareResult], req: Request, workers: int) -> tuple[results.Published, dict[tuple[str, str], torch.Tensor]]:
     """The table printed, written to ``req.out`` (results.csv, results.md, per_class.csv) and logged
     as an MLflow results run of the training run; and each row's per-class accuracy."""
     cfgs, num_classes = [m.cfg for m in members], members[0].num_classes
     rows, per_class = table(got, protocol, cfgs, num_classes)
     counts = torch.bincount(torch.cat([s.labels for s in got]), minlength=num_classes)
-    classes = dataset.open_dataset(data.root).classes or [{} for _ in range(num_classes)]
+    classes = ds.classes or [{} for _ in range(num_classes)]
     files = {"results.csv": results.to_csv(COLUMNS, ([r[c] for c in COLUMNS] for r in rows)),
              "results.md": results.markdown(rows, COLUMNS), "per_class.csv": per_class_csv(per_class, classes, counts)}
     head = rows[-1]  # the headline: the last protocol asked for, over all scales

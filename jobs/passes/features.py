@@ -12,6 +12,7 @@ import torch
 from jobs.passes import front
 from jobs.passes.members import Member, member_scales
 from pipeline import features as F
+from storage.dataset import Dataset
 from storage.files import atomic_write
 
 
@@ -21,13 +22,13 @@ def _rank(nets, data, member_scales, flip, batch_size, use_gpu, threads, rank, w
                             amp_dtype=torch.bfloat16 if use_gpu else None, progress=progress)
 
 
-def extract(members: list[Member], split: str, batch_size: int,
+def extract(members: list[Member], ds: Dataset, split: str, batch_size: int,
             opts: front.PassOptions) -> tuple[list[str], torch.Tensor, list[torch.Tensor]]:
-    """(sorted keys, labels, per net (N, scales, D)) of every stored image of ``split``, checked
-    exactly once against the manifest before anything is returned."""
+    """(sorted keys, labels, per net (N, scales, D)) of every stored image of ``split`` of ``ds``,
+    checked exactly once against the manifest before anything is returned."""
     data = front.split_data(members[0].cfg, opts, split)
     scales = member_scales(opts.scales, members)
-    expected = front.stored_labels(data)
+    expected = ds.stored_labels(data.val_split)
     union = {q for qs in scales for q in qs}
     work = functools.partial(_rank, [m.net.cpu() for m in members], data, scales, opts.flip, batch_size,
                              opts.gpu, opts.threads)

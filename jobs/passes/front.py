@@ -17,7 +17,6 @@ from jobs.cli import UsageError
 from jobs.cluster.ranks import run_ranks
 from jobs.passes.members import Member, check_ensemble, resolve_member
 from pipeline import config as config_lib
-from storage import dataset
 from pipeline import evaluate as E
 from pipeline.batch import Batch
 
@@ -117,8 +116,3 @@ def loader_batches(data: config_lib.DataConfig, batch_size: int, rank: int, worl
     from pipeline.loader import EvalLoader
 
     yield from EvalLoader(data, batch_size, rank, world, device_id=device_id, mode="dense", scale=q, boxes=boxes)
-
-
-def stored_labels(data: config_lib.DataConfig) -> dict[str, int]:
-    """The manifest's {key: label} of the pass's split."""
-    return dataset.open_dataset(data.root).stored_labels(data.val_split)

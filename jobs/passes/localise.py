@@ -22,10 +22,11 @@ from jobs.cli import UsageError
 from jobs.passes import front, results
 from jobs.passes.members import Member, check_ensemble, config_name, parse_scales, train_scale, train_scales
 from pipeline import config as config_lib
-from storage import dataset
 from pipeline import evaluate as E
 from pipeline import localise as L
 from pipeline.task import task_for
+from storage import dataset
+from storage.dataset import Dataset
 
 PROTOCOLS = ("a", "b", "both")
 A, B1, B5 = "GT-class err % (a)", "top-1 err % (b)", "top-5 err % (b)"
@@ -60,9 +61,8 @@ def check_nets(members: list[Member], classifiers: list[Member], protocol: str) 
     return protocol
 
 
-def check_boxes(data: config_lib.DataConfig) -> torch.Tensor:
+def check_boxes(data: config_lib.DataConfig, ds: Dataset) -> torch.Tensor:
     """Both splits must have boxes; returns the mean training box."""
-    ds = dataset.open_dataset(data.root)
     for split in (data.val_split, data.train_split):
         if not ds.has_boxes(split):
             raise UsageError(f"split {split!r} of {data.root} has no boxes (no 'boxes' entry in its dataset.json): "
@@ -77,12 +77,13 @@ def evaluate(members: list[Member], classifiers: list[Member], req: Request,
     classifiers = classifiers if which != "a" else []
     first = members[0].cfg
     data = front.split_data(first, opts)
-    mean_box = check_boxes(data)
+    ds = dataset.open_dataset(data.root)
+    mean_box = check_boxes(data, ds)
     protocol = L.LocProtocol(central=which != "b", scales=parse_scales(opts.scales, first.data),
                              crop=first.data.crop_size, flip=opts.flip,
                              max_batch=req.max_batch or (256 if opts.gpu else 64))
     batch = req.batch_size or first.data.eval_batch_size or 16
-    expected = front.stored_labels(data)
+    expected = ds.stored_labels(data.val_split)
     work = functools.partial(_rank, [m.net.cpu() for m in members], [c.net.cpu() for c in classifiers], data,
                              protocol, mean_box, batch, opts.gpu, opts.threads)
     shares = front.run(work, opts, len(expected) * len(protocol.scales), "localising")

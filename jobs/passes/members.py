@@ -11,9 +11,9 @@ from jobs.cli import UsageError
 from jobs.tracking import results
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
-from storage import dataset
 from pipeline import evaluate as E
 from pipeline.scoring import test_scales
+from storage import dataset
 
 
 @dataclass

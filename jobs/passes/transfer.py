@@ -15,6 +15,7 @@ from jobs.passes import front, results
 from jobs.passes.features import extract, write_parquet
 from jobs.passes.members import Member, member_scales
 from storage import dataset
+from storage.dataset import Dataset
 from pipeline import evaluate as E
 from pipeline import features as F
 from pipeline import transfer as T
@@ -41,14 +42,14 @@ class Request:
 
 def run(members: list[Member], req: Request, opts: front.PassOptions) -> dict:
     """Descriptors of both splits (written as parquet), then the SVMs, scores and results."""
-    got = {}
+    got, ds = {}, dataset.open_dataset(opts.data or members[0].cfg.data.root)
     splits = [req.train_split] if req.split == req.train_split else [req.train_split, req.split]
     for split in splits:
-        keys, labels, per_net = extract(members, split, req.batch_size, opts)
+        keys, labels, per_net = extract(members, ds, split, req.batch_size, opts)
         feats = F.descriptor(per_net, req.aggregate)
         write_parquet(req.out / f"features-{split}.parquet", keys, labels, feats)
         got[split] = (keys, labels.numpy(), feats.numpy())
-    names, targets = class_targets(req.labels, opts.data or members[0].cfg.data.root, got)
+    names, targets = class_targets(req.labels, ds, got)
     return report(req, names, targets, got, splits_of(req, got), member_scales(opts.scales, members), members)
 
 
@@ -66,13 +67,13 @@ def check(req: Request) -> None:
         raise UsageError("--repeats needs --train-per-class: without it every repeat is the same split")
 
 
-def class_targets(labels_file: str, root: str, got: dict) -> tuple[list[str], dict[str, np.ndarray]]:
+def class_targets(labels_file: str, ds: Dataset, got: dict) -> tuple[list[str], dict[str, np.ndarray]]:
     """(class names, per split the (N, classes) 0/1 targets): the multi-label file's names, or the
     dataset's classes with each image's single label."""
     if labels_file:
         names, labels = T.read_sidecar(labels_file)
         return names, {s: T.label_matrix(keys, names, labels, labels_file) for s, (keys, _, _) in got.items()}
-    classes = dataset.open_dataset(root).classes
+    classes = ds.classes
     n = max(len(classes), 1 + max(int(lbl.max()) for _, lbl, _ in got.values() if len(lbl)))
     names = [c.get("wnid") or str(i) for i, c in enumerate(classes)] + [str(i) for i in range(len(classes), n)]
     return names, {s: T.one_hot(lbl, n) for s, (_, lbl, _) in got.items()}
