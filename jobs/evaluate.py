@@ -30,14 +30,14 @@ import sys
 import time
 
 from jobs.cli import UsageError, pass_parser
-from jobs.passes import classify, front, localise, results
+from jobs.passes import classify, front, labels, localise, results
 from pipeline import evaluate as E
 from storage import dataset
 
 TASKS = ("classification", "localisation")
 LOC_USAGE = """python -m jobs.evaluate --task localisation --checkpoint <loc run | checkpoint> [--checkpoint ...]
-    [--classifier <classification run | checkpoint> ...] [--protocol a|b|both]
-    [--scales single | 256,384 | auto] [--no-flip] [--workers N] [--gpu] [--split val] [--out DIR]"""
+    [--classifier <classification run | checkpoint> ...] [--protocol a|b|both] [--labels <evaluation> | boxes]
+    [--scales single | 256,384 | auto | 256/352,384] [--no-flip] [--workers N] [--gpu] [--split val] [--out DIR]"""
 
 
 def parse(argv):
@@ -67,6 +67,11 @@ def parse_localisation(argv):
     p.add_argument("--protocol", choices=localise.PROTOCOLS, default="",
                    help="a (central crop, ground-truth class), b (dense, merged) or both (default: both "
                         "with --classifier, else a)")
+    p.add_argument("--labels", default=labels.BOXES,
+                   help="protocol (b)'s 5 classes per image: a classification evaluation (its --out folder, its "
+                        "labels.parquet or its MLflow run id), in its order, as the paper took its best "
+                        f"classification system's; default {labels.BOXES}: the --classifier nets' classes whose "
+                        "merged boxes score highest")
     p.add_argument("--batch-size", type=int, default=0, help="DALI batch (0: data.eval_batch_size, else 16)")
     p.add_argument("--max-batch", type=int, default=0, help="images per forward pass (0: 256 on GPU, 64)")
     p.add_argument("--out", default="", help="folder for results.csv/.md (default: eval-loc-<time>)")
@@ -128,7 +133,8 @@ def main_localisation(argv: list[str], started_ms: int) -> dict:
     args = parse_localisation(argv)
     opts = front.PassOptions.of(vars(args))
     members, classifiers = front.open_members(args.checkpoint, opts), front.open_members(args.classifier, opts)
-    req = localise.Request(args.protocol, args.batch_size, args.max_batch, results.out_folder(args.out, "eval-loc"),
+    req = localise.Request(args.protocol, args.labels, args.batch_size, args.max_batch,
+                           results.out_folder(args.out, "eval-loc"),
                            results_run(args, opts, members[0], members[0].parent_run_id, started_ms))
     published, shares, mean_box = localise.evaluate(members, classifiers, req, opts)
     return {**vars(published), "shares": shares, "mean_box": mean_box}

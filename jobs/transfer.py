@@ -3,7 +3,8 @@ mAP (VOC-style multi-label sets) or mean class recall (Caltech-style single-labe
 
     python -m jobs.transfer --run <run | checkpoint> [--run ...] --out DIR [--data ROOT]
         [--train-split train] [--split val] [--labels labels.csv] [--scales auto | 256,384,512]
-        [--aggregate mean|stack] [--svm-c 1.0] [--train-per-class N [--test-per-class M] [--repeats 3]]
+        [--aggregate mean|stack] [--svm-c 1.0 | auto] [--ap voc07|voc12|raw]
+        [--train-per-class N [--test-per-class M] [--repeats 3]]
         [--seed 0] [--workers N] [--no-ray] [--gpu]
     python -m jobs.transfer sample-labels ROOT OUT.csv    # a multi-label file for the synthetic sample
 
@@ -12,6 +13,12 @@ mAP (VOC-style multi-label sets) or mean class recall (Caltech-style single-labe
 - ``--labels``: a multi-label CSV (``key,labels`` with the names separated by spaces) for every image
   of both splits: one SVM per name, scored by mAP. Without it, the manifest's single label: one SVM
   per class, scored by mean class recall (and mAP).
+- ``--ap``: the mAP's average precision: voc07 (default; the VOC-2007 devkit's 11-point interpolated
+  AP, the paper's VOC-2007 figure), voc12 (all-point interpolated, VOC 2010 onwards: the paper's
+  VOC-2012 figure) or raw (non-interpolated, scikit-learn's average_precision_score).
+- ``--svm-c auto``: per repeat, C from {0.01, 0.1, 1, 10, 100} by the same metric on a held-out 20 %
+  of the training images (stratified per class when single-label), then the SVMs refitted on all of
+  them; the choice is printed and recorded in results.json.
 - ``--split`` equal to ``--train-split`` (Caltech: one pool of images): ``--repeats`` random splits of
   ``--train-per-class`` images per class to train on and up to ``--test-per-class`` of the rest to test
   on; the figures are averaged over the repeats. With two splits, ``--train-per-class`` samples the
@@ -31,6 +38,7 @@ from jobs.cli import pass_parser
 from jobs.passes import front
 from jobs.passes import transfer as transfer_pass
 from pipeline import features as F
+from pipeline import transfer as T
 from storage import dataset
 from storage.dataformat import DataError
 from storage.files import atomic_write
@@ -52,13 +60,26 @@ def parse(argv):
     p.add_argument("--labels", default="", help="multi-label CSV (key,labels) for both splits; default: "
                                                 "the manifest's single label")
     p.add_argument("--aggregate", choices=F.AGGREGATES, default="mean", help="over the scales: mean or stack")
-    p.add_argument("--svm-c", type=float, default=1.0, help="LinearSVC's C (regularisation: larger is weaker)")
+    p.add_argument("--svm-c", type=svm_c, default=1.0,
+                   help="LinearSVC's C (regularisation: larger is weaker), or auto: chosen on held-out training images")
+    p.add_argument("--ap", choices=T.FLAVOURS, default="voc07",
+                   help="the mAP's AP: voc07 (11-point, VOC-2007 devkit), voc12 (all-point, VOC 2010+), raw")
     p.add_argument("--train-per-class", type=int, default=0, help="random training images per class (0: all)")
     p.add_argument("--test-per-class", type=int, default=0, help="with one split: test images per class (0: rest)")
     p.add_argument("--repeats", type=int, default=1, help="random splits to average over")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     return p.parse_args(argv)
+
+
+def svm_c(text: str) -> float | str:
+    """``--svm-c``: a number (its range is Request.check's), or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'auto', got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     opts = front.PassOptions.of(vars(args))
     members = front.open_members(args.run, opts)
     req = transfer_pass.Request(train_split=args.train_split, split=args.split or members[0].cfg.data.val_split,
-                                labels=args.labels, aggregate=args.aggregate, svm_c=args.svm_c,
+                                labels=args.labels, aggregate=args.aggregate, svm_c=args.svm_c, ap=args.ap,
                                 train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                                 repeats=args.repeats, seed=args.seed, batch_size=args.batch_size, out=Path(args.out))
     return transfer_pass.run(members, req, opts)

@@ -91,8 +91,8 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | No
 
     ``pred`` (N, 4) for SCR, or (N, 4 x C) for PCR with ``labels`` (N,) the ground-truth classes (only
     their 4 outputs count); ``target`` (N, 4) in the same units as the net's outputs. Caffe's
-    EuclideanLoss, which the paper's code used, is 1/(2N) sum ||.||^2, i.e. 2x this value
-    (docs/localisation.md, assumption).
+    EuclideanLoss, 1/(2N) sum ||.||^2, is 2x this value; training uses it on the assumption that the
+    paper's Caffe-based code did (the paper says only "Euclidean loss"; docs/localisation.md).
     """
     if pred.shape[-1] != BOX_PARAMS:
         if labels is None:

@@ -216,7 +216,9 @@ def posteriors_at_scale(nets: Sequence[nn.Module], images: Sequence[torch.Tensor
 class ShareResult:
     """What a worker sends back: its keys, their labels and, per result row, the top-k classes.
 
-    ``top[(mode, q_label)]`` is (N, k) aligned with ``keys``. Optional ``posteriors`` (multi-scale,
+    ``top[(mode, q_label)]`` is (N, k) aligned with ``keys``. ``top_posteriors[mode]`` (N, k) are the
+    posteriors of the last row's top classes (all Qs together, or the ensemble): what a later pass
+    takes as this evaluation's labels (protocol (b)'s classes). Optional ``posteriors`` (multi-scale,
     per mode, (N, classes) float16) are kept only when asked for (ensembles of separate evaluations).
     """
 
@@ -224,6 +226,7 @@ class ShareResult:
     labels: torch.Tensor
     top: dict[tuple[str, str], torch.Tensor]
     posteriors: dict[str, torch.Tensor] = field(default_factory=dict)
+    top_posteriors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class DuplicateKeyError(RuntimeError):
@@ -299,7 +302,6 @@ def evaluate_share(nets: Sequence[nn.Module], batches_at: Callable[[int], Iterab
     labels: dict[str, int] = {}
     top: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)  # one member's per-Q rows
     sums = _Sums(len(members))
-    multi = len(p.scales) > 1 or p.ensemble or keep_posteriors
     for q, keys, lbl, images in checked_passes(batches_at, p.scales, device):
         for key, label in zip(keys, lbl.tolist()):  # .tolist(): one device-to-host copy
             labels[key] = label
@@ -312,14 +314,15 @@ def evaluate_share(nets: Sequence[nn.Module], batches_at: Callable[[int], Iterab
                 if not p.ensemble:
                     t = scoring.topk(pm, k)
                     top[(m, scale_label([q]))].update((key, t[j]) for j, key in enumerate(keys))
-                if multi:
-                    sums.add(g, m, keys, pm)
+                sums.add(g, m, keys, pm)   # the last row's posteriors, every row's top-k posteriors
         if progress is not None:
             progress(len(keys))
     order = sorted(labels)
     out_top, keep = _share_rows(p, members, top, sums, order, k)
+    last_row = rows(p)[-1][1]
+    top_p = {m: post.gather(1, out_top[(m, last_row)]) if len(order) else post for m, post in keep.items()}
     return ShareResult(order, torch.tensor([labels[key] for key in order], dtype=torch.long), out_top,
-                       {m: post.half() for m, post in keep.items()} if keep_posteriors else {})
+                       {m: post.half() for m, post in keep.items()} if keep_posteriors else {}, top_p)
 
 
 def _share_rows(p: Protocol, members: list[list[int]], top, sums: _Sums, order: list[str], k: int):

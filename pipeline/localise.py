@@ -8,14 +8,19 @@ min(H, W) == Q, as the dense classification evaluation reads it):
   its top-1 and top-5 errors are the same figure. Computed at the first Q of the protocol's scales.
 - (b), the full one (Table 9): the localisation net(s) applied **densely** to the whole image (and its
   flip) at every Q: a box per output location (per class for PCR), mapped to image pixels through
-  the location's 224-style window (``map_to_boxes``). Boxes are kept for the classification net's top
-  ``classes_kept`` classes at that Q, each scored by the classification net's posterior of its class
-  at the same location; then, over all Qs and views, ``boxes.greedy_merge`` and ``boxes.top_guesses``
-  give 5 ranked (class, box) guesses. Several localisation nets: the union of their boxes is merged.
+  the location's 224-style window (``map_to_boxes``), each scored by the classification net's
+  posterior of its class at the same location, then merged over all Qs and views
+  (``boxes.greedy_merge``). Which 5 classes, in which order, is the label source:
+  - labels given (the paper's way): each image's top-5 classes of a classification evaluation (its
+    best classification system); the guesses are those classes in that order, each with its best
+    merged box (``in_order_guesses``);
+  - none given ("boxes"): the classification net's top ``classes_kept`` classes at each Q keep their
+    boxes, and the 5 classes whose merged boxes score highest are the guesses (``boxes.top_guesses``).
+  Several localisation nets: the union of their boxes is merged.
 
 Baselines in the same pass: the whole image (the whole crop in (a)) and the mean training box (the mean
 ground-truth box of the training split, as fractions of the image), with the ground-truth class in (a)
-and with the classification net's top-5 classes in (b).
+and with the label source's 5 classes in (b).
 """
 from __future__ import annotations
 
@@ -45,10 +50,13 @@ COLUMNS = ("a", "b1", "b5")
 class LocProtocol:
     """What to compute: protocol (a) or not (``central``; (b) runs when classification nets are
     given), test ``scales`` Q ((a) at the first), flips for (b), the crop of the nets, how many of the
-    classifier's classes keep their boxes at each Q, the merging threshold."""
+    classifier's classes keep their boxes at each Q, the merging threshold. ``member_scales``: each
+    localisation net's own Q set (Table 9's fusion: 256 with 352,384), ``scales`` their union; (a) runs
+    each net at its own first Q."""
 
     central: bool = True
     scales: tuple[int, ...] = (256,)
+    member_scales: tuple[tuple[int, ...], ...] = ()
     crop: int = 224
     flip: bool = True
     classes_kept: int = 5
@@ -61,6 +69,12 @@ class LocProtocol:
             raise ValueError(f"test scales {self.scales} must be non-empty and >= the crop {self.crop}")
         if self.classes_kept < 1:
             raise ValueError(f"classes_kept must be >= 1, got {self.classes_kept}")
+        if any(not set(qs) <= set(self.scales) for qs in self.member_scales):
+            raise ValueError(f"each net's Q set {self.member_scales} must be within the scales {self.scales}")
+
+    def scales_of(self, net: int) -> tuple[int, ...]:
+        """The Qs localisation net ``net`` runs at."""
+        return self.member_scales[net] if self.member_scales else self.scales
 
 
 def row_names(n_nets: int) -> list[str]:
@@ -124,21 +138,24 @@ def gt_class_box(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def protocol_a(nets: Sequence[nn.Module], x: torch.Tensor, labels: torch.Tensor, gt: Sequence[torch.Tensor],
-               crop: int, mean_box: torch.Tensor) -> dict[str, torch.Tensor]:
+               crop: int, mean_box: torch.Tensor, names: Sequence[str] = (),
+               baselines: bool = True) -> dict[str, torch.Tensor]:
     """{row: (N,) bool correct} on the central crop of images ``x`` (N, 3, H, W) with ground-truth
-    corners ``gt[i]`` (G, 4) in their pixels: each net's box for the ground-truth class, the whole
-    crop, and the mean training box (``mean_box`` (4,) corners as fractions of the image)."""
+    corners ``gt[i]`` (G, 4) in their pixels: each net's box for the ground-truth class (rows
+    ``names``, default net1, net2, ...), and with ``baselines`` the whole crop and the mean training
+    box (``mean_box`` (4,) corners as fractions of the image)."""
     h, w = x.shape[-2:]
     top, left = scoring.center_box(h, w, crop)
     view = x[:, :, top:top + crop, left:left + crop]
     shift = torch.tensor([left, top, left, top], dtype=torch.float32)
     whole = torch.tensor([0.0, 0.0, crop, crop])
     prior = mean_box.float() * torch.tensor([w, h, w, h], dtype=torch.float32) - shift
-    guesses = {f"net{i + 1}": window_to_pixels(gt_class_box(net(view).float().cpu(), labels.cpu()),
-                                               torch.zeros(2), float(crop))
-               for i, net in enumerate(nets)}
-    guesses[WHOLE] = whole.expand(len(labels), 4)
-    guesses[MEAN_BOX] = prior.expand(len(labels), 4)
+    names = names or [f"net{i + 1}" for i in range(len(nets))]
+    guesses = {name: window_to_pixels(gt_class_box(net(view).float().cpu(), labels.cpu()), torch.zeros(2), float(crop))
+               for name, net in zip(names, nets)}
+    if baselines:
+        guesses[WHOLE] = whole.expand(len(labels), 4)
+        guesses[MEAN_BOX] = prior.expand(len(labels), 4)
     return {row: torch.tensor([B.is_correct(int(c), g[i], labels[i:i + 1].expand(len(gt[i])).cpu(),
                                             gt[i].float() - shift)
                                for i, c in enumerate(labels.tolist())], dtype=torch.bool)
@@ -215,6 +232,18 @@ def ranked_guesses(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tens
     return pad_guesses(lab, box, p.guesses)
 
 
+def in_order_guesses(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
+                     p: LocProtocol):
+    """Merge, then for each of ``classes`` (k,) in that order its best merged box (a class without a
+    box gets an empty one, never correct) -> (labels (1, guesses), boxes (1, guesses, 4))."""
+    box, score, lab = B.greedy_merge(boxes, scores, labels, p.merge_iou)   # highest score first
+    picked = []
+    for c in classes.tolist()[:p.guesses]:
+        mine = (lab == c).nonzero()
+        picked.append(box[mine[0, 0]] if len(mine) else torch.zeros(4))
+    return pad_guesses(classes[:p.guesses], torch.stack(picked).reshape(-1, 4), p.guesses)
+
+
 def pad_guesses(lab: torch.Tensor, box: torch.Tensor, k: int):
     pad = k - len(lab)
     lab = torch.cat([lab.long(), torch.full((pad,), -1, dtype=torch.long)])
@@ -238,16 +267,16 @@ class LocShare:
 
 
 def _record_b(images: dict[str, _Image], keys: list[str], gt: list[torch.Tensor], x: torch.Tensor, post,
-              per_view, p: LocProtocol) -> None:
-    """Add one batch's dense candidates to each image's pool (on the CPU)."""
+              per_view, p: LocProtocol, given: dict[str, torch.Tensor] | None, active: list[int], n_nets: int) -> None:
+    """Add one batch's dense candidates of the ``active`` localisation nets (of ``n_nets``) to each
+    image's pool (on the CPU): the boxes of the given classes, else of this Q's top ``classes_kept``."""
     h, w = x.shape[-2:]
-    kept = scoring.topk(post, p.classes_kept)                                 # (N, k) this Q's classes
+    kept = torch.stack([given[k] for k in keys]) if given else scoring.topk(post, p.classes_kept)   # (N, k)
     for j, key in enumerate(keys):
-        n_nets = len(per_view[0])
         im = images.setdefault(key, _Image([[] for _ in range(n_nets)], [[] for _ in range(n_nets)],
                                            [[] for _ in range(n_nets)]))
         for view in per_view:
-            for m, (bx, lp) in enumerate(view):
+            for m, (bx, lp) in zip(active, view):
                 b, s, lab = class_candidates(bx[j], lp[j], kept[j])
                 im.boxes[m].append(b)
                 im.scores[m].append(s)
@@ -257,17 +286,17 @@ def _record_b(images: dict[str, _Image], keys: list[str], gt: list[torch.Tensor]
             im.gt = to_fractions(gt[j].float(), h, w)
 
 
-def _b_hits(im: _Image, label: int, mean_box: torch.Tensor, p: LocProtocol) -> dict[str, tuple[bool, bool]]:
+def _b_hits(im: _Image, label: int, mean_box: torch.Tensor, p: LocProtocol,
+            given: torch.Tensor | None = None) -> dict[str, tuple[bool, bool]]:
     """{row: (top-1 hit, top-5 hit)} of one image's protocol (b): each net's merged boxes, the union
-    of all nets' when several, and the baselines' one box for each of the classifier's top classes."""
+    of all nets' when several, and the baselines' one box for each of the label source's classes."""
     gt = [(torch.full((len(im.gt),), label, dtype=torch.long), im.gt)]
     guesses = {}
     cat = [[torch.cat(parts) for parts in (im.boxes[m], im.scores[m], im.labels[m])] for m in range(len(im.boxes))]
-    for m, (b, s, lab) in enumerate(cat):
-        guesses[f"net{m + 1}"] = ranked_guesses(b, s, lab, p)
-    if len(cat) > 1:
-        guesses[ENSEMBLE] = ranked_guesses(*(torch.cat(parts) for parts in zip(*cat)), p)
-    classes = scoring.topk(im.posterior[None], p.guesses)[0]
+    union = [[torch.cat(parts) for parts in zip(*cat)]] if len(cat) > 1 else []
+    for row, (b, s, lab) in zip(row_names(len(cat)), cat + union):
+        guesses[row] = in_order_guesses(b, s, lab, given, p) if given is not None else ranked_guesses(b, s, lab, p)
+    classes = given if given is not None else scoring.topk(im.posterior[None], p.guesses)[0]
     for row, box in ((WHOLE, torch.tensor([0.0, 0.0, 1.0, 1.0])), (MEAN_BOX, mean_box.float())):
         guesses[row] = pad_guesses(classes, box.expand(len(classes), 4), p.guesses)
     return {row: (bool(B.localisation_hits(lab, box, gt, 1)[0]), bool(B.localisation_hits(lab, box, gt, 5)[0]))
@@ -277,11 +306,12 @@ def _b_hits(im: _Image, label: int, mean_box: torch.Tensor, p: LocProtocol) -> d
 @torch.no_grad()
 def evaluate_loc_share(loc_nets: Sequence[nn.Module], cls_nets: Sequence[nn.Module],
                        batches_at: Callable[[int], Iterable[Batch]], p: LocProtocol, mean_box: torch.Tensor,
-                       device: torch.device | str = "cpu",
-                       progress: Callable[[int], None] | None = None) -> LocShare:
+                       device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
+                       given: dict[str, torch.Tensor] | None = None) -> LocShare:
     """Protocols (a) and (b) on one worker's share: ``batches_at(Q)`` yields that share's images at Q
-    with their ground-truth boxes. Without ``cls_nets`` only protocol (a) is computed. Every scale's
-    pass must give the same keys, each once (``evaluate.checked_passes``)."""
+    with their ground-truth boxes. Without ``cls_nets`` only protocol (a) is computed. ``given``: key
+    -> the 5 classes protocol (b) guesses, in order (the label source), else the classifiers' own.
+    Every scale's pass must give the same keys, each once (``evaluate.checked_passes``)."""
     device = torch.device(device)
     loc_nets = [n.to(device).eval() for n in loc_nets]
     cls_nets = [n.to(device).eval() for n in cls_nets]
@@ -299,23 +329,27 @@ def evaluate_loc_share(loc_nets: Sequence[nn.Module], cls_nets: Sequence[nn.Modu
     for q, keys, lbl, x in E.checked_passes(plain, p.scales, device):
         gt = [gts[k].float().cpu() for k in keys]
         labels.update(zip(keys, lbl.tolist()))
-        if p.central and q == p.scales[0]:
-            for row, hit in protocol_a(loc_nets, x, lbl.cpu(), gt, p.crop, mean_box).items():
+        if p.central:
+            first = [i for i in range(len(loc_nets)) if p.scales_of(i)[0] == q]
+            for row, hit in protocol_a([loc_nets[i] for i in first], x, lbl.cpu(), gt, p.crop, mean_box,
+                                       [f"net{i + 1}" for i in first], q == p.scales[0]).items():
                 a_hits.setdefault(row, {}).update(zip(keys, hit.tolist()))
+        active = [i for i in range(len(loc_nets)) if q in p.scales_of(i)]
         if cls_nets:
-            post, per_view = dense_candidates(loc_dense, cls_dense, x, p)
+            post, per_view = dense_candidates([loc_dense[i] for i in active], cls_dense, x, p)
             per_view = [[(b.cpu(), lp.cpu()) for b, lp in view] for view in per_view]  # one sync per batch
-            _record_b(images, keys, gt, x, post.cpu(), per_view, p)
+            _record_b(images, keys, gt, x, post.cpu(), per_view, p, given, active, len(loc_nets))
         if progress is not None:
             progress(len(keys))
-    return _share(sorted(labels), labels, gts, a_hits, images, mean_box, p)
+    return _share(sorted(labels), labels, gts, a_hits, images, mean_box, p, given)
 
 
-def _share(order, labels, gts, a_hits, images, mean_box, p: LocProtocol) -> LocShare:
+def _share(order, labels, gts, a_hits, images, mean_box, p: LocProtocol, given) -> LocShare:
     scored = torch.tensor([len(gts[k]) > 0 for k in order], dtype=torch.bool)
     hits = {(row, "a"): torch.tensor([got[k] for k in order], dtype=torch.bool) for row, got in a_hits.items()}
     if images:
-        per_key = [_b_hits(images[k], labels[k], mean_box, p) if len(gts[k]) else None for k in order]
+        per_key = [_b_hits(images[k], labels[k], mean_box, p, given[k] if given else None) if len(gts[k]) else None
+                   for k in order]
         for row in row_names(len(next(iter(images.values())).boxes)):
             for col, i in (("b1", 0), ("b5", 1)):
                 hits[(row, col)] = torch.tensor([bool(h and h[row][i]) for h in per_key], dtype=torch.bool)

@@ -33,10 +33,11 @@ from pipeline import scoring
 from pipeline.errors import ConfigError
 from pipeline.worker import Worker
 
-# Caffe's EuclideanLoss, which the paper's code used, is 1/(2N) sum_i ||p_i - t_i||^2 over the 4 box
-# parameters; model.box_loss is the mean over N and the 4 parameters, i.e. half of it. The training loss
-# is Caffe's, so the paper's lr 1e-3 and weight decay 5e-4 keep their balance (doubling the lr instead
-# would double the decay too).
+# assumption: the training loss is Caffe's EuclideanLoss, 1/(2N) sum_i ||p_i - t_i||^2 over the 4 box
+# parameters; model.box_loss is the mean over N and the 4 parameters, i.e. half of it. The paper names
+# only a "Euclidean loss" (with lr 1e-3 and weight decay 5e-4); that its code used Caffe's layer is
+# inferred from the implementation being derived from C++ Caffe (section 3.3). With Caffe's scale the
+# paper's lr and weight decay keep their balance (doubling the lr instead would double the decay too).
 EUCLIDEAN = 2.0
 log = logging.getLogger("pipeline.train_loop")
 ROLES = ("classification", "localisation")

@@ -1,7 +1,7 @@
 """Appendix B's classifier and metrics, in plain numpy and scikit-learn: a linear SVM per class
-(one-vs-rest) on L2-normalised descriptors, mean average precision for multi-label sets (VOC) and
-mean class recall for single-label ones (Caltech), random per-class splits, and the multi-label
-sidecar file.
+(one-vs-rest) on L2-normalised descriptors, its C fixed or chosen on held-out training images, mean
+average precision in three flavours (FLAVOURS) for multi-label sets (VOC) and mean class recall for
+single-label ones (Caltech), random per-class splits, and the multi-label sidecar file.
 
 Multi-label sidecar (a CSV, one row per image): ``key,labels`` header, then the manifest's sample
 key and its labels as names separated by spaces (``000005,chair person``); the label vocabulary is
@@ -11,6 +11,7 @@ may have no label (a negative for every class).
 from __future__ import annotations
 
 import csv
+import logging
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from storage.dataformat import DataError
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -103,27 +106,121 @@ def fit_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, c: 
     return np.asarray(clf.decision_function(x_test), dtype=np.float64).reshape(len(x_test), y_train.shape[1])
 
 
+# C for the SVMs, chosen on a held-out part of the training images (``--svm-c auto``): the grid, the
+# share held out, and on ties the smallest C (the strongest regularisation) wins.
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+HELD_OUT = 0.2
+
+
+def held_out_split(y: np.ndarray, single_label: bool, share: float,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(indices to fit on, indices held out) of the rows of an (N, classes) 0/1 matrix, sorted: a
+    ``share`` of them held out at random; single-label, per class (stratified: round(share x its
+    images), but never its last image). DataError if nothing would be held out or left to fit on."""
+    if single_label:
+        held = []
+        for c in np.unique(np.argmax(y, axis=1)):
+            idx = rng.permutation(np.flatnonzero(np.argmax(y, axis=1) == c))
+            held.append(idx[:min(len(idx) - 1, int(round(share * len(idx))))])
+        held = np.concatenate([np.zeros(0, dtype=np.int64), *held])
+    else:
+        held = rng.permutation(len(y))[:int(round(share * len(y)))]
+    if not 0 < len(held) < len(y):
+        raise DataError(f"{len(y)} training images: too few to hold {share:.0%} out for choosing C; "
+                        "give --svm-c a number")
+    return np.setdiff1d(np.arange(len(y)), held), np.sort(held)
+
+
+def score(metric: str, y: np.ndarray, scores: np.ndarray, flavour: str) -> float:
+    """``metric`` ("mAP" with the AP ``flavour``, or "mean_class_recall" of single-label rows) of
+    (N, classes) 0/1 targets and SVM scores."""
+    if metric == "mAP":
+        return mean_average_precision(y, scores, flavour)[0]
+    if metric == "mean_class_recall":
+        return mean_class_recall(np.argmax(y, axis=1), scores)[0]
+    raise ValueError(f"unknown metric {metric!r}; known: mAP, mean_class_recall")
+
+
+def choose_c(x: np.ndarray, y: np.ndarray, metric: str, flavour: str, rng: np.random.Generator,
+             seed: int = 0, grid: Sequence[float] = C_GRID, share: float = HELD_OUT) -> tuple[float, dict]:
+    """(the C of ``grid`` with the best ``metric`` on a held-out ``share`` of the training images,
+    {C: its held-out figure}): SVMs fitted on the rest for each C, ties to the smallest C. Refitting
+    on all the training images with that C is the caller's (fit_scores)."""
+    fit, held = held_out_split(y, metric == "mean_class_recall", share, rng)
+    got = {float(c): score(metric, y[held], fit_scores(x[fit], y[fit], x[held], c, seed), flavour) for c in grid}
+    finite = {c: v for c, v in got.items() if v == v}
+    if not finite:
+        raise DataError(f"no held-out image is positive for any class: {metric} is undefined for every C; "
+                        "give --svm-c a number")
+    return max(finite, key=lambda c: (finite[c], -c)), got
+
+
 # ----------------------------------------------------------------------------- metrics
 
-def average_precision(y: np.ndarray, scores: np.ndarray) -> float:
-    """Non-interpolated AP of one class: sum over the distinct score thresholds, from the highest, of
-    (recall gained) x (precision at that threshold); tied scores enter together. NaN with no positive."""
-    y, scores = np.asarray(y).astype(bool), np.asarray(scores, dtype=np.float64)
-    positives = y.sum()
-    if positives == 0:
-        return float("nan")
+# The average-precision flavours (``--ap``), each with the line the results files give it.
+FLAVOUR_ABOUT = {"voc07": "VOC-2007 devkit's 11-point interpolated AP, the paper's VOC-2007 figure",
+                 "voc12": "VOC-2010+ all-point interpolated AP, the paper's VOC-2012 figure",
+                 "raw": "non-interpolated AP, scikit-learn's average_precision_score"}
+FLAVOURS = tuple(FLAVOUR_ABOUT)
+
+
+def _pr_steps(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, images ranked) at each distinct score threshold, highest score first: the end
+    of each run of equal scores, so tied images enter together and the order they came in is moot."""
     order = np.argsort(-scores, kind="stable")
     s, hits = scores[order], np.cumsum(y[order])
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]   # the last index of each run of equal scores
-    tp, seen = hits[last], last + 1
+    return hits[last], last + 1
+
+
+def average_precision(y: np.ndarray, scores: np.ndarray, flavour: str) -> float:
+    """AP of one class from (N,) 0/1 labels and (N,) scores, by ``flavour`` (one of FLAVOURS).
+
+    The ranking is cut at each distinct score (ties: one threshold step, all tied images at once;
+    the devkits sort item by item, so with ties their figure depends on the input order, ours does
+    not), giving precision p_k and recall r_k per step k.
+    - raw: sum_k (r_k - r_{k-1}) p_k.
+    - voc12: sum_k (r_k - r_{k-1}) max_{j >= k} p_j (precision made monotone non-increasing).
+    - voc07: mean over t in {0, 0.1, ..., 1} of max {p_k : r_k >= t}, 0 if no step reaches t;
+      r_k >= t is compared exactly (10 TP >= 10 t P in integers), where the devkit compares floats
+      (Python ports' ``arange(0, 1.1, 0.1)`` puts t = 0.3, 0.6, 0.7 a hair above 3/10, 6/10, 7/10).
+    NaN for a class with no positive image."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown AP flavour {flavour!r}; known: {', '.join(FLAVOURS)}")
+    y, scores = np.asarray(y).astype(bool), np.asarray(scores, dtype=np.float64)
+    positives = int(y.sum())
+    if positives == 0:
+        return float("nan")
+    tp, seen = _pr_steps(y, scores)
+    precision = tp / seen
+    if flavour == "voc07":
+        reached = 10 * tp[None, :] >= np.arange(11)[:, None] * positives   # (11 thresholds, steps)
+        return float(np.mean(np.max(np.where(reached, precision, 0.0), axis=1)))
+    if flavour == "voc12":
+        precision = np.maximum.accumulate(precision[::-1])[::-1]
     recall_gain = np.diff(np.r_[0, tp]) / positives
-    return float(np.sum(recall_gain * tp / seen))
+    return float(np.sum(recall_gain * precision))
 
 
-def mean_average_precision(y: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray]:
-    """(mAP over the classes with a positive test image, per-class AP with NaN for the others)."""
-    ap = np.array([average_precision(y[:, j], scores[:, j]) for j in range(y.shape[1])])
+def mean_average_precision(y: np.ndarray, scores: np.ndarray, flavour: str) -> tuple[float, np.ndarray]:
+    """(mAP over the classes with a positive test image, per-class AP with NaN for the others) of
+    (N, classes) 0/1 labels and scores. Silent: callers name the left-out classes (warn_no_positive)."""
+    ap = np.array([average_precision(y[:, j], scores[:, j], flavour) for j in range(y.shape[1])])
     return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"), ap
+
+
+_NO_POSITIVE = {"test": "AP NaN: left out of the mean",
+                "training": "its SVM scores are a constant, so its AP is chance level: kept in the mean"}
+
+
+def warn_no_positive(y: np.ndarray, names: Sequence[str], split: str, context: str = "") -> list[str]:
+    """The names of the columns of an (N, classes) 0/1 matrix with no positive, logged as one warning
+    naming them and the effect on the mean (``split``: "test" or "training")."""
+    missing = [n for n, seen in zip(names, np.asarray(y).any(axis=0)) if not seen]
+    if missing:
+        logger.warning("%s%d class(es) with no positive %s image: %s (%s)", context, len(missing), split,
+                       ", ".join(missing), _NO_POSITIVE[split])
+    return missing
 
 
 def mean_class_recall(labels: Sequence[int], scores: np.ndarray) -> tuple[float, np.ndarray]:

@@ -82,7 +82,7 @@ class Dataset:
 
     def stored_labels(self, split: str) -> dict[str, int]:
         """key -> label of every sample stored in the split's shards (quarantined rows excluded)."""
-        table = fmt.read_manifest(self.root, split, columns=["key", "label", "shard", "status"]).to_pydict()
+        table = fmt.read_manifest(self.root, split, ["key", "label", "shard", "status"], self.info).to_pydict()
         return {k: int(lbl) for k, lbl, shard, status in
                 zip(table["key"], table["label"], table["shard"], table["status"])
                 if shard is not None and status != "quarantined"}
@@ -152,7 +152,7 @@ def resolve_split(root: Path, info: dict, split: str, build_missing_index: bool 
     names = list(entry.get("shards", []))
     if not names:
         raise DataError(f"{fmt.info_path(root)}: split {split!r} lists no shards")
-    _check_manifest_shards(root, split, names)
+    _check_manifest_shards(root, split, names, info)
     shards, indexes, total = [], [], 0
     for name in names:
         tar = root / name
@@ -175,12 +175,12 @@ def resolve_split(root: Path, info: dict, split: str, build_missing_index: bool 
     return Split(name=split, shards=tuple(shards), indexes=tuple(indexes), num_samples=total)
 
 
-def _check_manifest_shards(root: Path, split: str, listed: list[str]) -> None:
+def _check_manifest_shards(root: Path, split: str, listed: list[str], info: dict) -> None:
     """Every shard the manifest puts a sample in is one dataset.json lists (reads one column)."""
     import pyarrow.compute as pc
 
     path = fmt.manifest_path(root, split)
-    column = fmt.read_manifest(root, split, columns=["shard"]).column("shard")
+    column = fmt.read_manifest(root, split, ["shard"], info).column("shard")
     in_manifest = {s for s in pc.unique(column).to_pylist() if s}
     unlisted = sorted(in_manifest - set(listed))
     if unlisted:

@@ -88,6 +88,51 @@ def test_pooling_softmax_and_averages():
         S.average_posteriors([a, b[:2]])
 
 
+class FixedMap(torch.nn.Module):
+    """A 'dense net' whose class-score map is ``score_map`` for every view it is given."""
+
+    def __init__(self, score_map):
+        super().__init__()
+        self.score_map = score_map
+
+    def forward(self, x):
+        return self.score_map.expand(x.shape[0], -1, -1, -1)
+
+
+def test_dense_averages_the_score_map_before_the_softmax():
+    """Section 3.2: the class-score map is spatially averaged, *then* soft-maxed. On a map larger than
+    1 x 1 the other order (soft-max at each location, then average) gives other posteriors."""
+    # By hand, a 3 x 4 map of 2 classes: class 0 scores 24 at one location and 0 at the 11 others
+    # (mean 2), class 1 scores 1 everywhere (mean 1). Pooled first: soft-max(2, 1), class 0 ahead.
+    # Soft-max first: class 0 gets ~1 at one place and 1/(1+e) at 11, mean 0.33: class 1 ahead.
+    m = torch.ones(1, 2, 3, 4)
+    m[0, 0] = 0.0
+    m[0, 0, 1, 2] = 24.0
+    right = torch.softmax(torch.tensor([[2.0, 1.0]]), 1)
+    swapped = torch.softmax(m, 1).mean(dim=(2, 3))
+    assert right[0, 0] > 0.73 and swapped[0, 0] < 0.34           # the two orders rank the classes apart
+    torch.testing.assert_close(S.posteriors(S.pool_score_map(m)), right)
+    img = torch.zeros(3, 96, 128)
+    for flip in (False, True):
+        p = E.Protocol(modes=("dense",), scales=(96,), crop=32, flip=flip)
+        got = E.posteriors_at_scale([tiny()], [img], p, dense_nets=[FixedMap(m)])["dense"]
+        torch.testing.assert_close(got, right, atol=1e-6, rtol=0)
+    # A real net on a 96 x 128 image with 32 px crops: a 3 x 4 map per view (and its flip).
+    net = tiny()
+    imgs = images([(96, 128)] * 2, seed=3)
+    x = torch.stack(imgs)
+    with torch.no_grad():
+        maps = model.to_dense(net)(torch.cat([x, x.flip(3)]))          # image 0, image 1, flip 0, flip 1
+    assert maps.shape == (4, CLASSES, 3, 4)
+    pooled_first = torch.softmax(maps.mean(dim=(2, 3)), 1)
+    softmax_first = torch.softmax(maps, 1).mean(dim=(2, 3))
+    right = (pooled_first[:2] + pooled_first[2:]) / 2                  # each image's mean over its flip
+    swapped = (softmax_first[:2] + softmax_first[2:]) / 2
+    assert (right - swapped).abs().max() > 0.01                        # measured 0.025: the order shows
+    got = E.posteriors_at_scale([net], imgs, E.Protocol(modes=("dense",), scales=(96,), crop=32))["dense"]
+    torch.testing.assert_close(got, right, atol=1e-5, rtol=0)
+
+
 def test_misses_tally_and_per_class_accuracy():
     p = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5], [0.3, 0.3, 0.4]])
     labels = torch.tensor([1, 2, 2, 0])

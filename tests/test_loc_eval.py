@@ -91,6 +91,81 @@ def test_protocol_a_alone_needs_no_classifier(nets, tmp_path):
         assert 0 <= r["GT-class err % (a)"] <= 100 and r["images"] == 32
 
 
+def write_labels(path, given: dict[str, list[int]]):
+    """A labels file as a classification evaluation writes it, with the classes ``given`` per key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = sorted(given)
+    pq.write_table(pa.table({"key": keys, "label": [0] * len(keys), "top5": [given[k] for k in keys],
+                             "posteriors": [[0.0] * len(given[k]) for k in keys]}), path)
+    return str(path)
+
+
+def test_protocol_b_guesses_the_label_sources_classes_in_its_order(nets, sample_dataset, tmp_path):
+    """The paper took protocol (b)'s top-5 classes from its best classification system. A classification
+    evaluation leaves each image's top classes (labels.parquet); given as --labels, (b) guesses those
+    classes, in that order, each with its best merged box, whatever the boxes' own ranking."""
+    from jobs import evaluate as J
+    from storage.dataset import stored_labels
+
+    cls = J.main(["--run", nets["classes"], "--mode", "dense", "--scales", "64", "--no-ray", "--no-mlflow",
+                  "--quiet", "--batch-size", "5", "--out", str(tmp_path / "cls")])
+    top = {k: t.tolist() for s in cls["shares"] for k, t in zip(s.keys, s.top[("dense", "64")])}
+    from jobs.passes import labels
+
+    assert {k: v.tolist() for k, v in labels.read(tmp_path / "cls" / labels.FILENAME).items()} == top
+    truth = stored_labels(sample_dataset, "val")
+    others = {k: [c for c in range(4) if c != truth[k]] for k in truth}
+    sources = {"first": {k: [truth[k]] + others[k] for k in truth},           # the true class guessed first
+               "second": {k: [others[k][0], truth[k]] + others[k][1:] for k in truth},
+               "absent": others}                                             # never the true class
+    common = ["--checkpoint", nets["whole"], "--checkpoint", nets["pcr"], "--classifier", nets["classes"],
+              "--scales", "64", "--protocol", "b"]
+    own = by_row(run(tmp_path, "own", *common))
+    got = {name: by_row(run(tmp_path, name, *common, "--labels", write_labels(tmp_path / f"{name}.parquet", given)))
+           for name, given in sources.items()}
+    from_eval = by_row(run(tmp_path, "eval", *common, "--labels", str(tmp_path / "cls")))
+    b1, b5 = "top-1 err % (b)", "top-5 err % (b)"
+    assert own["net1"]["labels (b)"] == "classifier boxes" and from_eval["net1"]["labels (b)"] == "eval cls"
+    for row in own:
+        assert got["absent"][row][b1] == got["absent"][row][b5] == 100       # only the source's classes
+        assert got["second"][row][b1] == 100                                 # and its order: top-1 is wrong
+        assert got["second"][row][b5] == got["first"][row][b5]              # the same boxes of the true class
+        assert got["first"][row][b1] == got["first"][row][b5]               # the true class's one box decides
+        # The evaluation's classes are all 4 (top-5 of 4), as the classifier's own: the same best box
+        # of each class, so the same top-5 figure; only the order (top-1) may differ.
+        assert from_eval[row][b5] == own[row][b5]
+    assert own["net1"][b1] < 100           # the boxes' own ranking does hit: "second" is not the nets' order
+
+
+def test_in_order_guesses_keep_the_given_order_and_each_class_best_box():
+    from pipeline.localise import LocProtocol, in_order_guesses
+
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30]], dtype=torch.float32)
+    scores = torch.tensor([0.1, 0.2, 0.9, 0.5])
+    labels = torch.tensor([1, 1, 2, 0])          # by merged score: class 2 (0.9), 0 (0.5), 1 (0.3)
+    lab, box = in_order_guesses(boxes, scores, labels, torch.tensor([1, 3, 2]), LocProtocol(scales=(64,), crop=64))
+    assert lab.tolist() == [[1, 3, 2, -1, -1]]
+    torch.testing.assert_close(box[0, :3], torch.tensor([[0, 0, 10, 10], [0, 0, 0, 0], [50, 50, 60, 60]],
+                                                        dtype=torch.float32))
+
+
+def test_each_localisation_net_at_its_own_scales(nets, tmp_path):
+    """Table 9's fusion: each net at its own Q set ('/' between the sets), the union decoded once."""
+    rows = by_row(run(tmp_path, "fusion", "--checkpoint", nets["whole"], "--checkpoint", nets["pcr"],
+                      "--classifier", nets["classes"], "--scales", "64/64,96"))
+    assert [rows[r]["test Q"] for r in ("net1", "net2", "ensemble")] == ["64", "64,96", "64 / 64,96"]
+    alone = by_row(run(tmp_path, "alone", "--checkpoint", nets["pcr"], "--classifier", nets["classes"],
+                       "--scales", "64,96"))
+    first = by_row(run(tmp_path, "first", "--checkpoint", nets["whole"], "--classifier", nets["classes"],
+                       "--scales", "64"))
+    cells = ("top-1 err % (b)", "top-5 err % (b)")
+    assert [rows["net2"][c] for c in cells] == [alone["net1"][c] for c in cells]   # its own Qs, as alone
+    assert [rows["net1"][c] for c in cells] == [first["net1"][c] for c in cells]
+    assert rows["net1"]["GT-class err % (a)"] == first["net1"]["GT-class err % (a)"]   # (a) at its first Q
+
+
 def test_mean_training_box_equals_the_shards_boxes_over_the_jpeg_sizes(sample_dataset):
     """Read another way: every .box member of the train shards with tarfile, over its JPEG's size."""
     from pipeline.localise import mean_training_box
@@ -150,6 +225,10 @@ def no_boxes(sample_dataset, tmp_path):
     ("loc as classifier", "a localisation net"),
     ("b without classifier", "needs --classifier"),
     ("split without boxes", "has no boxes"),
+    ("labels not there", "no labels.parquet there"),
+    ("labels of other images", "have no labels there"),
+    ("labels of another dataset", "is not one of the nets' 4 classes"),
+    ("labels with protocol a", "this runs protocol (a) alone"),
 ])
 def test_bad_input_is_one_error_line_before_any_worker(nets, sample_dataset, tmp_path, capsys, monkeypatch,
                                                        case, says):
@@ -160,11 +239,22 @@ def test_bad_input_is_one_error_line_before_any_worker(nets, sample_dataset, tmp
     def never(*a, **k):
         raise AssertionError("workers started")
 
+    def every(classes):
+        from storage.dataset import stored_labels
+
+        return {k: classes for k in stored_labels(sample_dataset, "val")}
+    b = ["--checkpoint", nets["pcr"], "--classifier", nets["classes"], "--protocol", "b"]
+
     monkeypatch.setattr(front, "run_ranks", never)
     argv = {"classifier as loc": ["--checkpoint", nets["classes"]],
             "loc as classifier": ["--checkpoint", nets["pcr"], "--classifier", nets["whole"]],
             "b without classifier": ["--checkpoint", nets["pcr"], "--protocol", "b"],
             "split without boxes": ["--checkpoint", nets["pcr"], "--data", str(no_boxes(sample_dataset, tmp_path))],
+            "labels not there": [*b, "--labels", str(tmp_path)],
+            "labels of other images": [*b, "--labels", write_labels(tmp_path / "other.parquet", {"x": [0, 1]})],
+            "labels of another dataset": [*b, "--labels", write_labels(tmp_path / "seven.parquet", every([0, 7]))],
+            "labels with protocol a": ["--checkpoint", nets["pcr"], "--protocol", "a", "--labels",
+                                       write_labels(tmp_path / "a.parquet", every([0, 1]))],
             }[case]
     assert cli.run(J.main, ["--task", "localisation", "--workers", "2", "--no-mlflow", "--out",
                              str(tmp_path / "x"), *argv]) == 2

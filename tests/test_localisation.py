@@ -259,21 +259,83 @@ def test_a_dense_box_map_to_image_pixels_by_hand():
     assert mirror(T([[32., 24., 64., 40.]]), 100).tolist() == [[36., 24., 68., 40.]]
 
 
+def glorot_pcr(pointwise=False):
+    """Net A (width 1/16, 64 px crops, 3 classes) with a PCR head, every layer Glorot-initialised, so its
+    outputs are of order 1 (the paper's N(0, 0.01) gives ~1e-9, and any two outputs agree then).
+    ``pointwise``: every 3 x 3 kernel keeps only its centre tap (times 3, keeping the variance), so a
+    feature depends on the pixels under it alone and the convs' zero padding contributes nothing."""
+    torch.manual_seed(0)
+    net = model.build("A", num_classes=3, width=1 / 16, image_size=64, dropout=0.0, init="glorot", head="pcr")
+    torch.nn.init.xavier_uniform_(net.classifier[6].weight)          # to_localisation drew FC8 from N(0, 0.01)
+    if pointwise:
+        with torch.no_grad():
+            for conv in net.features:
+                if isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3):
+                    centre = conv.weight[:, :, 1, 1] * 3
+                    conv.weight.zero_()
+                    conv.weight[:, :, 1, 1] = centre
+    return net.eval()
+
+
 def test_the_window_of_a_dense_output_is_the_crop_the_plain_net_would_see():
-    """Location j of the dense net's map on a 64 x 160 image equals the plain net on the 64 px window
-    starting at x = 32 j: the offsets map_to_boxes uses are the dense net's own."""
+    """Location (i, j) of the dense map on a 96 x 160 image is the plain net on the 64 px window starting
+    at (32 j, 32 i), the origins map_to_boxes uses, once the convs' padding is out of the picture: with
+    centre-tap-only kernels each output sees exactly its window, so the two are equal to float rounding,
+    and the windows a few pixels off are far from it."""
     from pipeline.localise import window_origins
 
-    torch.manual_seed(0)
-    net = to_localisation(model.build("A", num_classes=3, width=1 / 16, image_size=64, dropout=0.0), "pcr").eval()
-    x = torch.randn(1, 3, 64, 160)
+    net = glorot_pcr(pointwise=True)
+    x = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(1)) * 60
     with torch.no_grad():
-        dense = model.to_dense(net)(x)                                # (1, 12, 1, 4)
+        dense = model.to_dense(net)(x)                                # (1, 12, 2, 4)
+        assert dense.shape == (1, 12, 2, 4)
+        assert (dense.abs().amax(dim=1) > 0.1).all()                  # every location: outputs far from 0
         origins = window_origins(*dense.shape[-2:])
-        assert origins.tolist() == [[0., 0.], [32., 0.], [64., 0.], [96., 0.]]
-        for j, (ox, oy) in enumerate(origins.long().tolist()):
-            plain = net(x[:, :, oy:oy + 64, ox:ox + 64])
-            torch.testing.assert_close(dense[0, :, 0, j], plain[0], rtol=1e-4, atol=1e-5)
+        assert origins.tolist() == [[0., 0.], [32., 0.], [64., 0.], [96., 0.],
+                                    [0., 32.], [32., 32.], [64., 32.], [96., 32.]]
+        for k, (ox, oy) in enumerate(origins.long().tolist()):
+            got = dense[0, :, k // 4, k % 4]
+            torch.testing.assert_close(got, net(x[:, :, oy:oy + 64, ox:ox + 64])[0], rtol=1e-5, atol=1e-5)
+            for dy in (-16, -8, 0, 8, 16):                            # a wrong origin would be far off:
+                for dx in (-16, -8, 0, 8, 16):                        # measured >= 11 % of the outputs' size
+                    if (dx or dy) and 0 <= oy + dy <= 32 and 0 <= ox + dx <= 96:
+                        other = net(x[:, :, oy + dy:oy + dy + 64, ox + dx:ox + dx + 64])[0]
+                        assert (got - other).abs().max() > 0.05 * got.abs().max()
+
+
+def test_a_dense_output_also_sees_59_px_around_its_window_which_the_plain_crop_pads_with_zeros():
+    """With real 3 x 3 kernels net A's features see 150 px (32 + 2 x 59): location j of the dense map
+    depends on columns 32 j - 59 to 32 j + 122 (its window and 59 px either side) and no others; the
+    plain net on the window
+    has zeros (the convs' padding) there, so the two differ, by about 30 % of the outputs' size here."""
+    net = glorot_pcr()
+    dense_net = model.to_dense(net)
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randn(1, 3, 64, 288, generator=g) * 60 for _ in range(2))
+    with torch.no_grad():
+        dense = dense_net(x)                                          # (1, 12, 1, 8): windows at 0, 32, ..., 224
+        assert dense.shape == (1, 12, 1, 8)
+        for j in (0, 3):
+            want = dense[0, :, 0, j]
+            assert want.abs().max() > 1.0
+            last = 32 * j + 64 + 58                                   # the last column the output sees
+            first = 32 * j - 59                                       # the first (net A; j = 0: the border)
+
+            def after(col):                                           # columns col.. replaced by y
+                return dense_net(torch.cat([x[..., :col], y[..., col:]], 3))[0, :, 0, j]
+
+            torch.testing.assert_close(after(last + 1), want, rtol=0, atol=1e-5)
+            assert (after(last) - want).abs().max() > 1e-3            # measured 4e-3 (j = 0), 3.6e-3 (j = 3)
+            if first > 0:
+                def before(col):                                      # columns ..col replaced by y
+                    return dense_net(torch.cat([y[..., :col + 1], x[..., col + 1:]], 3))[0, :, 0, j]
+
+                torch.testing.assert_close(before(first - 1), want, rtol=0, atol=1e-5)
+                assert (before(first) - want).abs().max() > 1e-3      # measured 6e-3
+            plain = net(x[:, :, :, 32 * j:32 * j + 64])[0]
+            assert (plain - want).abs().max() > 0.2 * want.abs().max()  # the context changes the output
+        # On an input the size of the crop there is no context: the 1 x 1 map is the plain net's output.
+        torch.testing.assert_close(dense_net(x[..., :64])[0, :, 0, 0], net(x[..., :64])[0], rtol=1e-5, atol=1e-5)
 
 
 class Fixed(torch.nn.Module):

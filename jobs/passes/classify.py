@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from jobs.passes import front, results
+from jobs.passes import front, labels, results
 from jobs.passes.members import Member, config_name, member_scales, one_name, train_scale, train_scales
 from pipeline import config as config_lib
 from storage.dataset import Dataset
@@ -117,14 +117,16 @@ def metric_key(mode: str, row: str, what: str) -> str:
 
 def publish(members: list[Member], data: config_lib.DataConfig, ds: Dataset, protocol: E.Protocol,
             got: list[E.ShareResult], req: Request, workers: int) -> tuple[results.Published, dict[tuple[str, str], torch.Tensor]]:
-    """The table printed, written to ``req.out`` (results.csv, results.md, per_class.csv) and logged
-    as an MLflow results run of the training run; and each row's per-class accuracy."""
+    """The table printed, written to ``req.out`` (results.csv, results.md, per_class.csv, and each
+    image's top 5 of the last row as labels.parquet) and logged as an MLflow results run of the
+    training run; and each row's per-class accuracy."""
     cfgs, num_classes = [m.cfg for m in members], members[0].num_classes
     rows, per_class = table(got, protocol, cfgs, num_classes)
     counts = torch.bincount(torch.cat([s.labels for s in got]), minlength=num_classes)
     classes = ds.classes or [{} for _ in range(num_classes)]
     files = {"results.csv": results.to_csv(COLUMNS, ([r[c] for c in COLUMNS] for r in rows)),
-             "results.md": results.markdown(rows, COLUMNS), "per_class.csv": per_class_csv(per_class, classes, counts)}
+             "results.md": results.markdown(rows, COLUMNS), "per_class.csv": per_class_csv(per_class, classes, counts),
+             labels.FILENAME: labels.to_parquet(got, protocol)}
     head = rows[-1]  # the headline: the last protocol asked for, over all scales
     headline = {"top1_error": head["top-1 err %"] / 100, "top5_error": head["top-5 err %"] / 100}
     metrics = {metric_key(r["mode"], r["row"], w): r[c] / 100

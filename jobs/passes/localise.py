@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from jobs.cli import UsageError
-from jobs.passes import front, results
-from jobs.passes.members import Member, check_ensemble, config_name, parse_scales, train_scale, train_scales
+from jobs.passes import front, labels, results
+from jobs.passes.members import Member, check_ensemble, config_name, member_scales, train_scale, train_scales
 from pipeline import config as config_lib
 from pipeline import evaluate as E
 from pipeline import localise as L
@@ -30,15 +30,17 @@ from storage.dataset import Dataset
 
 PROTOCOLS = ("a", "b", "both")
 A, B1, B5 = "GT-class err % (a)", "top-1 err % (b)", "top-5 err % (b)"
-COLUMNS = ("config", "head", "fine-tuned", "train S", "test Q", A, B1, B5, "images")
+COLUMNS = ("config", "head", "fine-tuned", "train S", "test Q", "labels (b)", A, B1, B5, "images")
 TRAINED = {"all": "all", "fc": "FC layers"}   # the paper's Table 8 "fine-tuned layers"
 
 
 @dataclass(frozen=True)
 class Request:
     """What a localisation evaluation was asked: the protocol ("" to choose: both with classifiers,
-    else a), the DALI and forward batches, the results folder and run (None: no MLflow)."""
+    else a), protocol (b)'s label source (``labels.BOXES``, or a classification evaluation), the DALI
+    and forward batches, the results folder and run (None: no MLflow)."""
     protocol: str
+    labels: str
     batch_size: int
     max_batch: int
     out: Path
@@ -70,6 +72,20 @@ def check_boxes(data: config_lib.DataConfig, ds: Dataset) -> torch.Tensor:
     return L.mean_training_box(data.root, data.train_split)
 
 
+def label_source(req: Request, which: str, expected: dict[str, int], num_classes: int,
+                 opts: front.PassOptions):
+    """(key -> protocol (b)'s 5 classes in order, or None for the classifiers' own; the source's name
+    for the table), read and checked to cover the split before any worker starts."""
+    if req.labels == labels.BOXES:
+        return None, "classifier boxes" if which != "a" else "-"
+    if which == "a":
+        raise UsageError(f"--labels {req.labels}: labels are protocol (b)'s classes; this runs protocol (a) alone")
+    path, name = labels.resolve(req.labels, front.tracking_uri(opts))
+    given = labels.read(path)
+    labels.check_cover(given, expected, num_classes, req.labels)
+    return {k: given[k] for k in expected}, name
+
+
 def evaluate(members: list[Member], classifiers: list[Member], req: Request,
              opts: front.PassOptions) -> tuple[results.Published, list[L.LocShare], torch.Tensor]:
     """The whole pass: nets checked, data checked, ranks run and counted, the table published."""
@@ -79,22 +95,26 @@ def evaluate(members: list[Member], classifiers: list[Member], req: Request,
     data = front.split_data(first, opts)
     ds = dataset.open_dataset(data.root)
     mean_box = check_boxes(data, ds)
-    protocol = L.LocProtocol(central=which != "b", scales=parse_scales(opts.scales, first.data),
-                             crop=first.data.crop_size, flip=opts.flip,
-                             max_batch=req.max_batch or (256 if opts.gpu else 64))
+    own = member_scales(opts.scales, members)
+    union = tuple(sorted({q for qs in own for q in qs}))
+    protocol = L.LocProtocol(central=which != "b", scales=own[0] if len(set(own)) == 1 else union,
+                             member_scales=() if len(set(own)) == 1 else own, crop=first.data.crop_size,
+                             flip=opts.flip, max_batch=req.max_batch or (256 if opts.gpu else 64))
     batch = req.batch_size or first.data.eval_batch_size or 16
     expected = ds.stored_labels(data.val_split)
+    given, source = label_source(req, which, expected, members[0].num_classes, opts)
     work = functools.partial(_rank, [m.net.cpu() for m in members], [c.net.cpu() for c in classifiers], data,
-                             protocol, mean_box, batch, opts.gpu, opts.threads)
+                             protocol, mean_box, batch, opts.gpu, opts.threads, given)
     shares = front.run(work, opts, len(expected) * len(protocol.scales), "localising")
     front.check_counted_once(((s.keys, s.labels) for s in shares), expected)
-    published = publish(members, classifiers, which, data, protocol, shares, req, opts.workers, mean_box)
+    published = publish(members, classifiers, which, data, protocol, shares, req, opts.workers, mean_box, source)
     return published, shares, mean_box
 
 
-def _rank(loc, cls, data, protocol, mean_box, batch, use_gpu, threads, rank, world, progress):
+def _rank(loc, cls, data, protocol, mean_box, batch, use_gpu, threads, given, rank, world, progress):
     nets, device, batches_at = front.prepare_rank(loc + cls, data, batch, rank, world, use_gpu, threads, boxes=True)
-    return L.evaluate_loc_share(nets[:len(loc)], nets[len(loc):], batches_at, protocol, mean_box, device, progress)
+    return L.evaluate_loc_share(nets[:len(loc)], nets[len(loc):], batches_at, protocol, mean_box, device, progress,
+                                given)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -106,23 +126,23 @@ def net_columns(cfgs: list[config_lib.Config]) -> dict:
             "train S": train_scale(cfgs[0].data) if len(cfgs) == 1 else train_scales(cfgs)}
 
 
-def table(shares: list[L.LocShare], members: list[Member], protocol: L.LocProtocol) -> list[dict]:
+def table(shares: list[L.LocShare], members: list[Member], protocol: L.LocProtocol, source: str) -> list[dict]:
     """One row per localisation net, their union (several nets) and each baseline; '-' where a
     protocol was not run (and for an ensemble in (a), which the paper defines for one net)."""
     counts = L.tally(shares)
-    q = E.scale_label(protocol.scales)
-    cfgs = [m.cfg for m in members]
+    cfgs, each = [m.cfg for m in members], [E.scale_label(protocol.scales_of(i)) for i in range(len(members))]
     rows = []
     for name in L.row_names(len(members)):
+        q = E.scale_label(protocol.scales)
         if name.startswith("net"):
-            what = net_columns([cfgs[int(name[3:]) - 1]])
+            what, q = net_columns([cfgs[int(name[3:]) - 1]]), each[int(name[3:]) - 1]
         elif name == L.ENSEMBLE:
-            what = net_columns(cfgs)
+            what, q = net_columns(cfgs), " / ".join(each) if protocol.member_scales else q
         else:
             what = {"config": name, "head": "-", "fine-tuned": "-", "train S": "-"}
         cells = {col: counts.get((name, key)) for col, key in ((A, "a"), (B1, "b1"), (B5, "b5"))}
         n = next((c[1] for c in cells.values() if c), 0)
-        rows.append({"row": name, **what, "test Q": q, "images": n,
+        rows.append({"row": name, **what, "test Q": q, "labels (b)": source, "images": n,
                      **{col: round(100 * c[0] / c[1], 2) if c and c[1] else "-" for col, c in cells.items()}})
     return rows
 
@@ -134,10 +154,10 @@ def metric_name(row: str, column: str) -> str:
 
 
 def publish(members, classifiers, which: str, data, protocol: L.LocProtocol, shares, req: Request, workers: int,
-            mean_box: torch.Tensor) -> results.Published:
+            mean_box: torch.Tensor, source: str) -> results.Published:
     """The table printed, written to ``req.out`` (results.csv, results.md) and logged as an MLflow
     results run of the (first) localisation net's training run."""
-    rows = table(shares, members, protocol)
+    rows = table(shares, members, protocol, source)
     files = {"results.csv": results.to_csv(COLUMNS, ([r[c] for c in COLUMNS] for r in rows)),
              "results.md": results.markdown(rows, COLUMNS)}
     metrics = {metric_name(r["row"], c): r[c] / 100 for r in rows for c in (A, B1, B5) if r[c] != "-"}
@@ -148,7 +168,8 @@ def publish(members, classifiers, which: str, data, protocol: L.LocProtocol, sha
               "flip": protocol.flip, "workers": workers, "split": data.val_split, "images": head["images"],
               "models": config_name([m.cfg for m in members]),
               "classifiers": config_name([c.cfg for c in classifiers]) if classifiers else "-",
-              "mean_training_box": ",".join(f"{v:.4f}" for v in mean_box.tolist()), "data": data.root}
+              "mean_training_box": ",".join(f"{v:.4f}" for v in mean_box.tolist()), "data": data.root,
+              "labels": source}
     tags = {"eval.task": "localisation", "eval.checkpoints": " ".join(m.checkpoint for m in members),
             "eval.classifiers": " ".join(c.checkpoint for c in classifiers)}
     name = f"eval-loc-{which}-Q{params['scales'].replace(',', '-')}"

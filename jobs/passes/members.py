@@ -74,8 +74,15 @@ def check_ensemble(members: list[Member]) -> None:
 
 def member_scales(text: str, members: list[Member]) -> tuple[tuple[int, ...], ...]:
     """Each member's own test scales: ``--scales auto`` or ``single`` from its own training S, a list
-    for every member alike."""
-    return tuple(parse_scales(text, m.cfg.data) for m in members)
+    for every member alike, or one set per member in ``--run`` order, ``/`` between them
+    (``256/352,384``: Table 9's fusion)."""
+    if "/" not in text:
+        return tuple(parse_scales(text, m.cfg.data) for m in members)
+    sets = [s.strip() for s in text.split("/")]
+    if len(sets) != len(members):
+        raise UsageError(f"--scales {text}: {len(sets)} Q sets for {len(members)} nets; give one per net, "
+                         "in the order of the nets, '/' between them")
+    return tuple(parse_scales(s, m.cfg.data) for s, m in zip(sets, members))
 
 
 def parse_scales(text: str, data: config_lib.DataConfig) -> tuple[int, ...]:

@@ -52,17 +52,17 @@ def to_csv(header: Iterable[str], rows: Iterable[Iterable]) -> str:
     return buf.getvalue()
 
 
-def write(out: Path, files: dict[str, str]) -> list[Path]:
-    """Each ``{name: text}`` as ``out/name``, atomically (temporary name, then rename)."""
+def write(out: Path, files: dict[str, str | bytes]) -> list[Path]:
+    """Each ``{name: text or bytes}`` as ``out/name``, atomically (temporary name, then rename)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, text in files.items():
-        atomic_write(out / name, text.encode())
+    for name, data in files.items():
+        atomic_write(out / name, data.encode() if isinstance(data, str) else data)
         paths.append(out / name)
     return paths
 
 
-def publish(out: Path, files: dict[str, str], rows: list[dict], columns: Sequence[str], run: ResultsRun | None,
+def publish(out: Path, files: dict[str, str | bytes], rows: list[dict], columns: Sequence[str], run: ResultsRun | None,
             name: str, metrics: dict[str, float], params: dict, tags: dict) -> Published:
     """The table printed, the files written to ``out``, and with ``run`` the MLflow results run
     (``metrics``, ``params``, ``tags``, the files and the table)."""

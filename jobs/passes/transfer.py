@@ -28,7 +28,8 @@ class Request:
     split: str
     labels: str
     aggregate: str
-    svm_c: float
+    svm_c: float | str          # LinearSVC's C > 0, or "auto": chosen per repeat (pipeline.transfer.choose_c)
+    ap: str                     # the AP flavour of the mAP, one of pipeline.transfer.FLAVOURS
     train_per_class: int
     test_per_class: int
     repeats: int
@@ -56,8 +57,12 @@ def run(members: list[Member], req: Request, opts: front.PassOptions) -> dict:
 def check(req: Request) -> None:
     """The combinations argparse cannot check."""
     same = req.split == req.train_split
-    if req.svm_c <= 0 or req.repeats < 1 or req.train_per_class < 0 or req.test_per_class < 0:
-        raise UsageError("--svm-c must be > 0, --repeats >= 1, --train-per-class and --test-per-class >= 0")
+    if req.svm_c != "auto" and (isinstance(req.svm_c, str) or not 0 < req.svm_c < math.inf):
+        raise UsageError(f"--svm-c must be a number > 0 or 'auto', got {req.svm_c!r}")
+    if req.ap not in T.FLAVOURS:
+        raise UsageError(f"--ap must be one of {', '.join(T.FLAVOURS)}, got {req.ap!r}")
+    if req.repeats < 1 or req.train_per_class < 0 or req.test_per_class < 0:
+        raise UsageError("--repeats must be >= 1, --train-per-class and --test-per-class >= 0")
     if same and not req.train_per_class:
         raise UsageError(f"--split and --train-split are both {req.split!r}: give --train-per-class N to "
                          "split it at random per class (Caltech), or another --split to test on")
@@ -97,14 +102,36 @@ def splits_of(req: Request, got: dict) -> list[tuple[tuple[str, np.ndarray], tup
     return out
 
 
+def _metric(req: Request) -> str:
+    return "mAP" if req.labels else "mean_class_recall"
+
+
+def _svm_c(r: int, x: np.ndarray, y: np.ndarray, req: Request) -> tuple[float, dict]:
+    """Repeat r's C and what results.json records of its choice: the fixed ``--svm-c``, or under
+    ``--svm-c auto`` the best of T.C_GRID on a held-out share of this repeat's training images
+    (printed), with every C's held-out figure."""
+    if req.svm_c != "auto":
+        return float(req.svm_c), {}
+    metric = _metric(req)
+    c, got = T.choose_c(x, y, metric, req.ap, np.random.default_rng([req.seed, r]), req.seed + r)
+    figures = ", ".join(f"{k:g}: {v:.4f}" for k, v in got.items())
+    print(f"repeat {r}: --svm-c auto chose C = {c:g} ({metric}{' ' + req.ap if metric == 'mAP' else ''} on a "
+          f"held-out {T.HELD_OUT:.0%} of the {len(y)} training images, per C: {figures})")
+    return c, {"svm_c_held_out": {f"{k:g}": v for k, v in got.items()}}
+
+
 def _repeat(r: int, train, test, names, targets, got, req: Request) -> tuple[dict, np.ndarray]:
-    """One random split: the SVMs trained, the test images scored, the metrics."""
+    """One random split: the SVMs trained (C fixed or chosen), the test images scored, the metrics;
+    a warning names every class with no positive training or test image."""
     (train_split, tri), (test_split, tei) = train, test
-    scores = T.fit_scores(got[train_split][2][tri], targets[train_split][tri], got[test_split][2][tei],
-                          req.svm_c, req.seed + r)
-    m_ap, ap = T.mean_average_precision(targets[test_split][tei], scores)
-    entry = {"repeat": r, "train_images": int(len(tri)), "test_images": int(len(tei)), "mAP": m_ap,
-             "per_class_ap": dict(zip(names, ap.tolist()))}
+    x, y, y_test = got[train_split][2][tri], targets[train_split][tri], targets[test_split][tei]
+    T.warn_no_positive(y, names, "training", f"repeat {r}: ")
+    T.warn_no_positive(y_test, names, "test", f"repeat {r}: ")
+    c, chosen = _svm_c(r, x, y, req)
+    scores = T.fit_scores(x, y, got[test_split][2][tei], c, req.seed + r)
+    m_ap, ap = T.mean_average_precision(y_test, scores, req.ap)
+    entry = {"repeat": r, "train_images": int(len(tri)), "test_images": int(len(tei)), "svm_c": c, **chosen,
+             "mAP": m_ap, "per_class_ap": dict(zip(names, ap.tolist()))}
     if not req.labels:
         mcr, recall = T.mean_class_recall(got[test_split][1][tei], scores)
         entry.update({"mean_class_recall": mcr, "per_class_recall": dict(zip(names, recall.tolist()))})
@@ -113,7 +140,7 @@ def _repeat(r: int, train, test, names, targets, got, req: Request) -> tuple[dic
 
 def report(req: Request, names: list[str], targets: dict, got: dict, splits: list, scales, members) -> dict:
     """Train and score every repeat, write the files, print the summary; returns what it wrote."""
-    metric = "mAP" if req.labels else "mean_class_recall"
+    metric = _metric(req)
     repeats, files = [], {}
     for r, (train, test) in enumerate(splits):
         entry, scores = _repeat(r, train, test, names, targets, got, req)
@@ -124,7 +151,7 @@ def report(req: Request, names: list[str], targets: dict, got: dict, splits: lis
     values = np.array([e[metric] for e in repeats])
     summary = {"metric": metric, "mean": float(values.mean()), "std": float(values.std()),
                "repeats": repeats, "classes": names, "aggregate": req.aggregate,
-               "scales": " / ".join(E.scale_label(qs) for qs in scales), "svm_c": req.svm_c,
+               "scales": " / ".join(E.scale_label(qs) for qs in scales), "svm_c": req.svm_c, "ap": req.ap,
                "runs": [m.spec for m in members], "train_split": req.train_split, "test_split": req.split,
                "labels": req.labels or "manifest (single label)"}
     files = {"results.json": json.dumps(_nan_to_none(summary), indent=1) + "\n", "results.md": _markdown(summary),
@@ -148,10 +175,14 @@ def _nan_to_none(x):
 def _markdown(s: dict) -> str:
     pct = 100 * s["mean"]
     spread = f" ± {100 * s['std']:.2f}" if len(s["repeats"]) > 1 else ""
-    head = (f"| nets | scales | aggregate | train → test | {s['metric']} % | repeats |\n|---|---|---|---|---|---|\n"
+    metric = f"mAP ({s['ap']})" if s["metric"] == "mAP" else s["metric"]
+    head = (f"| nets | scales | aggregate | train → test | {metric} % | repeats |\n|---|---|---|---|---|---|\n"
             f"| {' + '.join(s['runs'])} | {s['scales']} | {s['aggregate']} | {s['train_split']} → "
             f"{s['test_split']} | {pct:.2f}{spread} | {len(s['repeats'])} |\n")
     key = "per_class_ap" if s["metric"] == "mAP" else "per_class_recall"
     per = s["repeats"][0][key]
     lines = [f"| {n} | {'' if v != v else f'{100 * v:.2f}'} |" for n, v in per.items()]
-    return head + f"\n| class | {key} % (repeat 0) |\n|---|---|\n" + "\n".join(lines) + "\n"
+    chosen = ", ".join(f"{e['svm_c']:g}" for e in s["repeats"])
+    c = f"{s['svm_c']:g}" if s["svm_c"] != "auto" else f"auto, chosen per repeat on held-out training images: {chosen}"
+    notes = f"\nAP: {s['ap']} ({T.FLAVOUR_ABOUT[s['ap']]}). SVM C: {c}.\n"
+    return head + notes + f"\n| class | {key} % (repeat 0) |\n|---|---|\n" + "\n".join(lines) + "\n"

@@ -37,14 +37,22 @@ def checkpoint_of_run(run_id: str, tracking_uri: str) -> str:
                 return ckpt.resolve(value)
             except FileNotFoundError:
                 tried[-1] += " (no checkpoint there)"  # named in the error below if nothing else works
-    artifact = _find_artifact(client, run_id, ckpt.FILENAME)
-    if artifact:
-        import mlflow.artifacts
-
-        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact,
-                                                   tracking_uri=tracking_uri)
-    tried.append(f"artifacts named {ckpt.FILENAME}")
+    try:
+        return artifact_of_run(run_id, ckpt.FILENAME, tracking_uri)
+    except FileNotFoundError:
+        tried.append(f"artifacts named {ckpt.FILENAME}")
     raise FileNotFoundError(f"MLflow run {run_id}: no checkpoint found; tried {'; '.join(tried)}")
+
+
+def artifact_of_run(run_id: str, name: str, tracking_uri: str) -> str:
+    """The run's artifact called ``name`` (found up to 3 folders down), downloaded; raises naming it."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    found = _find_artifact(MlflowClient(tracking_uri), run_id, name)
+    if not found:
+        raise FileNotFoundError(f"MLflow run {run_id}: no artifact named {name}")
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=found, tracking_uri=tracking_uri)
 
 
 def _find_artifact(client, run_id: str, name: str, path: str = "", depth: int = 3) -> str:
