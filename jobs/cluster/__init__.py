@@ -1,4 +1,8 @@
-"""The one way the jobs connect to Ray: the cluster ``RAY_ADDRESS`` names (``ray job submit`` sets
+"""The Ray side of the jobs (the only place, with the entry points, that imports Ray): this module
+connects and reads the cluster's nodes; ``ranks`` runs a pass's W ranks as Ray tasks, ``trainer`` is
+Ray Train's side of a training run, ``worker`` the training worker on each rank.
+
+The one way the jobs connect to Ray: the cluster ``RAY_ADDRESS`` names (``ray job submit`` sets
 it, or a user does), else a local Ray for this command alone, its node registered as 127.0.0.1 and
 its dashboard on 127.0.0.1 (README "Security" says what still listens beyond the loopback).
 

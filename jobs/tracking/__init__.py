@@ -1,4 +1,8 @@
-"""MLflow for training runs: one run per training, and a tracking server that never stops training.
+"""The MLflow side of the jobs (the only place, with the entry points, that imports MLflow): this module is
+the tracker of a training run; ``journal`` keeps what the server did not take, ``outputs`` the
+experiment, dataset input and logged model, ``results`` the results runs of passes.
+
+MLflow for training runs: one run per training, and a tracking server that never stops training.
 
 - The URI: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
 - One run per training, however often Ray restarts the workers or the driver is rerun: the run id is
