@@ -38,13 +38,17 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
     return result if isinstance(result, int) else 0
 
 
+MAX_SCALE = 1024    # a test Q above it is refused: dense maps grow as Q^2 (the paper's largest Q is 768)
+
+
 def pass_parser() -> argparse.ArgumentParser:
     """The options every sharded pass over a split takes (a parent parser); their names are the
     fields of ``jobs.passes.front.PassOptions``."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--data", default="", help="dataset root (default: the run's data.root)")
     p.add_argument("--split", default="", help="split (default: the run's data.val_split)")
-    p.add_argument("--scales", default="auto", help="auto (paper's 3 Q for the train S) | single | 256,384,512")
+    p.add_argument("--scales", default="auto", help="auto (paper's 3 Q for the train S) | single | 256,384,512; "
+                   f"each Q from the training crop to {MAX_SCALE}; 256/352,384: each net its own set")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="do not average with horizontally flipped views")
     p.add_argument("--workers", type=int, default=1, help="workers, each one DALI shard of the split")

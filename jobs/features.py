@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     opts = front.PassOptions.of(vars(args))
     members = front.open_members(args.run, opts)
+    scales = member_scales(opts.scales, members)           # the options first: they cost nothing to check
     ds = dataset.open_dataset(opts.data or members[0].cfg.data.root)
     keys, labels, per_net = extract(members, ds, opts.split, args.batch_size, opts)
     feats = F.descriptor(per_net, args.aggregate)
     out = Path(args.out)
     write_parquet(out, keys, labels, feats)
-    scales = member_scales(opts.scales, members)
     print(f"{len(keys)} features of dimension {feats.shape[1]} (scales "
           f"{' / '.join(E.scale_label(qs) for qs in scales)}, {args.aggregate}) -> {out}")
     return out

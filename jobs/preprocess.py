@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from jobs import cluster
+from jobs.cli import UsageError
 from jobs.tracking import git_commit
 from preprocessing.report import report_lines
 from preprocessing.verify import verify
@@ -75,12 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--break-lock", action="store_true",
                    help="remove OUT's lock even if its holder may still run (only when you know it is gone)")
     a = p.parse_args(argv)
+    _check_out(a.out)  # before Ray starts
     shard_size = int(a.shard_size) if a.shard_size and a.shard_size.isdigit() else a.shard_size
     map_fn = ray_map(a.address) if (a.ray or a.address) else None
     preprocess(a.source, a.out, splits=a.splits, shard_size=shard_size, seed=a.seed,
                max_side=a.max_side, workers=a.workers, progress=not a.no_progress, map_fn=map_fn,
                break_lock=a.break_lock, git_commit=git_commit(Path(__file__).resolve().parents[1]))
     return 0
+
+
+def _check_out(out: str) -> None:
+    """Refuse an OUT that cannot become a folder: it, or the nearest part of it that exists, is a file."""
+    for p in (Path(out), *Path(out).parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == Path(out) else f" ({p} is a file)"
+                raise UsageError(f"OUT {out}: not a folder{where}; give an empty folder, a new path, or a "
+                                 "folder this command wrote before")
+            return
 
 
 def _report(argv: list[str]) -> int:

@@ -150,6 +150,21 @@ def runtime_env(python: str = "", uv: bool = False) -> dict:
     return env
 
 
+def check_address(address: str) -> None:
+    """``--address`` is the Jobs API's URL (``http(s)://host:port``) or a ``host:port`` Ray reads as
+    one; anything else is one error line here, not Ray's traceback later."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(address if "://" in address else f"http://{address}")
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    if url.scheme not in ("http", "https") or not url.hostname or port == -1 or " " in address:
+        raise cli.UsageError(f"--address {address!r}: not the cluster's Jobs API URL; give http://host:port "
+                             f"(default {DEFAULT_ADDRESS}) or host:port")
+
+
 def client(address: str):
     """Ray's Jobs API client; it sends Ray's token itself when RAY_AUTH_MODE=token."""
     from ray.job_submission import JobSubmissionClient    # RAY
@@ -223,6 +238,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    check_address(args.address)
     here = Path.cwd()
     commit = tracking.git_commit(REPO)
     entrypoint, cfg = train_entrypoint(args.args, here, args.python or "python", commit)

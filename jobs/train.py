@@ -36,13 +36,15 @@ from jobs import cluster, tracking
 from jobs.cluster import trainer
 from jobs.driver import preflight, resume
 from jobs.tracking import outputs
+from jobs.tracking import results as tracking_results
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
 from pipeline import goodput
 from storage import dataset, files
+from storage.files import StorageError
 
 log = logging.getLogger("jobs.train")
-WALL = "goodput-wall.json"    # the wall time of every command that trained this run
+WALL = goodput.WALL    # the wall time of every command that trained this run
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,10 +88,8 @@ def resolve_init_from(cfg: config_lib.Config) -> tuple[str, str]:
         return "", ""
     parent = ""
     if spec.startswith("runs:/"):
-        from mlflow.tracking import MlflowClient
-
         parent = spec[len("runs:/"):].strip("/")
-        tags = MlflowClient(cfg.tracking.uri).get_run(parent).data.tags
+        tags = tracking_results.get_run(parent, cfg.tracking.uri).data.tags
         location = tags.get("checkpoint") or tags.get("run_folder")
         if not location:
             raise FileNotFoundError(f"model.init_from {spec}: the run has no 'checkpoint' or 'run_folder' tag")
@@ -133,6 +133,7 @@ def train(cfg: config_lib.Config, dry_run: bool = False) -> dict[str, Any]:
     cfg, tags = resolve(cfg)
     folder = run_folder(cfg)
     plan = resume.plan(cfg, folder, tags["dataset_fingerprint"])
+    preflight.check_records(folder, training=plan.kind != "complete")
     facts = preflight.check_data(cfg)
     if plan.kind == "new":
         preflight.check_parent(cfg)
@@ -181,10 +182,16 @@ def commit() -> str:
 
 
 def record_wall(folder: str, seconds: float) -> float:
-    """Add this command's wall time to the run's (every command that trained it); returns the total."""
-    path = files.join(folder, WALL)
-    total = (json.loads(files.read_bytes(path))["wall_s"] if files.exists(path) else 0.0) + seconds
-    files.atomic_write(path, json.dumps({"wall_s": total}).encode())
+    """Add this command's wall time to the run's (every command that trained it); returns the total.
+    The driver checked the file before Ray started; one damaged since is replaced, with a warning
+    naming it, so this command's time is never lost (pipeline/goodput.py)."""
+    try:
+        before = goodput.read(folder, WALL).get("wall_s", 0.0)
+    except StorageError as e:
+        log.warning("%s; replaced by this command's %.1f s (the earlier commands' wall time is lost)", e, seconds)
+        before = 0.0
+    total = before + seconds
+    files.atomic_write(files.join(folder, WALL), json.dumps({"wall_s": total}).encode())
     return total
 
 

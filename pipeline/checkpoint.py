@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from torch import nn
 import model
 from pipeline import config as config_lib
 from pipeline import faults
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.task import listed, mismatches, shapes
 from storage import files
 
 FORMAT = 1
@@ -167,13 +169,44 @@ def latest_loadable(run_folder: str | Path) -> dict[str, Any] | None:
 
 def load_checkpoint(location: str | Path, which: str = "best") -> dict[str, Any]:
     """Load a checkpoint dict (tensors on the CPU) from a file, a checkpoint folder or a run folder
-    (see ``resolve``); never unpickles code (``weights_only=True``)."""
+    (see ``resolve``); never unpickles code (``weights_only=True``). Refused, naming the file, unless
+    it is a whole checkpoint (``checked``)."""
     path = resolve(location, which)
-    state = _load_file(path)
+    state = checked(_load_file(path), path)
+    state["path"] = path
+    return state
+
+
+REQUIRED = ("model", "config", "num_classes")    # what any checkpoint holds, a weights-only one too
+
+
+def checked(state: Any, path: str) -> dict[str, Any]:
+    """``state`` read from ``path`` if it is a checkpoint of ``FORMAT``: the keys it needs (every one
+    of ``KEYS`` for a training checkpoint, one with an optimizer), its weights tensors, its class count
+    a positive int, its config YAML, and those weights the net its config builds with that class count.
+    Anything else is a ``CheckpointError`` naming ``path`` and the problem."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of format {FORMAT} "
-                         f"(got format {state.get('format') if isinstance(state, dict) else type(state)})")
-    state["path"] = path
+                              f"(got format {state.get('format') if isinstance(state, dict) else type(state)})")
+    need = KEYS if "optimizer" in state else REQUIRED
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: no {', '.join(repr(k) for k in missing)} in it; a "
+                              f"{'training ' if need is KEYS else ''}checkpoint holds {', '.join(need)}")
+    if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise CheckpointError(f"{path}: its 'model' is not a state_dict of tensors")
+    n = state["num_classes"]
+    if type(n) is not int or n < 1:
+        raise CheckpointError(f"{path}: num_classes {n!r} is not a positive whole number")
+    cfg = config_of({**state, "path": path})
+    with torch.device("meta"):     # shapes only, nothing allocated (10**12 classes included)
+        net = build_model(cfg, n)
+    wrong = mismatches(shapes(net), state["model"])
+    if wrong:
+        m = cfg.model
+        raise CheckpointError(f"{path}: its weights are not those of the net its config and num_classes build "
+                              f"({m.name}, width {m.width}, {cfg.data.crop_size} px crops, head {m.head}, "
+                              f"{n} classes): {listed(wrong)}")
     return state
 
 
@@ -185,8 +218,19 @@ def _load_file(path: str) -> Any:
     source = path if local else io.BytesIO(files.read_bytes(path))
     try:
         return torch.load(source, map_location="cpu", weights_only=True, mmap=local)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a cut-short zip raises any of these
-        raise CheckpointError(f"{path}: not a readable checkpoint, damaged or cut short ({e})") from e
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found or "Weights only load failed" in str(e):    # torch's refusal to unpickle code
+            raise CheckpointError(f"{path}: holds pickled Python objects{f' ({found[1]})' if found else ''}, not "
+                                  f"only tensors and plain values; checkpoints are read without running pickled "
+                                  f"code, so it is refused") from e
+        raise CheckpointError(f"{path}: not a readable checkpoint, damaged or cut short ({first_line(e)})") from e
+    except (RuntimeError, EOFError) as e:  # a cut-short zip raises any of these
+        raise CheckpointError(f"{path}: not a readable checkpoint, damaged or cut short ({first_line(e)})") from e
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def load_weights(location: str | Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -194,17 +238,28 @@ def load_weights(location: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     from a bare state_dict file such as torchvision's ``vgg16-397923af.pth`` (loaded weights-only)."""
     path = resolve(location, "best")
     found = _load_file(path)
-    if isinstance(found, dict) and found.get("format") == FORMAT:
-        return found["model"], path
+    if isinstance(found, dict) and "format" in found:
+        return checked(found, path)["model"], path
     if not isinstance(found, dict) or not all(isinstance(v, torch.Tensor) for v in found.values()):
         raise CheckpointError(f"{path}: neither a checkpoint of format {FORMAT} nor a state_dict of tensors")
     return found, path
 
 
 def config_of(state: dict[str, Any]) -> config_lib.Config:
-    """The resolved config a checkpoint was trained with."""
-    cfg = config_lib.from_dict(config_lib.Config, yaml.safe_load(state["config"]))
-    config_lib.validate(cfg)
+    """The resolved config a checkpoint was trained with; one that is not YAML is a
+    ``CheckpointError``, one this code does not accept a ``ConfigError``, each naming the file."""
+    path = state.get("path", "checkpoint")
+    try:
+        data = yaml.safe_load(state["config"]) if isinstance(state["config"], str) else None
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}: its config is not valid YAML ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: its config is not a YAML mapping of config sections")
+    try:
+        cfg = config_lib.from_dict(config_lib.Config, data)
+        config_lib.validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: its config: {e}") from None
     return cfg
 
 

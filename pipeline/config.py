@@ -263,7 +263,15 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Load a YAML file (or the defaults), apply ``--set`` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except IsADirectoryError as e:
+            raise ConfigError(f"{path}: is a folder; --config takes a YAML file (jobs/configs/*.yaml)") from e
+        except PermissionError as e:
+            raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                              "a config is YAML text") from e
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

@@ -11,17 +11,71 @@
 The ledger travels in the checkpoint's metrics and is logged with the training metrics
 (``goodput/<category>_s``); rank 0 also leaves its latest totals where the next attempt finds them, so
 that a restart can count the work it throws away (``resumed``). Goodput = compute / wall time.
+
+Two files in the run folder, both read by ``read`` alone: ``goodput-wall.json`` (the driver's: the wall
+time of every command that trained the run) and ``goodput-ledger.json`` (rank 0's latest totals).
+Decision: a damaged one is refused by the training driver before Ray starts (``check``: one ``error:``
+line naming it and what moving it aside costs), since a run is not worth starting on records it cannot
+add to. One damaged after that check, while the run trains, is recovered where it is read, with a
+warning naming it: the driver's ``record_wall`` starts the count again from this command's wall time
+(never lost), a restarted rank 0 counts nothing as lost.
 """
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+
+from storage import files
+from storage.files import StorageError
 
 CATEGORIES = ("compute", "data_wait", "validation", "checkpoint", "startup", "restore", "lost")
 PREFIX = "goodput/"
+WALL = "goodput-wall.json"        # {"wall_s": seconds}: every command that trained the run
+LEDGER = "goodput-ledger.json"    # rank 0's latest logged metrics, goodput/<category>_s among them
 
 
 def key(category: str) -> str:
     return f"{PREFIX}{category}_s"
+
+
+FIELDS = {WALL: ("wall_s",), LEDGER: tuple(key(c) for c in CATEGORIES)}   # what each file must hold
+LOSES = {WALL: "goodput/wall_s will then count this run's time from this command on",
+         LEDGER: "a failed attempt's redone work will then not be counted as lost"}
+
+
+def read(run_folder: str, name: str) -> dict[str, float]:
+    """The numbers ``FIELDS[name]`` of the run folder's file ``name`` (``WALL`` or ``LEDGER``); {}
+    when there is none yet. A file that is not a JSON object holding each of them as a finite number
+    >= 0 is a ``StorageError`` naming it and what is wrong."""
+    path = files.join(run_folder, name)
+    if not files.exists(path):
+        return {}
+    try:
+        data = json.loads(files.read_bytes(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StorageError(f"{path}: damaged goodput record, not JSON ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(data, dict):
+        raise StorageError(f"{path}: damaged goodput record, not a JSON object")
+    bad = [f"{k} {data[k]!r}" if k in data else f"no {k}" for k in FIELDS[name] if not seconds(data.get(k))]
+    if bad:
+        raise StorageError(f"{path}: damaged goodput record ({', '.join(bad)}; each must be a number of seconds >= 0)")
+    return {k: float(data[k]) for k in FIELDS[name]}
+
+
+def seconds(value: object) -> bool:
+    """Whether ``value`` (from JSON) is a finite number >= 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def check(run_folder: str) -> None:
+    """Both files read back, before a command trains the run; a damaged one is a ``StorageError``
+    saying how to go on and what that costs."""
+    for name in FIELDS:
+        try:
+            read(run_folder, name)
+        except StorageError as e:
+            raise StorageError(f"{e}. Move it aside and run the same command again: {LOSES[name]}") from None
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Collection
 
 import torch
 import torch.distributed as dist
@@ -139,22 +139,38 @@ class Classification(Task):
         return ds.split(train_split).num_samples
 
     def check_parent(self, cfg, weights, path, net):
-        """Its FC8 has this dataset's class count, or the config asks for a new one (``reinit_head``)."""
-        fc8 = weights.get("classifier.6.weight")
-        if not cfg.model.reinit_head and fc8 is not None and fc8.shape[0] != cfg.model.num_classes:
-            raise ConfigError(f"model.init_from {path} has {fc8.shape[0]} classes, {cfg.data.root} has "
-                              f"{cfg.model.num_classes}: set model.reinit_head=true to start a new last layer")
+        """Every tensor of the net comes from the parent, by name and shape (FC8 excepted with
+        ``model.reinit_head``); the paper's "from A" mode (``init_from_mode: a``) needs only the
+        tensors it copies, with A's shapes at this width, crop and class count."""
+        m = cfg.model
+        skip = model.HEAD_KEYS if m.reinit_head else ()
+        if m.init_from_mode == "a":
+            wrong = mismatches(from_a_shapes(cfg, keep_fc8=not m.reinit_head), weights, extra=False)
+            what = "the tensors the paper's \"from A\" copies (model.init_from_mode a)"
+        else:
+            wrong = mismatches(shapes(net, skip), weights, skip=skip)
+            what = "every tensor but FC8 (model.reinit_head)" if skip else "every tensor"
+        if not wrong:
+            return
+        head_only = all(w.split(" ", 1)[0] in model.HEAD_KEYS for w in wrong)
+        raise ConfigError(f"model.init_from {path} does not fit net {m.name} of width {m.width} on "
+                          f"{cfg.data.crop_size} px crops with {m.num_classes} classes, {what}: {listed(wrong)}"
+                          + ("; its FC8 is for another class count: set model.reinit_head=true to start a new "
+                             "last layer" if head_only else ""))
 
     def load_parent(self, net, cfg, weights):
         """All of them (S=384 from S=256, multi-scale from S=384) or the paper's "from A" subset; with
-        ``model.reinit_head`` all but FC8, kept fresh."""
+        ``model.reinit_head`` all but FC8, kept fresh. Checked first (``check_parent``): nothing is
+        skipped unsaid."""
+        self.check_parent(cfg, weights, cfg.model.init_from, net)
         keep_fc8 = not cfg.model.reinit_head
+        total = len(net.state_dict())
         if cfg.model.init_from_mode == "a":
-            return f"{len(model.init_from_a(net, weights, head=keep_fc8))} tensors from A"
-        if not keep_fc8:
-            weights = {k: v for k, v in weights.items() if k not in model.HEAD_KEYS}
-        net.load_state_dict(weights, strict=keep_fc8)
-        return "every weight" if keep_fc8 else "every weight but FC8"
+            copied = model.init_from_a(net, weights, head=keep_fc8)
+            return f"{len(copied)} of {total} tensors, the paper's subset from A" + ("" if keep_fc8 else ", FC8 new")
+        body = weights if keep_fc8 else {k: v for k, v in weights.items() if k not in model.HEAD_KEYS}
+        net.load_state_dict(body, strict=keep_fc8)
+        return f"{len(body)} of {total} tensors, " + ("every weight" if keep_fc8 else "every weight but FC8 (new)")
 
 
 class BoxTask(Task):
@@ -206,15 +222,12 @@ class BoxTask(Task):
     def check_parent(self, cfg, weights, path, net):
         """Every weight but FC8 comes from the parent: the same model at the same width and crop,
         whatever its FC8 (classes or another head)."""
-        want = {k: tuple(v.shape) for k, v in net.state_dict().items() if k not in model.HEAD_KEYS}
-        got = {k: tuple(v.shape) for k, v in weights.items() if k not in model.HEAD_KEYS}
-        if want == got:
-            return
-        wrong = sorted(set(want) ^ set(got)) + sorted(k for k in set(want) & set(got) if want[k] != got[k])
-        m = cfg.model
-        raise ConfigError(f"model.init_from {path} is not a net {m.name} of width {m.width} on "
-                          f"{cfg.data.crop_size} px crops, the body the {m.head} net takes from its parent: "
-                          f"{len(wrong)} tensors differ ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
+        wrong = mismatches(shapes(net, model.HEAD_KEYS), weights, skip=model.HEAD_KEYS)
+        if wrong:
+            m = cfg.model
+            raise ConfigError(f"model.init_from {path} is not a net {m.name} of width {m.width} on "
+                              f"{cfg.data.crop_size} px crops, the body the {m.head} net takes from its parent: "
+                              f"{listed(wrong)}")
 
     def load_parent(self, net, cfg, weights):
         copied = model.init_from_classification(net, weights)
@@ -245,6 +258,43 @@ class PCR(BoxTask):
 
     def predicted_boxes(self, out, labels):
         return model.select_class_boxes(out.float(), labels)
+
+
+# ---------------------------------------------------------------- a parent's weights against a net
+
+def shapes(net: nn.Module, skip: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of every tensor of ``net``'s state_dict but ``skip`` (a meta net will do)."""
+    return {k: tuple(v.shape) for k, v in net.state_dict().items() if k not in skip}
+
+
+def mismatches(want: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], *, skip: Collection[str] = (),
+               extra: bool = True) -> list[str]:
+    """Each tensor whose name or shape differs between what a net wants (``want``: name -> shape) and
+    ``weights``, in the net's order: first "<name> (64, 3, 3, 3) for (32, 3, 3, 3)" (the weights' shape
+    for the net's), then "<name> absent" (the weights lack it) and, with ``extra``, "<name> extra" (the
+    net has no such tensor); names in ``skip`` are left out. [] when every tensor fits."""
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in weights.items() if k not in skip}
+    resized = [f"{k} {got[k]} for {shape}" for k, shape in want.items() if k in got and got[k] != shape]
+    absent = [f"{k} absent" for k in want if k not in got]
+    return resized + absent + ([f"{k} extra" for k in got if k not in want] if extra else [])
+
+
+def listed(wrong: list[str], shown: int = 4) -> str:
+    """``mismatches`` for a message: the count and the first ``shown``."""
+    more = f", and {len(wrong) - shown} more" if len(wrong) > shown else ""
+    n = len(wrong)
+    return f"{n} tensor{'s differ' if n != 1 else ' differs'} ({', '.join(wrong[:shown])}{more})"
+
+
+def from_a_shapes(cfg, keep_fc8: bool) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of what ``model.init_from_a`` reads from net A (its first four convs and its
+    FC layers, FC8 only with ``keep_fc8``) at the config's width, crop and class count."""
+    m = cfg.model
+    with torch.device("meta"):     # shapes only, nothing allocated
+        a = model.build("A", num_classes=m.num_classes, width=m.width, image_size=cfg.data.crop_size)
+        own = a.state_dict()
+        needed = model.init_from_a(a, own, head=keep_fc8)   # A into A: the keys it reads, in order
+    return {k: tuple(own[k].shape) for k in needed}
 
 
 TASKS: dict[str, Task] = {t.head: t for t in (Classification(), SCR(), PCR())}   # model.HEADS' tasks

@@ -11,6 +11,7 @@ may have no label (a negative for every class).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -31,7 +32,13 @@ def read_sidecar(path: str | Path) -> tuple[list[str], dict[str, list[str]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: multi-label file not found")
-    with path.open(newline="") as f:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["key", "labels"]:

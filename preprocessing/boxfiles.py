@@ -11,13 +11,14 @@ Per split, the first of (docs/preprocessing.md, "Boxes"):
 assumption: when both exist the CSV wins: Kaggle ships both with the same boxes, and one CSV reads in
 seconds where ImageNet train's 544,546 XML files take minutes. An image's annotation is matched by its
 file's stem (ILSVRC's image id), within its split. Images whose id no annotation names have none:
-their manifest row says so, and they get no box member.
+their manifest row says so, and they get no box member. Each file's sha256 goes into state.json and
+the run's history entry (``preprocessing.state``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from preprocessing.annotations import Annotations, read_kaggle_csv, read_voc_dir
+from preprocessing.annotations import Annotations, is_duplicate, read_kaggle_csv, read_voc_dir
 from preprocessing.sources import Layout, _find
 
 ANNOTATION_NOTE = "annotation file: read for the boxes, not an image"
@@ -40,17 +41,20 @@ def find(root: Path, split: str) -> Path | None:
     return None
 
 
-def attach(layout: Layout) -> None:
+def attach(layout: Layout) -> dict[str, dict]:
     """Fill ``layout.boxes`` ({split: {source path: [(wnid, x1, y1, x2, y2), ...]}}, annotation pixels)
-    and ``layout.box_problems`` (rows or objects that could not be read: recorded, never raised), add a
-    note per split, and list the annotation files among SOURCE's other entries as such."""
+    and ``layout.box_problems`` (rows or objects not used: recorded, never raised), add a note per
+    split, and list the annotation files among SOURCE's other entries as such. Returns what was read:
+    {split: {"file": CSV or XML folder, "sha256": ...}} for the splits that have annotations."""
     used: list[Path] = []
+    read: dict[str, dict] = {}
     for split, inputs in layout.splits.items():
         where = find(layout.root, split)
         if where is None:
             continue
         used.append(where)
         ann: Annotations = read_kaggle_csv(where) if where.is_file() else read_voc_dir(where)
+        read[split] = {"file": str(where), "sha256": ann.sha256}
         found = {}
         for i in inputs:
             boxes = ann.boxes.get(Path(i.source).stem)
@@ -60,11 +64,15 @@ def attach(layout: Layout) -> None:
         layout.box_problems += ann.problems
         named = {Path(i.source).stem for i in inputs}
         elsewhere = sum(1 for k in ann.boxes if k not in named)
+        repeated = sum(map(is_duplicate, ann.problems))
+        unreadable = len(ann.problems) - repeated
         layout.notes.append(
             f"{split}: boxes of {len(found)} of {len(inputs)} images ({sum(map(len, found.values()))} boxes) "
-            f"from {where}" + (f"; {len(ann.problems)} unreadable rows or objects" if ann.problems else "")
+            f"from {where}" + (f"; {unreadable} unreadable rows or objects" if unreadable else "")
+            + (f"; {repeated} rows repeat an earlier row's image id (not used)" if repeated else "")
             + (f"; {elsewhere} annotated images are not in SOURCE" if elsewhere else ""))
     _relabel(layout, used)
+    return read
 
 
 def _relabel(layout: Layout, used: list[Path]) -> None:

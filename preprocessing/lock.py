@@ -7,7 +7,8 @@ host, or when nobody has touched it for ``STALE_AFTER_S`` seconds (a holder on a
 or lost the storage); a stale lock is removed and taken. ``--break-lock`` removes any lock. Two
 writers finding the same stale lock cannot both take it: removing one first takes a second exclusive
 file (``.preprocess.lock.break``) and re-reads the lock, so only the lock that was judged stale is
-ever removed.
+ever removed. A run that took a stale lock removes the temporary files its holder left; should that
+holder wake, it stops at its next shard with ``lost`` naming who holds OUT now.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def _describe(holder: dict | None, path: Path) -> str:
             f"(lock file {path})")
 
 
+def _not_a_file(path: Path) -> LockError:
+    return LockError(f"{path} is a folder where the lock file belongs: remove it (rmdir {path}) and run again")
+
+
 def _read(path: Path) -> tuple[bytes, dict | None, float] | None:
     """(raw bytes, parsed holder or None, mtime) of the lock, or None when there is no lock."""
     try:
@@ -47,6 +52,11 @@ def _read(path: Path) -> tuple[bytes, dict | None, float] | None:
         mtime = path.stat().st_mtime
     except FileNotFoundError:
         return None
+    except IsADirectoryError as e:
+        raise _not_a_file(path) from e
+    except PermissionError as e:
+        raise LockError(f"{path}: cannot read the lock file ({e.strerror}); its holder may be another "
+                        "user. Run as that user, or remove the file once you know the holder is gone") from e
     try:
         holder = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -62,6 +72,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
+
+
+def lost(out: str | Path) -> LockError:
+    """The error of a run whose lock on ``out`` was taken away (judged stale, or ``--break-lock``):
+    it names who holds the lock now."""
+    path = Path(out) / LOCK
+    if not Path(out).is_dir():
+        return LockError(f"{out} was removed while this run wrote it")
+    found = _read(path)
+    now = f"to {_describe(found[1], path)}" if found else "to another run, which has released it since"
+    return LockError(f"this run lost its lock on {out} {now}: that run judged the lock stale (not refreshed "
+                     f"for {STALE_AFTER_S // 60} minutes: this run was stalled) or was given --break-lock, and "
+                     "removed this run's unfinished files. This run published nothing more; run again once "
+                     "that writer is done")
 
 
 def stale_reason(holder: dict | None, mtime: float, now: float) -> str | None:
@@ -111,7 +135,10 @@ class Lock:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            return False
+            return False  # a folder there too: _read says so
+        except PermissionError as e:
+            raise LockError(f"{self.path}: cannot create the lock file ({e.strerror}); OUT must be "
+                            "writable by this user") from e
         try:
             os.write(fd, json.dumps(holder).encode() + b"\n")
             os.fsync(fd)
@@ -125,6 +152,8 @@ class Lock:
         try:
             fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            if breaker.is_dir():
+                raise _not_a_file(breaker) from None
             with contextlib.suppress(FileNotFoundError):   # the other breaker finished meanwhile
                 if time.time() - breaker.stat().st_mtime > BREAKER_STALE_S:
                     breaker.unlink(missing_ok=True)  # its writer was killed while breaking a lock
@@ -156,10 +185,7 @@ class Lock:
     def check(self) -> None:
         """Raise if the lock is no longer ours (broken by --break-lock or judged stale elsewhere)."""
         if not self._mine():
-            found = _read(self.path)
-            raise LockError(f"this run lost its lock on {self.path.parent}: it is now held by "
-                            f"{_describe(found[1] if found else None, self.path) if found else 'nobody'}; "
-                            "nothing more was written. Run again once that writer is done")
+            raise lost(self.path.parent)
 
     def release(self) -> None:
         self._stop.set()

@@ -4,6 +4,11 @@ into which shard, and which shards are finished.
 Inputs not in the plan yet form a new *generation*: ordered by a seeded hash (a global shuffle that no
 library version can change) and cut into new shards numbered after the existing ones. A shard is
 finished when its part file (``OUT/.preprocess/<split>/<shard>.json``, written last) matches the plan.
+
+Each planned input also records the digest of its raw annotation when it was planned (``boxes_sha256``:
+``annotations.box_digest``; null in plans written before it existed). Its shard is written with those
+boxes, whenever that happens: ``state.prepare`` refuses a run whose annotations give a planned input
+other boxes, and ``planned_boxes`` leaves out boxes that appeared after planning.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from preprocessing.annotations import NO_ANNOTATION, box_digest
 from preprocessing.sources import Input
 from storage.dataformat import DataError
 from storage.files import atomic_write
@@ -23,7 +29,7 @@ from storage.files import atomic_write
 STATE_DIR = ".preprocess"
 PLAN_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("wnid", pa.string()),
                          ("label", pa.int32()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
-                         ("shard", pa.string()), ("gen", pa.int32())])
+                         ("shard", pa.string()), ("gen", pa.int32()), ("boxes_sha256", pa.string())])
 
 
 def parse_shard_size(value) -> tuple[str, int]:
@@ -52,8 +58,9 @@ def read_plan(out: Path, split: str) -> list[dict]:
     return pq.read_table(p).to_pylist() if p.is_file() else []
 
 
-def update_plan(out: Path, split: str, inputs: list[Input], seed: int, shard_size, log):
-    """Add inputs the plan lacks as new shards; report (never act on) removed and changed inputs."""
+def update_plan(out: Path, split: str, inputs: list[Input], seed: int, shard_size, log, boxes: dict):
+    """Add inputs the plan lacks as new shards, each with the digest of its raw annotation in ``boxes``
+    ({source path: boxes}); report (never act on) removed and changed inputs."""
     plan = read_plan(out, split)
     planned = {r["source"]: r for r in plan}
     current = {i.source: i for i in inputs}
@@ -80,7 +87,8 @@ def update_plan(out: Path, split: str, inputs: list[Input], seed: int, shard_siz
                                     f"{out}; rename it or rebuild into a fresh OUT")
                 keys.add(key)
                 rows.append({"key": key, "source": i.source, "wnid": i.wnid, "label": i.label,
-                             "size": i.size, "mtime_ns": i.mtime_ns, "shard": shard, "gen": gen})
+                             "size": i.size, "mtime_ns": i.mtime_ns, "shard": shard, "gen": gen,
+                             "boxes_sha256": box_digest(boxes.get(i.source))})
         plan = plan + rows
         atomic_write(plan_path(out, split), plan_bytes(plan))
         verb = "planned" if gen == 0 else "added"
@@ -114,6 +122,14 @@ def chunks(inputs: list[Input], shard_size) -> Iterable[list[Input]]:
             chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+def planned_boxes(rows: list[dict], boxes: dict) -> dict[str, list]:
+    """{key: raw boxes} for a shard's job: the annotation of each planned input that had one when it was
+    planned (its digest checked equal by ``state.prepare``), and of inputs planned before digests
+    were recorded. An annotation that appeared later is left out, so the split stays as planned."""
+    return {r["key"]: boxes[r["source"]] for r in rows
+            if r["source"] in boxes and r.get("boxes_sha256") != NO_ANNOTATION}
 
 
 def by_shard(plan: list[dict]) -> dict[str, list[dict]]:

@@ -15,13 +15,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from preprocessing.annotations import is_duplicate
 from preprocessing.plan import STATE_DIR
 from preprocessing.sources import Layout
 from storage import dataformat as fmt
+from storage.dataformat import DataError
 from storage.files import write_if_changed
 
 SKIPPED = "skipped.parquet"
-BOX_PROBLEMS = "box_problems.json"  # the last run's annotation rows or objects that could not be read
+BOX_PROBLEMS = "box_problems.json"  # the last run's annotation rows or objects not used (unreadable, repeated)
 SKIPPED_SCHEMA = pa.schema([("source", pa.string()), ("status", pa.string()), ("reason", pa.string())])
 SHOWN = 10  # quarantined or skipped entries a run's summary shows
 
@@ -67,14 +69,16 @@ def summarize(out: Path, layout: Layout, changes: dict, written: dict, log) -> d
 
 
 def _box_problems(out: Path, layout: Layout, log) -> None:
-    """Log the annotation rows or objects that could not be read (the first ``SHOWN``) and keep them
-    all for ``report``."""
+    """Log the annotation rows or objects not used, counted by kind (the first ``SHOWN`` of them), and
+    keep them all for ``report``."""
     path = out / STATE_DIR / BOX_PROBLEMS
     if layout.boxes or path.is_file():
         write_if_changed(path, (json.dumps(layout.box_problems, indent=0) + "\n").encode())
     if layout.box_problems:
-        log(f"annotations: {len(layout.box_problems)} rows or objects could not be read (all of them: "
-            f"python -m jobs.preprocess report {out}):")
+        repeated = sum(map(is_duplicate, layout.box_problems))
+        log(f"annotations: {len(layout.box_problems) - repeated} rows or objects could not be read"
+            + (f", {repeated} rows repeat an earlier row's image id" if repeated else "")
+            + f" (all of them: python -m jobs.preprocess report {out}):")
         for line in layout.box_problems[:SHOWN]:
             log(f"  {line}")
 
@@ -137,9 +141,8 @@ def report_lines(out) -> list[str]:
             for why in r["boxes_rejected"] or []:
                 lines.append(f"box rejected {r['source']}: {why}")
                 rejected += 1
-    problems = out / STATE_DIR / BOX_PROBLEMS
-    for line in json.loads(problems.read_text()) if problems.is_file() else []:
-        lines.append(f"box unreadable {line}")
+    for line in read_box_problems(out):
+        lines.append(f"box {'repeated' if is_duplicate(line) else 'unreadable'} {line}")
     others = pq.read_table(skipped_path(out)).to_pylist() if skipped_path(out).is_file() else []
     lines += [f"{o['status']:<11}  {o['source']}: {o['reason']}" for o in others]
     skipped = sum(o["status"] == "skipped" for o in others)
@@ -154,6 +157,23 @@ def report_lines(out) -> list[str]:
                          "annotation")
     for h in fmt.read_history(out):
         added = ", ".join(f"{split} +{a.get('inputs', 0)} inputs" for split, a in h.get("added", {}).items())
+        boxes = "".join(f"; {split} boxes from {Path(a['file']).name} sha256 {a['sha256'][:12]} ({len(a['shards'])} "
+                        "new shards)" for split, a in h.get("annotations", {}).items())
         lines.append(f"run {h['run']}: {h.get('when') or h.get('note')}; {h.get('source', '')}; {added}; "
-                     f"classes added {len(h.get('classes_added', []))}; git {h.get('git_commit', '?')}")
+                     f"classes added {len(h.get('classes_added', []))}; git {h.get('git_commit', '?')}{boxes}")
+    return lines
+
+
+def read_box_problems(out: Path) -> list[str]:
+    """The last run's annotation problems ([] when it had none). A damaged file is a DataError naming it."""
+    path = out / STATE_DIR / BOX_PROBLEMS
+    if not path.is_file():
+        return []
+    try:
+        lines = json.loads(path.read_bytes())
+    except ValueError as e:  # not JSON, or not UTF-8
+        lines = e
+    if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+        raise DataError(f"{path} is damaged ({lines if isinstance(lines, ValueError) else 'not a list of lines'}); "
+                        f"rerun python -m jobs.preprocess SOURCE {out}, which writes it again")
     return lines

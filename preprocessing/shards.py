@@ -12,6 +12,7 @@ import hashlib
 import struct
 from pathlib import Path
 
+from preprocessing.lock import lost
 from storage.dataformat import BOX_EXT
 from storage.files import AtomicFile
 
@@ -82,7 +83,11 @@ class ShardWriter:
         end = self.pos + 2 * BLOCK  # two zero blocks end a tar archive
         end += -end % RECORD
         self._write(b"\0" * (end - self.pos))
-        self.out.commit()
+        try:
+            self.out.commit()
+        except FileNotFoundError as e:
+            # The temporary file is gone: only a run that took OUT's lock from this one removes it.
+            raise lost(Path(self.out.dest).parent) from e
         return end, self.lines, self.sha256.hexdigest()
 
 

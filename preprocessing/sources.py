@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preprocessing.annotations import text_lines
 from preprocessing.walk import Entry, listing
 from storage.dataformat import DataError
 
@@ -262,7 +263,7 @@ def _find(root: Path, name: str) -> Path | None:
 
 def _read_synset_mapping(path: Path) -> dict[str, str]:
     out = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text_lines(path), start=1):
         if not line.strip():
             continue
         wnid, _, name = line.strip().partition(" ")
@@ -278,7 +279,7 @@ def _flat_labels(root: Path, d: Path, split: str, n_files: int, label_files: set
     if csv:
         label_files.add(csv)
         labels = {}
-        lines = csv.read_text(encoding="utf-8").splitlines()
+        lines = text_lines(csv)
         if not lines or not lines[0].startswith("ImageId"):
             raise DataError(f"{csv}: expected the header 'ImageId,PredictionString'")
         for n, line in enumerate(lines[1:], start=2):
@@ -294,7 +295,7 @@ def _flat_labels(root: Path, d: Path, split: str, n_files: int, label_files: set
         order = _devkit_synsets(root, gt, label_files)
         label_files.add(gt)
         labels = {}
-        for n, line in enumerate(gt.read_text().split(), start=1):
+        for n, line in enumerate(" ".join(text_lines(gt)).split(), start=1):
             ilsvrc_id = int(line)
             if ilsvrc_id not in order:
                 raise DataError(f"{gt}: line {n} has ILSVRC2012_ID {ilsvrc_id}, not in the devkit's meta.mat")

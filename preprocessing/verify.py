@@ -1,6 +1,7 @@
 """Re-read every shard of OUT against its manifest: counts, member order, tar headers, DALI index,
 labels, box members (the manifest's boxes, inside the stored image) and box counts, sha256 of every
-JPEG and of the whole shard (when dataset.json records it), and a full decode of every JPEG. ``python -m jobs.preprocess verify OUT``. It reads what dataset.json lists, and the
+JPEG and of the whole shard and its index (when dataset.json records them), and a full decode of
+every JPEG. ``python -m jobs.preprocess verify OUT``. It reads what dataset.json lists, and the
 manifest rows it counts, so it can run while a writer adds to OUT."""
 from __future__ import annotations
 
@@ -46,12 +47,9 @@ def verify(out, workers: int = 1, decode: bool = True, progress: bool = False) -
         for r in rows:
             if r["shard"] is not None:
                 by_shard.setdefault(r["shard"], []).append(r)
-        digests = s.get(fmt.SHARDS_SHA256) or [None] * len(s["shards"])
-        if len(digests) != len(s["shards"]):
-            problems.append(Problem(split, "", "", f"dataset.json lists {len(s['shards'])} shards but "
-                                                   f"{len(digests)} {fmt.SHARDS_SHA256}"))
-        for shard, digest in zip(s["shards"], digests):
-            jobs.append((str(out), split, shard, by_shard.get(shard, []), decode, digest))
+        digests = {k: _recorded(split, s, k, problems) for k in (fmt.SHARDS_SHA256, fmt.INDEXES_SHA256)}
+        for shard, digest, idx_digest in zip(s["shards"], *digests.values()):
+            jobs.append((str(out), split, shard, by_shard.get(shard, []), decode, digest, idx_digest))
     bar = tqdm(total=sum(len(j[3]) for j in jobs), unit="img", disable=not progress, dynamic_ncols=True)
     with bar:
         if workers > 1 and len(jobs) > 1:
@@ -61,6 +59,17 @@ def verify(out, workers: int = 1, decode: bool = True, progress: bool = False) -
         else:
             found = [_counted(_verify_job(j), j, bar) for j in jobs]
     return problems + [p for p in found if p is not None]
+
+
+def _recorded(split: str, s: dict, key: str, problems: list[Problem]) -> list[str | None]:
+    """dataset.json's sha256 list ``key`` of a split, one per shard (None where it records none: a
+    dataset written before it, or a list of the wrong length, which is a problem)."""
+    digests = s.get(key) or [None] * len(s["shards"])
+    if len(digests) != len(s["shards"]):
+        problems.append(Problem(split, "", "", f"dataset.json lists {len(s['shards'])} shards but "
+                                               f"{len(digests)} {key}"))
+        return [None] * len(s["shards"])
+    return digests
 
 
 def _counted(problem: Problem | None, job, bar) -> Problem | None:
@@ -96,26 +105,30 @@ def _check_manifest(split: str, s: dict, rows: list[dict]) -> list[Problem]:
 
 
 def _verify_job(job) -> Problem | None:
-    out, split, shard, rows, decode, digest = job
+    out, split, shard, rows, decode, digest, idx_digest = job
     try:
         # The samples first: a damaged sample is named by its key; the shard's own checksum then
-        # catches what lies between samples (padding, the end blocks).
-        return _verify_shard(Path(out), split, shard, rows, decode) or _shard_digest(Path(out), split, shard,
-                                                                                     digest)
+        # catches what lies between samples (padding, the end blocks), the index's what the
+        # per-sample check cannot see in it.
+        return (_verify_shard(Path(out), split, shard, rows, decode)
+                or _shard_digest(Path(out), split, shard, digest)
+                or _shard_digest(Path(out), split, shard, idx_digest, index=True))
     except OSError as e:
         return Problem(split, shard, "", f"cannot read: {type(e).__name__}: {e}")
 
 
-def _shard_digest(out: Path, split: str, shard: str, digest: str | None) -> Problem | None:
+def _shard_digest(out: Path, split: str, shard: str, digest: str | None, index: bool = False) -> Problem | None:
+    """The problem when the shard (``index``: its .idx) does not hash to ``digest``; None without one."""
     if digest is None:
         return None
+    path = (out / shard).with_suffix(".idx") if index else out / shard
     h = hashlib.sha256()
-    with open(out / shard, "rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     if h.hexdigest() != digest:
-        return Problem(split, shard, "", f"sha256 of the shard is {h.hexdigest()}, dataset.json "
-                                         f"{fmt.SHARDS_SHA256} says {digest}")
+        what, key = (f"its index {path.name}", fmt.INDEXES_SHA256) if index else ("the shard", fmt.SHARDS_SHA256)
+        return Problem(split, shard, "", f"sha256 of {what} is {h.hexdigest()}, dataset.json {key} says {digest}")
     return None
 
 

@@ -92,14 +92,13 @@ def _update(out: Path, opts: state.Options, layout: Layout, lock: Lock, workers:
     lock.check()
     jobs, changes = [], {}
     for split, inputs in layout.splits.items():
-        rows, changes[split] = plan.update_plan(out, split, inputs, opts.seed, opts.shard_size, log)
-        boxes = layout.boxes.get(split, {})
+        boxes = layout.boxes.get(split, {})  # planned inputs' boxes are as planned: state.prepare checked
+        rows, changes[split] = plan.update_plan(out, split, inputs, opts.seed, opts.shard_size, log, boxes)
         for shard, shard_rows in plan.by_shard(rows).items():
             if not plan.done(out, split, shard, [r["key"] for r in shard_rows]):
                 jobs.append(ShardJob(split, shard, str(layout.root), str(out),
                                      [(r["key"], r["source"], r["label"], r["wnid"]) for r in shard_rows],
-                                     opts.max_side, split == "train",
-                                     {r["key"]: boxes[r["source"]] for r in shard_rows if r["source"] in boxes}))
+                                     opts.max_side, split == "train", plan.planned_boxes(shard_rows, boxes)))
     all_splits = sorted(p.name[: -len(".plan.parquet")] for p in (out / plan.STATE_DIR).glob("*.plan.parquet"))
     up_to_date = not jobs and _published(out, all_splits)
     written = _run(jobs, workers, progress, map_fn)
@@ -177,11 +176,12 @@ def process_shard(job: ShardJob) -> dict:
         if stored:
             tar_bytes, index, tar_sha256 = tw.commit()
             fmt.write_index(out / f"{job.shard}.idx", index)
+            idx_sha256 = hashlib.sha256(fmt.index_text(index).encode("ascii")).hexdigest()  # write_index's bytes
         else:
-            tar_bytes, tar_sha256 = 0, None  # every input quarantined: no tar (DALI rejects an empty one)
+            tar_bytes, tar_sha256, idx_sha256 = 0, None, None  # all quarantined: no tar (DALI rejects an empty one)
     # Part file: a header line (what plan.done reads), then the manifest rows and colour sums.
     head = {"shard": job.shard, "stored": stored, "tar_bytes": tar_bytes, "tar_sha256": tar_sha256,
-            "keys_sha256": plan.keys_sha256([r[0] for r in job.rows])}
+            "idx_sha256": idx_sha256, "keys_sha256": plan.keys_sha256([r[0] for r in job.rows])}
     body = {"rows": rows, "moments": moments.to_json() if job.stats else None}
     part_path = plan.part_path(out, job.split, job.shard)
     part_path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,13 +249,14 @@ def _gather(out: Path, splits: list[str]):
     manifests, split_info, moments = {}, {}, mf.Moments()
     for split in splits:
         rows_plan = plan.read_plan(out, split)
-        rows, shards, digests, gens = [], [], [], {}
+        rows, shards, digests, idx_digests, gens = [], [], [], [], {}
         for shard, shard_rows in plan.by_shard(rows_plan).items():
             part = plan.read_part(out, split, shard)
             rows += part["rows"]
             if part["stored"]:
                 shards.append(f"{shard}.tar")
                 digests.append(part.get("tar_sha256"))
+                idx_digests.append(part.get("idx_sha256"))
             if split == "train" and part["moments"] and part["moments"]["images"]:
                 gens.setdefault(shard_rows[0]["gen"], []).append(part["moments"])
         for m in gens[min(gens)] if gens else []:
@@ -267,6 +268,8 @@ def _gather(out: Path, splits: list[str]):
                              "source_fingerprint": mf.source_fingerprint(rows_plan)}
         if all(digests):  # parts written before shard checksums existed have none: leave it out
             split_info[split][fmt.SHARDS_SHA256] = digests
+        if all(idx_digests):  # nor index checksums, for parts written before they existed
+            split_info[split][fmt.INDEXES_SHA256] = idx_digests
         boxes = mf.box_counts(rows)
         if boxes is not None:  # only a split with annotations has the entry (readers go by it)
             split_info[split][fmt.SPLIT_BOXES] = boxes

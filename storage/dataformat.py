@@ -29,11 +29,15 @@ FORMAT = 1                       # dataset.json "format"
 DATASET_JSON = "dataset.json"
 MANIFEST = "manifest.parquet"
 INDEX_VERSION = "v1.2"           # the wds2idx format DALI's fn.readers.webdataset reads
+TAR_BLOCK = 512                  # a tar header's size; every member's data starts one block after it
 STATUSES = ("kept", "converted", "resized", "quarantined")
 HISTORY_JSON = "history.json"
 # Per split in dataset.json: hex sha256 of each shard's bytes, in "shards" order. Datasets written
 # before it existed lack it; readers treat it as absent.
 SHARDS_SHA256 = "shards_sha256"
+# Per split in dataset.json: hex sha256 of each shard's DALI index (.idx), in "shards" order. Datasets
+# written before it existed lack it; readers treat it as absent.
+INDEXES_SHA256 = "indexes_sha256"
 # Per class in dataset.json: the history.json run that added it (0: the first build).
 CLASS_RUN = "run"
 BASE_SCHEMA = pa.schema([
@@ -219,20 +223,44 @@ def write_index(idx: str | os.PathLike, lines: list[str]) -> int:
 
 
 def parse_index(text: str, name: str = "index") -> list[list[Component]]:
-    """Index text -> per sample, its components. ``name`` (the file) goes into every error."""
+    """Index text -> per sample, its components. ``name`` (the file) and the line go into every error.
+
+    Beyond the syntax: each member name is ``<key>.<ext>`` with the component's extension (the key is
+    the name up to the first dot of its last path part, as ``wds2idx`` groups members), a sample's
+    members share their key, and no key is in two samples."""
     lines = text.splitlines()
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
         raise DataError(f"{name}: header {lines[0] if lines else ''!r} is not '{INDEX_VERSION} <samples>'")
     if int(head[1]) != len(lines) - 1:
         raise DataError(f"{name}: says {head[1]} samples but has {len(lines) - 1} lines")
-    out = []
-    for line in lines[1:]:
+    out, seen = [], {}
+    for n, line in enumerate(lines[1:], 2):
         f = line.split(" ")
-        if len(f) % 4 or not all(x.isdigit() for x in f[1::4] + f[2::4]):
-            raise DataError(f"{name}: line {line!r} is not groups of '<ext> <offset> <size> <name>'")
-        out.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
+        numbers = f[1::4] + f[2::4]
+        if len(f) % 4 or "" in numbers or not "".join(numbers).isdigit():   # one C call per line
+            raise DataError(f"{name} line {n}: {line[:200]!r} is not groups of '<ext> <offset> <size> <name>'")
+        key = _sample_key(f, name, n)
+        if key in seen:
+            raise DataError(f"{name} line {n}: key {key} is also the sample of line {seen[key]}")
+        seen[key] = n
+        try:
+            out.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
+        except ValueError as e:          # digits, but more than int() reads (4,300)
+            raise DataError(f"{name} line {n}: {e}") from e
     return out
+
+
+def _sample_key(fields: list[str], name: str, n: int) -> str:
+    """The key every member of an index line's ``fields`` names as ``<key>.<ext>``, else a DataError."""
+    first = fields[3]
+    base = first.rfind("/") + 1
+    dot = first.find(".", base)
+    stem = first[:dot + 1]                                  # "<key>."
+    if dot <= base or fields[3::4] != [stem + ext for ext in fields[0::4]]:
+        raise DataError(f"{name} line {n}: members {' '.join(fields[3::4])[:200]} are not <key>.<ext> of one "
+                        f"key with the extensions {' '.join(fields[0::4])[:100]}")
+    return first[:dot]
 
 
 def index_count(idx: str | os.PathLike) -> int:
@@ -243,6 +271,71 @@ def index_count(idx: str | os.PathLike) -> int:
         raise DataError(f"{idx}: not a DALI webdataset index (expected '{INDEX_VERSION} <count>' "
                         f"on the first line, got {' '.join(head)!r}); delete it to rebuild")
     return int(head[1])
+
+
+def read_index(idx: str | os.PathLike) -> list[list[Component]]:
+    """The parsed index file ``idx`` (``parse_index``); an unreadable or non-ASCII one is a DataError."""
+    try:
+        return parse_index(Path(idx).read_bytes().decode("ascii"), str(idx))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{idx}: not an ASCII DALI index ({e}); delete it to rebuild it from its shard") from e
+
+
+def check_index(idx: str | os.PathLike, tar: str | os.PathLike) -> int:
+    """Raise ``DataError`` unless index ``idx`` lists the members of ``tar`` as they are: in tar order,
+    each member's header right after the previous member's (padded) data, as the writer lays them out
+    (so no member is skipped, moved or read twice), ``offset + size`` inside the file, and the ustar
+    header right before ``offset`` (the 512 bytes before a member's data) naming ``<key>.<ext>`` with
+    that size. Reads one 512-byte block per member, nothing else of the tar. Returns the sample count.
+    What DALI would read from a stale or edited index (another sample's bytes, nothing where a
+    member is missing, or past the end of the file, which kills the process) is refused here instead."""
+    samples = read_index(idx)
+    with open(tar, "rb", buffering=0) as f:
+        fd, end = f.fileno(), os.fstat(f.fileno()).st_size
+        at = 0                                             # where the next member's header must start
+        for n, sample in enumerate(samples, 2):
+            for ext, offset, size, member in sample:
+                if offset != at + TAR_BLOCK or offset + size > end:
+                    why = _misplaced(offset, size, at, end)
+                    raise _index_mismatch(idx, tar, n, member, offset, size, why)
+                head = os.pread(fd, TAR_BLOCK, at)
+                name = member.encode("ascii")
+                # the fast path: the name field starts with the name, NUL-ended (unless it is 100
+                # bytes), and the size field as our writer and GNU tar write it (11 octal digits)
+                if not (head.startswith(name) and (len(name) >= 100 or head[len(name):len(name) + 1] == b"\0")
+                        and head[124:135] == b"%011o" % size):
+                    found = _member_header(head)
+                    if found != (member, size):
+                        there = f"is {found[0]!r} ({found[1]} bytes)" if found else "is not a tar header"
+                        raise _index_mismatch(idx, tar, n, member, offset, size, f"the member header there {there}")
+                at = offset + size + (-size % TAR_BLOCK)
+    return len(samples)
+
+
+def _misplaced(offset: int, size: int, at: int, end: int) -> str:
+    """Why a member's (offset, size) cannot be the next member, whose header starts at ``at``."""
+    if offset + size > end and offset == at + TAR_BLOCK:
+        return f"that ends at byte {offset + size}, past the tar's end ({end} bytes)"
+    before = f"the member before it ends at byte {at}" if at else "the tar's first member"
+    return (f"{before}, so its data must start at byte {at + TAR_BLOCK}: the index skips, moves or repeats "
+            "members there")
+
+
+def _member_header(head: bytes) -> tuple[str, int] | None:
+    """(name, size) of a ustar header block (the prefix field joined to the name), or None when
+    ``head`` is not a valid header (checksum)."""
+    try:
+        info = tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+    return info.name, info.size
+
+
+def _index_mismatch(idx, tar, line: int, member: str, offset: int, size: int, why: str) -> DataError:
+    key = member[:member.find(".", member.rfind("/") + 1)]
+    return DataError(f"{tar}: key {key}: {idx} line {line} puts {member} at byte {offset} ({size} bytes), "
+                     f"but {why}; the index does not match its shard: delete {Path(idx).name} to rebuild it "
+                     f"from the shard, or run `python -m jobs.preprocess verify {Path(tar).parent}`")
 
 
 def scan_index_lines(tar: str | os.PathLike) -> list[str]:

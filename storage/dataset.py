@@ -2,7 +2,8 @@
 
 The format is ``storage.dataformat`` (docs/data-format.md). Every check here fails with a
 ``DataError`` that names the file, so a broken dataset never reaches DALI (which would otherwise read
-garbage from a stale index, or hang on an empty shard list), and a shard whose bytes changed since
+garbage from a stale index, or hang on an empty shard list): every index entry is checked against
+its tar's member headers (cached per node), and a shard or index whose bytes changed since
 preprocessing is refused before it is read (``storage.shard_check``).
 """
 from __future__ import annotations
@@ -39,8 +40,8 @@ class Split:
 
 @dataclass
 class Dataset:
-    """A dataset folder's ``dataset.json``, read once; its splits resolved (and their shards' sha256
-    checked) once each, when first asked for."""
+    """A dataset folder's ``dataset.json``, read once; its splits resolved (their indexes checked
+    against their tars, and their shards' and indexes' sha256) once each, when first asked for."""
     root: Path
     info: dict
     _splits: dict[tuple[str, bool], Split] = field(default_factory=dict, repr=False)
@@ -69,7 +70,8 @@ class Dataset:
         return fmt.SPLIT_BOXES in self.info.get("splits", {}).get(split, {})
 
     def split(self, name: str, build_missing_index: bool = True, check: bool = True) -> Split:
-        """The split resolved and checked (``resolve_split``); with ``check``, its shards' sha256 too."""
+        """The split resolved and checked (``resolve_split``, index entries against tar headers
+        included); with ``check``, its shards' and indexes' sha256 too."""
         key = (name, check)
         if key not in self._splits:
             self._splits[key] = resolve_split(self.root, self.info, name, build_missing_index)
@@ -142,9 +144,12 @@ def _numbers(values, n: int) -> bool:
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values))
 
 
-def resolve_split(root: Path, info: dict, split: str, build_missing_index: bool = True) -> Split:
+def resolve_split(root: Path, info: dict, split: str, build_missing_index: bool = True,
+                  cache: str | os.PathLike | None = None) -> Split:
     """Resolve and check one split: every shard on disk, an index for each (built when missing),
-    index sample counts summing to dataset.json's ``num_samples``, the manifest's shards all listed."""
+    index sample counts summing to dataset.json's ``num_samples``, the manifest's shards all listed,
+    and every index entry the member of its tar that it names (``shard_check.check_split_indexes``,
+    cached per node in ``cache``), so DALI never reads past a file's end or another sample's bytes."""
     splits = info.get("splits", {})
     if split not in splits:
         raise DataError(f"{fmt.info_path(root)}: no split {split!r}; it has {', '.join(splits) or 'none'}")
@@ -172,6 +177,7 @@ def resolve_split(root: Path, info: dict, split: str, build_missing_index: bool 
         raise DataError(f"{root}: the {split!r} indexes count {total} samples but dataset.json says "
                            f"{expected}; an index is stale (delete the .idx files to rebuild them) or a "
                            "shard was rewritten")
+    shard_check.check_split_indexes([Path(s) for s in shards], [Path(i) for i in indexes], cache)
     return Split(name=split, shards=tuple(shards), indexes=tuple(indexes), num_samples=total)
 
 

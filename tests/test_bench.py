@@ -186,3 +186,17 @@ def test_eval_benchmark_reports_images_per_second(capsys):
         assert r["images_per_s"] == pytest.approx(3 / r["seconds_per_batch"])
         assert r["vs_same"] == pytest.approx(r["images_per_s"] / rows[0]["images_per_s"])
     assert [r["mode"] for r in rows] == ["dense", "dense", "center"] and rows[0]["image_shape"] == "48x64"
+
+
+def test_index_bench_cold_and_warm(tmp_path):
+    from jobs.bench import index
+
+    out = tmp_path / "index.json"
+    rows = index.main(["--shards", "3", "--samples", "40", "--rounds", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [r["start"] for r in rows] == ["cold", "cold-disk", "warm"]
+    for r in rows:
+        assert r["bench"] == "index" and r["shards"] == 3 and r["entries"] == 40 and r["header_reads"] == 160
+        assert r["seconds"] > 0 and r["cpu_seconds"] >= 0 and r["index_mb"] > 0 and r["tar_gb"] > 0
+    assert len(rows[2]["seconds_by_round"]) == 2 and rows[2]["cache_kb"] > 0
+    assert rows[2]["warm_over_cold"] == pytest.approx(rows[2]["seconds"] / rows[0]["seconds"])

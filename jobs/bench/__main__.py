@@ -12,6 +12,7 @@ BENCHES = {
     "eval": "dense-evaluation images/s",
     "scaling": "DDP all-reduce time and scaling efficiency on paper (no GPU needed)",
     "schedule": "the plateau rule's decay epochs on simulated noisy and creeping val curves (no GPU)",
+    "index": "the DALI index check (every entry against its tar header) at ImageNet's size, cold and warm",
 }
 
 

@@ -20,10 +20,11 @@ from pipeline import goodput
 from pipeline.goodput import Ledger
 from storage import dataset, files
 from storage.dataformat import DataError
+from storage.files import StorageError
 
 MARKER = "reported"        # what Ray copies into checkpoint_<step>/ beside our checkpoint.pt
 DATA_ERROR = "data_error"  # a worker met bad data: its message, for Ray's retries and the driver
-LEDGER = "goodput-ledger.json"   # rank 0's latest goodput totals (pipeline/goodput.py)
+LEDGER = goodput.LEDGER   # rank 0's latest goodput totals (pipeline/goodput.py)
 
 
 def resume_state(folder: str, checkpoint, rank: int, world: int) -> dict[str, Any] | None:
@@ -119,9 +120,14 @@ def rank0_tracker(cfg: config_lib.Config, loop_config: dict[str, Any],
 
 
 def read_ledger(run_folder: str) -> dict[str, float]:
-    """The goodput totals rank 0 last recorded in the run folder ({} before any)."""
-    path = files.join(run_folder, LEDGER)
-    return json.loads(files.read_bytes(path)) if files.exists(path) else {}
+    """The goodput totals rank 0 last recorded in the run folder ({} before any), read by
+    ``pipeline.goodput.read``. The driver checked the file before Ray started; one damaged since is
+    ignored with a warning naming it: this attempt then counts none of the failed one's work as lost."""
+    try:
+        return goodput.read(run_folder, LEDGER)
+    except StorageError as e:
+        logging.getLogger(__name__).warning("%s; no work of the failed attempt is counted as lost", e)
+        return {}
 
 
 def store_checkpoint(folder: Path, run_folder: str, name: str, best: bool) -> None:

@@ -1,7 +1,9 @@
 """What the training driver checks before Ray starts, so that a mistake costs seconds, not a cluster
 start: the dataset (every split it will read, sizes against the batch, shard checksums) and the
 storage (reachable, writable, and room for ``run.keep_last`` + 2 checkpoints on a local disk). Each
-failure is a user error (one ``error:`` line, exit 2) naming the key, file or folder."""
+failure is a user error (one ``error:`` line, exit 2) naming the key, file or folder. So are the
+parent net (``model.init_from``, every tensor against the net) and the run folder's own records (the
+MLflow metric journal, the goodput files)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import tracking
+from jobs.tracking import journal
 from pipeline import config as config_lib
+from pipeline import goodput
 from pipeline.config import ConfigError
 from pipeline.task import task_for
 from storage import dataset, files
@@ -90,6 +94,16 @@ def check_parent(cfg: config_lib.Config) -> None:
     with torch.device("meta"):     # shapes only, nothing allocated
         net = ckpt.build_model(cfg, cfg.model.num_classes)
     task_for(cfg.model.head).check_parent(cfg, weights, path, net)
+
+
+def check_records(run_folder: str, training: bool) -> None:
+    """The run folder's own records read back before Ray starts: the MLflow metric journal (every
+    command delivers it, a complete run's too) and, when this command trains, the goodput files.
+    A damaged one is one error line naming the file and how to go on (jobs/tracking/journal.py,
+    pipeline/goodput.py)."""
+    journal.read(run_folder)
+    if training:
+        goodput.check(run_folder)
 
 
 def checkpoint_bytes(cfg: config_lib.Config, existing: str = "") -> int:

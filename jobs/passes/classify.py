@@ -51,7 +51,7 @@ def evaluate_rank(nets: list[nn.Module], data: config_lib.DataConfig, protocol: 
 def shares(members: list[Member], data: config_lib.DataConfig, ds: Dataset, protocol: E.Protocol,
            batch_size: int, opts: front.PassOptions) -> list[E.ShareResult]:
     """Every rank's ShareResult, rank order, each image checked counted once with its label."""
-    expected = ds.stored_labels(data.val_split)
+    expected = front.open_split(ds, data, opts)
     work = functools.partial(evaluate_rank, [m.net.cpu() for m in members], data, protocol, batch_size,
                              use_gpu=opts.gpu, threads=opts.threads)
     got = front.run(lambda rank, world, progress: work(rank, world, progress=progress), opts,

@@ -28,7 +28,7 @@ def extract(members: list[Member], ds: Dataset, split: str, batch_size: int,
     checked exactly once against the manifest before anything is returned."""
     data = front.split_data(members[0].cfg, opts, split)
     scales = member_scales(opts.scales, members)
-    expected = ds.stored_labels(data.val_split)
+    expected = front.open_split(ds, data, opts)
     union = {q for qs in scales for q in qs}
     work = functools.partial(_rank, [m.net.cpu() for m in members], data, scales, opts.flip, batch_size,
                              opts.gpu, opts.threads)

@@ -19,6 +19,7 @@ from jobs.passes.members import Member, check_ensemble, resolve_member
 from pipeline import config as config_lib
 from pipeline import evaluate as E
 from pipeline.batch import Batch
+from storage.dataset import Dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,8 @@ class PassOptions:
     def __post_init__(self):
         if self.workers < 1:
             raise UsageError(f"--workers must be >= 1, got {self.workers}")
+        if not isinstance(self.scales, str) or not self.scales.strip():   # argparse turns --scales=-- into []
+            raise UsageError(f"--scales {self.scales!r}: auto, single or comma-separated integers")
 
     @classmethod
     def of(cls, options: Mapping) -> "PassOptions":
@@ -75,6 +78,18 @@ def split_data(cfg: config_lib.Config, opts: PassOptions, split: str = "") -> co
     return dataclasses.replace(cfg.data, root=opts.data or cfg.data.root,
                                val_split=split or opts.split or cfg.data.val_split, layout="NCHW",
                                dtype="float32", decode="mixed" if opts.gpu else "cpu")
+
+
+def open_split(ds: Dataset, data: config_lib.DataConfig, opts: PassOptions) -> dict[str, int]:
+    """The split's stored {key: label}, its shards and indexes checked here in the driver before any
+    rank reads them (a damaged shard is one error line, not a rank's traceback), and at least one
+    image per worker."""
+    ds.split(data.val_split)
+    expected = ds.stored_labels(data.val_split)
+    if opts.workers > len(expected):
+        raise UsageError(f"--workers {opts.workers}: more than the {len(expected)} stored images of split "
+                         f"{data.val_split!r}; each worker needs at least one")
+    return expected
 
 
 def run(work: Callable[..., object], opts: PassOptions, total: int, desc: str) -> list:

@@ -101,7 +101,7 @@ def evaluate(members: list[Member], classifiers: list[Member], req: Request,
                              member_scales=() if len(set(own)) == 1 else own, crop=first.data.crop_size,
                              flip=opts.flip, max_batch=req.max_batch or (256 if opts.gpu else 64))
     batch = req.batch_size or first.data.eval_batch_size or 16
-    expected = ds.stored_labels(data.val_split)
+    expected = front.open_split(ds, data, opts)
     given, source = label_source(req, which, expected, members[0].num_classes, opts)
     work = functools.partial(_rank, [m.net.cpu() for m in members], [c.net.cpu() for c in classifiers], data,
                              protocol, mean_box, batch, opts.gpu, opts.threads, given)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from jobs.cli import UsageError
+from jobs.cli import MAX_SCALE, UsageError
 from jobs.tracking import results
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
@@ -86,7 +86,8 @@ def member_scales(text: str, members: list[Member]) -> tuple[tuple[int, ...], ..
 
 
 def parse_scales(text: str, data: config_lib.DataConfig) -> tuple[int, ...]:
-    """'auto': the paper's three Q for the training S range; 'single': the validation Q; or a list."""
+    """'auto': the paper's three Q for the training S range; 'single': the validation Q; or a list;
+    each Q in [the training crop, MAX_SCALE]."""
     if text in ("auto", "single"):
         scales = (tuple(test_scales(data.scale_min, data.scale_max)) if text == "auto"
                   else (config_lib.test_scale(data),))
@@ -98,8 +99,9 @@ def parse_scales(text: str, data: config_lib.DataConfig) -> tuple[int, ...]:
         scales = tuple(int(q) for q in text.split(","))
     except ValueError:
         raise UsageError(f"--scales {text!r}: auto, single or comma-separated integers") from None
-    if not scales or min(scales) < data.crop_size:
-        raise UsageError(f"--scales {text}: every Q must be >= the training crop {data.crop_size}")
+    if not scales or min(scales) < data.crop_size or max(scales) > MAX_SCALE:
+        raise UsageError(f"--scales {text}: every Q must be in [{data.crop_size}, {MAX_SCALE}] (the training crop, "
+                         f"and a bound on the dense maps' memory)")
     return scales
 
 

@@ -4,6 +4,7 @@ over one or more random splits; the results files (results.json, results.md, sco
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,13 @@ from jobs.cli import UsageError
 from jobs.passes import front, results
 from jobs.passes.features import extract, write_parquet
 from jobs.passes.members import Member, member_scales
-from storage import dataset
-from storage.dataset import Dataset
 from pipeline import evaluate as E
 from pipeline import features as F
 from pipeline import transfer as T
+from storage import dataset
+from storage.dataset import Dataset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,17 @@ class Request:
 
 def run(members: list[Member], req: Request, opts: front.PassOptions) -> dict:
     """Descriptors of both splits (written as parquet), then the SVMs, scores and results."""
+    scales = member_scales(opts.scales, members)           # the options first: they cost nothing to check
     got, ds = {}, dataset.open_dataset(opts.data or members[0].cfg.data.root)
     splits = [req.train_split] if req.split == req.train_split else [req.train_split, req.split]
+    sidecar = read_labels(req.labels, ds, splits)          # before any feature pass: a bad file costs nothing
     for split in splits:
         keys, labels, per_net = extract(members, ds, split, req.batch_size, opts)
         feats = F.descriptor(per_net, req.aggregate)
         write_parquet(req.out / f"features-{split}.parquet", keys, labels, feats)
         got[split] = (keys, labels.numpy(), feats.numpy())
-    names, targets = class_targets(req.labels, ds, got)
-    return report(req, names, targets, got, splits_of(req, got), member_scales(opts.scales, members), members)
+    names, targets = class_targets(req.labels, sidecar, ds, got)
+    return report(req, names, targets, got, splits_of(req, got), scales, members)
 
 
 def check(req: Request) -> None:
@@ -72,11 +77,30 @@ def check(req: Request) -> None:
         raise UsageError("--repeats needs --train-per-class: without it every repeat is the same split")
 
 
-def class_targets(labels_file: str, ds: Dataset, got: dict) -> tuple[list[str], dict[str, np.ndarray]]:
+def read_labels(labels_file: str, ds: Dataset, splits: list[str]) -> tuple[list[str], dict[str, list[str]]] | None:
+    """The multi-label file (None without one), read and checked against the splits' stored images:
+    each has a row, and each row is one of theirs."""
+    if not labels_file:
+        return None
+    names, labels = T.read_sidecar(labels_file)
+    stored = {k for s in splits for k in ds.stored_labels(s)}
+    T.label_matrix(sorted(stored), names, labels, labels_file)          # a stored image without a row
+    unknown = sorted(set(labels) - stored)
+    if unknown:
+        raise UsageError(f"--labels {labels_file}: {len(unknown)} key(s) are no stored image of "
+                         f"{', '.join(splits)} (e.g. {unknown[:3]}): a file for another dataset or split?")
+    empty = sorted(k for k in stored if not labels[k])
+    if empty:   # the format allows an image with no label (a negative for every class); say how many
+        log.warning("%s: %d of %d images have no label (a negative for every class), e.g. %s", labels_file,
+                    len(empty), len(stored), empty[:3])
+    return names, labels
+
+
+def class_targets(labels_file: str, sidecar, ds: Dataset, got: dict) -> tuple[list[str], dict[str, np.ndarray]]:
     """(class names, per split the (N, classes) 0/1 targets): the multi-label file's names, or the
     dataset's classes with each image's single label."""
-    if labels_file:
-        names, labels = T.read_sidecar(labels_file)
+    if sidecar is not None:
+        names, labels = sidecar
         return names, {s: T.label_matrix(keys, names, labels, labels_file) for s, (keys, _, _) in got.items()}
     classes = ds.classes
     n = max(len(classes), 1 + max(int(lbl.max()) for _, lbl, _ in got.values() if len(lbl)))

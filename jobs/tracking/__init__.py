@@ -128,6 +128,7 @@ class Tracker:
         self._warned = False
         self._monitor = None
         self._pending: deque[journal.Point] = deque()
+        self.dropped: dict[str, int] = {}      # metric -> NaN or infinite values not logged
         self._owns_journal = False             # this tracker read the journal, so it rewrites it
         if journal and enabled:
             self.replay()
@@ -230,11 +231,22 @@ class Tracker:
     # -- metrics ----------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step`` (images seen); never blocks on the server."""
+        """Queue ``metrics`` at ``step`` (images seen); never blocks on the server. A value that is no
+        number is a ``TypeError`` naming it; a NaN or infinite one is dropped with a warning
+        (jobs/tracking/journal.py says why)."""
         if not self.enabled:
             return
-        now = int(time.time() * 1000)
-        self._queue.put([(k, float(v), now, int(step)) for k, v in metrics.items()])
+        now, points = int(time.time() * 1000), []
+        for k, v in metrics.items():
+            value = journal.number(k, v)
+            if value is not None:
+                points.append((k, value, now, int(step)))
+                continue
+            self.dropped[k] = self.dropped.get(k, 0) + 1
+            if self.dropped[k] == 1:
+                log.warning("MLflow: metric %s is %s at step %d: not logged (MLflow and the run's journal keep "
+                            "finite values only; later ones are counted at the end)", k, v, int(step))
+        self._queue.put(points)
         if self._thread is None:
             self._thread = threading.Thread(target=self._sender, name="mlflow-tracker", daemon=True)
             self._thread.start()
@@ -358,7 +370,11 @@ class Tracker:
             self._monitor = None
         if self._owns_journal:
             self.persist()
+        if self.dropped:
+            log.warning("MLflow: non-finite values not logged: %s",
+                        ", ".join(f"{k} {n} time{'s' if n > 1 else ''}" for k, n in sorted(self.dropped.items())))
         pending = len(self.undelivered())
+        self._next_try = min(self._next_try, time.monotonic())   # the tag is tried even inside a back-off
         if pending:
             log.warning("MLflow: %d metric points wait in %s; run the same command again once %s is "
                         "reachable to deliver them", pending, journal.path(self.run_folder), self.uri)

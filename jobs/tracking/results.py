@@ -21,13 +21,23 @@ def run_id_of(spec: str) -> str:
     return m.group(2) if m else ""
 
 
+def get_run(run_id: str, tracking_uri: str):
+    """The MLflow run ``run_id``; one that the server does not know (or a server that cannot be
+    reached) is a FileNotFoundError naming it, not MLflow's traceback."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException as e:
+        raise FileNotFoundError(f"MLflow run {run_id}: not found at {tracking_uri} "
+                                f"({str(e).splitlines()[0][:200]})") from None
+
+
 def checkpoint_of_run(run_id: str, tracking_uri: str) -> str:
     """Where the training run's checkpoint is: its ``checkpoint`` or ``run_folder`` tag (the best
     checkpoint there), else a ``checkpoint.pt`` artifact (downloaded). Raises naming what was tried."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    run = client.get_run(run_id)
+    run = get_run(run_id, tracking_uri)
     tried = []
     for tag in CHECKPOINT_TAGS:
         value = run.data.tags.get(tag)
