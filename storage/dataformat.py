@@ -64,6 +64,7 @@ BASE_COLUMNS = tuple(BASE_SCHEMA.names)
 # least one kept box have it, so a dataset without annotations has no such member at all.
 BOX_EXT = "box"
 BOX_DTYPE = "<f4"
+BOX_BYTES = 16                  # one box: 4 x float32
 # Per split in dataset.json, only when the split has any annotation: {"images": stored images with at
 # least one kept box, "boxes": kept boxes, "clipped": of them clipped, "rejected": boxes not kept,
 # "annotated": stored images with an annotation, "without": stored images without one}.
@@ -248,6 +249,10 @@ def parse_index(text: str, name: str = "index") -> list[list[Component]]:
             out.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
         except ValueError as e:          # digits, but more than int() reads (4,300)
             raise DataError(f"{name} line {n}: {e}") from e
+        for ext, _, size, member in out[-1]:
+            if ext == BOX_EXT and size % BOX_BYTES:      # DALI would fail on it mid-epoch, inside a worker
+                raise DataError(f"{name} line {n}: {member} is {size} bytes, not a whole number of "
+                                f"{BOX_BYTES}-byte boxes (4 float32 each)")
     return out
 
 

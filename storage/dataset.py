@@ -182,11 +182,20 @@ def resolve_split(root: Path, info: dict, split: str, build_missing_index: bool 
 
 
 def _check_manifest_shards(root: Path, split: str, listed: list[str], info: dict) -> None:
-    """Every shard the manifest puts a sample in is one dataset.json lists (reads one column)."""
+    """Every shard the manifest puts a sample in is one dataset.json lists, and the manifest's stored
+    rows (those dataset.json's ``inputs`` covers) are the ``num_samples`` it records: a dataset.json
+    that counts fewer inputs than were stored would hide samples from every exactly-once check."""
     import pyarrow.compute as pc
 
     path = fmt.manifest_path(root, split)
-    column = fmt.read_manifest(root, split, ["shard"], info).column("shard")
+    table = fmt.read_manifest(root, split, ["shard", "status"], info)
+    column = table.column("shard")
+    stored = int(pc.sum(pc.and_(pc.is_valid(column), pc.not_equal(table.column("status"), "quarantined"))).as_py() or 0)
+    recorded = info["splits"][split].get("num_samples")
+    if stored != recorded:
+        raise DataError(f"{path}: {stored} stored samples in the rows {fmt.DATASET_JSON}'s 'inputs' covers, but it "
+                        f"records num_samples {recorded} for split {split!r}; one of them is damaged (run "
+                        f"`python -m jobs.preprocess verify {root}`)")
     in_manifest = {s for s in pc.unique(column).to_pylist() if s}
     unlisted = sorted(in_manifest - set(listed))
     if unlisted:

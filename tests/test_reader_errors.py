@@ -131,3 +131,40 @@ def test_a_writer_whose_lock_was_taken_over_says_so(tmp_path, capsys, monkeypatc
                            "that run judged the lock stale"), line
     assert removed == (1 if when == "mid-shard" else 0)  # the stalled run's unfinished tar
     assert not fmt.info_path(out).exists()  # nothing published over the other run
+
+
+def dry_run_argv(root, tmp_path) -> list[str]:
+    sets = {"data.root": root, "run.storage_path": tmp_path / "runs", "tracking.enabled": "false",
+            "run.global_batch_size": 4, "run.workers": 1}
+    return ["--config", str(ROOT / "jobs/configs/demo.yaml"), "--dry-run",
+            *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
+
+
+def test_a_dataset_json_counting_fewer_inputs_than_were_stored_is_one_line(sample_dataset, tmp_path, capsys):
+    """dataset.json's 'inputs' decides which manifest rows count: one fewer would hide a stored
+    sample from every exactly-once check. Refused before Ray, naming the manifest."""
+    import shutil
+
+    root = tmp_path / "fewer"
+    shutil.copytree(sample_dataset, root)
+    info = json.loads((root / "dataset.json").read_text())
+    info["splits"]["val"]["inputs"] -= 1
+    (root / "dataset.json").write_text(json.dumps(info))
+    line = one_error_line(train_main, dry_run_argv(root, tmp_path), capsys)
+    assert "val/manifest.parquet" in line and f"records num_samples {info['splits']['val']['num_samples']}" in line
+
+
+def test_a_box_member_that_is_no_whole_number_of_boxes_is_named_before_dali(sample_dataset, tmp_path, capsys):
+    """A 15-byte .box member (the index says so) would fail inside a DALI worker mid-epoch."""
+    import shutil
+
+    root = tmp_path / "box15"
+    shutil.copytree(sample_dataset, root)
+    idx = root / "val-000000.idx"
+    head, first, *rest = idx.read_text().splitlines()
+    f = first.split(" ")
+    i = f.index("box")
+    f[i + 2] = "15"
+    idx.write_text("\n".join([head, " ".join(f), *rest]) + "\n")
+    line = one_error_line(train_main, dry_run_argv(root, tmp_path), capsys)
+    assert "val-000000.idx line 2" in line and "is 15 bytes, not a whole number of 16-byte boxes" in line
