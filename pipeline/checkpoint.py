@@ -199,8 +199,11 @@ def checked(state: Any, path: str) -> dict[str, Any]:
     if type(n) is not int or n < 1:
         raise CheckpointError(f"{path}: num_classes {n!r} is not a positive whole number")
     cfg = config_of({**state, "path": path})
-    with torch.device("meta"):     # shapes only, nothing allocated (10**12 classes included)
-        net = build_model(cfg, n)
+    try:
+        with torch.device("meta"):     # shapes only, nothing allocated (10**12 classes included)
+            net = build_model(cfg, n)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:   # a size past int64 (or inf, NaN)
+        raise CheckpointError(f"{path}: its config and num_classes {n} build no net ({first_line(e)})") from None
     wrong = mismatches(shapes(net), state["model"])
     if wrong:
         m = cfg.model
@@ -225,7 +228,10 @@ def _load_file(path: str) -> Any:
                                   f"only tensors and plain values; checkpoints are read without running pickled "
                                   f"code, so it is refused") from e
         raise CheckpointError(f"{path}: not a readable checkpoint, damaged or cut short ({first_line(e)})") from e
-    except (RuntimeError, EOFError) as e:  # a cut-short zip raises any of these
+    # On damaged bytes torch.load raises nearly any type: RuntimeError and EOFError (its zip reader), OSError
+    # (mapping a cut-short file), and from its unpickler KeyError, IndexError, TypeError, ValueError,
+    # AttributeError, AssertionError (tests/test_fuzz_readers.py). Each of them means the file is damaged.
+    except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint, damaged or cut short ({first_line(e)})") from e
 
 
@@ -251,8 +257,8 @@ def config_of(state: dict[str, Any]) -> config_lib.Config:
     path = state.get("path", "checkpoint")
     try:
         data = yaml.safe_load(state["config"]) if isinstance(state["config"], str) else None
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path}: its config is not valid YAML ({first_line(e)})") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: a bad date, 4300+ digits
+        raise CheckpointError(f"{path}: its config is not valid YAML ({config_lib.yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: its config is not a YAML mapping of config sections")
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import sys
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -241,7 +242,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return origin(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is type(None) and value is None:
         return None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if tp is float and isinstance(value, int) and not isinstance(value, bool) and abs(value) <= sys.float_info.max:
         return float(value)
     if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value):
         return float(value)  # PyYAML reads "1e-3" as a string (YAML 1.1 wants "1.0e-3")
@@ -274,8 +275,8 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
                               "a config is YAML text") from e
         try:
             raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: a bad date, 4300+ digits
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides:
@@ -286,9 +287,22 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {k!r} is not a section")
         node[keys[-1]] = value
-    cfg = from_dict(Config, raw)
-    validate(cfg)
+    try:
+        cfg = from_dict(Config, raw)
+        validate(cfg)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}{' (with --set overrides)' if overrides else ''}: {e}") from None
     return cfg
+
+
+def yaml_problem(e: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return f"{getattr(e, 'problem', None) or lines[0][:200]}{where}"
 
 
 def leaves() -> dict[str, dataclasses.Field]:

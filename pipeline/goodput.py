@@ -23,7 +23,7 @@ warning naming it: the driver's ``record_wall`` starts the count again from this
 from __future__ import annotations
 
 import json
-import math
+import sys
 from dataclasses import dataclass, field
 
 from storage import files
@@ -53,7 +53,7 @@ def read(run_folder: str, name: str) -> dict[str, float]:
         return {}
     try:
         data = json.loads(files.read_bytes(path))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not JSON or UTF-8, a number past 4300 digits, nested too deep
         raise StorageError(f"{path}: damaged goodput record, not JSON ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(data, dict):
         raise StorageError(f"{path}: damaged goodput record, not a JSON object")
@@ -64,8 +64,8 @@ def read(run_folder: str, name: str) -> dict[str, float]:
 
 
 def seconds(value: object) -> bool:
-    """Whether ``value`` (from JSON) is a finite number >= 0."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    """Whether ``value`` (from JSON) is a finite number >= 0 (an int too, if a float holds it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= sys.float_info.max
 
 
 def check(run_folder: str) -> None:

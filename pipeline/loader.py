@@ -138,9 +138,14 @@ class _Runner:
         """(N,) int64, a copy made on the labels' device (a GPU kernel, not a host round trip)."""
         return self.tensor(tl.as_tensor()).reshape(-1).to(torch.int64)
 
-    @staticmethod
-    def keys(tl) -> list[str]:
-        return [row.tobytes().rstrip(b"\0").decode("ascii") for row in np.asarray(tl.as_tensor())]
+    def keys(self, tl) -> list[str]:
+        """The samples' keys; a key member that is not ASCII (damaged) is ``failure``'s DataError."""
+        rows = [row.tobytes().rstrip(b"\0") for row in np.asarray(tl.as_tensor())]
+        try:
+            return [k.decode("ascii") for k in rows]
+        except UnicodeDecodeError:
+            bad = next(k for k in rows if not k.isascii())
+            raise self.failure(f"a key member is not ASCII text: {bad!r}") from None
 
 
 def _device(device_id: int | None) -> torch.device:

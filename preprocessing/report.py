@@ -171,8 +171,8 @@ def read_box_problems(out: Path) -> list[str]:
         return []
     try:
         lines = json.loads(path.read_bytes())
-    except ValueError as e:  # not JSON, or not UTF-8
-        lines = e
+    except (ValueError, RecursionError) as e:  # not JSON or UTF-8, a number past 4300 digits, nested too deep
+        lines = ValueError(str(e)[:200])
     if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
         raise DataError(f"{path} is damaged ({lines if isinstance(lines, ValueError) else 'not a list of lines'}); "
                         f"rerun python -m jobs.preprocess SOURCE {out}, which writes it again")

@@ -97,8 +97,8 @@ def read_state(out: Path) -> dict | None:
     try:
         have = json.loads(path.read_bytes())
         why = _state_problem(have)
-    except ValueError as e:  # not JSON, or not UTF-8
-        why = str(e)
+    except (ValueError, RecursionError) as e:  # not JSON or UTF-8, a number past 4300 digits, nested too deep
+        why = str(e)[:200]
     if why:
         raise DataError(f"{path} is damaged ({why}); it records the options and classes {out} was built with, "
                         f"and a run cannot resume or add to {out} without it: restore it from a copy, or "
@@ -113,14 +113,19 @@ def _state_problem(have) -> str:
     if have.get("format") != fmt.FORMAT:
         return ""
     options, classes = have.get("options"), have.get("classes")
-    if not isinstance(have.get("seed"), int) or not isinstance(options, dict) or not isinstance(classes, list):
+    if type(have.get("seed")) is not int or not isinstance(options, dict) or not isinstance(classes, list):
         return "no seed, options or classes"
     if not {"shard_size", "max_side"} <= options.keys():
         return "options without shard_size or max_side"
-    if not all(isinstance(c, list) and len(c) >= 3 and isinstance(c[0], int) for c in classes):
+    size, side = options["shard_size"], options["max_side"]
+    if not (type(size) is int and size >= 1 or isinstance(size, str)) or not (side is None or type(side) is int):
+        return f"options shard_size {size!r} or max_side {side!r} not a count (or '<bytes>B') and a side or null"
+    if not all(isinstance(c, list) and len(c) >= 3 and type(c[0]) is int and isinstance(c[1], str)
+               and isinstance(c[2], str) for c in classes):
         return "a class that is not [index, wnid, name]"
-    if not isinstance(have.get("splits"), (list, type(None))):
-        return "splits not a list"
+    splits = have.get("splits")
+    if not (splits is None or isinstance(splits, list) and all(isinstance(s, str) for s in splits)):
+        return "splits not a list of names"
     annotations = have.get("annotations", {})
     if not isinstance(annotations, dict) or not all(
             isinstance(a, dict) and isinstance(a.get("file"), str) and isinstance(a.get("sha256"), str)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -29,6 +30,7 @@ FORMAT = 1                       # dataset.json "format"
 DATASET_JSON = "dataset.json"
 MANIFEST = "manifest.parquet"
 INDEX_VERSION = "v1.2"           # the wds2idx format DALI's fn.readers.webdataset reads
+_COUNT = re.compile(r"[0-9]{1,18}")  # an index header's sample count: ASCII digits ("²".isdigit()) int() reads
 TAR_BLOCK = 512                  # a tar header's size; every member's data starts one block after it
 STATUSES = ("kept", "converted", "resized", "quarantined")
 HISTORY_JSON = "history.json"
@@ -116,12 +118,32 @@ def read_info(root: str | os.PathLike) -> dict:
         raise DataError(f"{path}: not found; is {root} a folder written by `python -m jobs.preprocess`?")
     try:
         info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, a number past 4300 digits, nested too deep
+        raise DataError(f"{path}: not valid JSON ({str(e)[:200]})") from e
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         got = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise DataError(f"{path}: format {got!r}; this version reads format {FORMAT}")
+    if wrong := _info_problem(info):
+        raise DataError(f"{path}: {wrong}; not a dataset.json this version reads")
     return info
+
+
+def _info_problem(info: dict) -> str:
+    """What in dataset.json is not of the type its readers take ("" if nothing); an absent key is
+    its reader's business."""
+    classes, splits = info.get("classes", []), info.get("splits", {})
+    if not (isinstance(classes, list) and all(isinstance(c, dict) for c in classes)
+            and isinstance(info.get("stats", {}), (dict, type(None)))):
+        return "classes is not a list of objects, or stats not an object"
+    if not isinstance(splits, dict) or not all(isinstance(e, dict) for e in splits.values()):
+        return "splits is not an object of one object per split"
+    for split, e in splits.items():
+        shards, counts = e.get("shards", []), [e.get(k, 0) for k in ("num_samples", "inputs")]
+        if not (isinstance(shards, list) and all(isinstance(n, str) for n in shards) and isinstance(
+                e.get(SPLIT_BOXES, {}), dict) and all(type(n) is int and n >= 0 for n in counts)):
+            return (f"split {split!r} needs shards a list of file names, num_samples and inputs whole numbers "
+                    f">= 0 and {SPLIT_BOXES} an object")
+    return ""
 
 
 def write_info(root: str | os.PathLike, info: dict) -> bool:
@@ -177,10 +199,20 @@ def read_manifest(root: str | os.PathLike, split: str, columns: list[str] | None
 
 def _with_box_columns(path: Path, columns: list[str] | None) -> pa.Table:
     """The manifest's ``columns`` (default ``MANIFEST_COLUMNS``); box columns a manifest written
-    without them lacks come back null (no annotation), in the order asked for."""
+    without them lacks come back null (no annotation), in the order asked for. A file that is not
+    parquet, is damaged, or lacks a column or has one of another type is a DataError naming it."""
     want = list(MANIFEST_COLUMNS if columns is None else columns)
-    have = set(pq.read_schema(path).names)
-    table = pq.read_table(path, columns=[c for c in want if c in have or c not in BOX_COLUMNS])
+    try:
+        names = pq.read_schema(path).names
+        have = {c for c in names if names.count(c) == 1}
+        table = pq.read_table(path, columns=[c for c in want if c in have])
+    except (pa.ArrowException, OSError, ValueError) as e:  # not parquet, damaged, cut short
+        raise DataError(f"{path}: not a readable manifest ({str(e).strip().splitlines()[0][:200]})") from e
+    wrong = [f"no column {c}" for c in want if c not in have and c not in BOX_COLUMNS]
+    wrong += [f"column {c} is {t}, not {MANIFEST_SCHEMA.field(c).type}" for c, t in zip(table.column_names,
+              table.schema.types) if c in MANIFEST_COLUMNS and t != MANIFEST_SCHEMA.field(c).type]
+    if wrong:
+        raise DataError(f"{path}: {', '.join(wrong[:5])}; not a manifest this version reads")
     for c in want:
         if c not in have and c in BOX_COLUMNS:
             table = table.append_column(BOX_SCHEMA.field(c), pa.nulls(table.num_rows, BOX_SCHEMA.field(c).type))
@@ -231,7 +263,7 @@ def parse_index(text: str, name: str = "index") -> list[list[Component]]:
     members share their key, and no key is in two samples."""
     lines = text.splitlines()
     head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+    if len(head) != 2 or head[0] != INDEX_VERSION or not _COUNT.fullmatch(head[1]):
         raise DataError(f"{name}: header {lines[0] if lines else ''!r} is not '{INDEX_VERSION} <samples>'")
     if int(head[1]) != len(lines) - 1:
         raise DataError(f"{name}: says {head[1]} samples but has {len(lines) - 1} lines")
@@ -270,9 +302,9 @@ def _sample_key(fields: list[str], name: str, n: int) -> str:
 
 def index_count(idx: str | os.PathLike) -> int:
     """The sample count in an index file's header line, without reading the rest."""
-    with open(idx) as f:
-        head = f.readline().split()
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+    with open(idx, "rb") as f:
+        head = f.readline(100).decode("ascii", "replace").split()
+    if len(head) != 2 or head[0] != INDEX_VERSION or not _COUNT.fullmatch(head[1]):
         raise DataError(f"{idx}: not a DALI webdataset index (expected '{INDEX_VERSION} <count>' "
                         f"on the first line, got {' '.join(head)!r}); delete it to rebuild")
     return int(head[1])

@@ -9,8 +9,8 @@ preprocessing is refused before it is read (``storage.shard_check``).
 from __future__ import annotations
 
 import logging
-import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,8 +131,8 @@ def _stats(root: Path, info: dict) -> Stats:
             and all(_numbers(row, 3) for row in vec)):
         raise DataError(f"{path}: stats need mean_rgb[3], rgb_eigval[3], rgb_eigvec[3][3] of numbers; got "
                         f"{mean!r}, {val!r}, {vec!r}")
-    if not all(math.isfinite(x) for x in [*mean, *val, *(x for row in vec for x in row)]):
-        raise DataError(f"{path}: stats contain NaN or infinity")
+    if not all(abs(x) <= sys.float_info.max for x in [*mean, *val, *(x for row in vec for x in row)]):
+        raise DataError(f"{path}: stats contain NaN, infinity or a number past a float's range")
     if any(v < -1e-6 for v in val):
         raise DataError(f"{path}: rgb_eigval must be >= 0 (a covariance's eigenvalues), got {val}")
     return Stats(mean_rgb=tuple(float(x) for x in mean), eigval=tuple(max(float(v), 0.0) for v in val),

@@ -42,12 +42,21 @@ def read(path: str | Path) -> dict[str, torch.Tensor]:
     """key -> (k,) classes, best first, of a file ``to_parquet`` wrote; a file that is not one is a
     UsageError naming it."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     try:
-        t = pq.read_table(path, columns=["key", "top5"]).to_pydict()
-    except (OSError, pa.ArrowException, KeyError) as e:
-        raise UsageError(f"--labels {path}: not a classification evaluation's {FILENAME} ({e})") from None
+        t = pq.read_table(path, columns=["key", "top5"])
+    except (OSError, pa.ArrowException, KeyError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f"--labels {path}: not a classification evaluation's {FILENAME} ({why})") from None
+    key, top5 = t.schema.field("key").type, t.schema.field("top5").type
+    flat = pc.list_flatten(t.column("top5")) if pa.types.is_list(top5) else None
+    if not (pa.types.is_string(key) and flat is not None and pa.types.is_signed_integer(flat.type)) \
+            or t.column("key").null_count or t.column("top5").null_count or flat.null_count:
+        raise UsageError(f"--labels {path}: not a classification evaluation's {FILENAME} (key {key}, top5 {top5}, "
+                         "or a null in them; it has key string, top5 list<int32>)")
+    t = t.to_pydict()
     return {k: torch.tensor(c, dtype=torch.long) for k, c in zip(t["key"], t["top5"])}
 
 

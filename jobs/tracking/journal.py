@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 from storage import files
 from storage.files import StorageError
@@ -60,12 +61,14 @@ def point(line: str) -> Point:
         item = json.loads(line, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("not JSON (nested too deep)") from None
     if not isinstance(item, list) or len(item) != 4:
         raise ValueError("not a [key, value, timestamp, step] list")
     key, value, stamp, step = item
     if not isinstance(key, str) or not key:
         raise ValueError(f"key {key!r} is not a metric name")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= sys.float_info.max:
         raise ValueError(f"value {value!r} of {key!r} is not a finite number")
     for name, v in (("timestamp", stamp), ("step", step)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
