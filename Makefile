@@ -1,10 +1,10 @@
-# One command sets up a fresh machine and runs: `make test`, `make demo`.
+# One command sets up a fresh machine and runs: `make test`, `make demos`, `make demo`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo loc-demo install clean ui-check ui-docs
+.PHONY: test demos demo loc-demo install clean ui-check ui-docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The demos' quality checks (minutes each) run apart: `make demos`; CI (.ci/run) runs both.
+DEMO_TESTS := tests/test_loc_demo.py
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(addprefix --ignore=,$(DEMO_TESTS))
+
+demos: $(STAMP)
+	$(PY) -m pytest -q $(DEMO_TESTS)
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo
