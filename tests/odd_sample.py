@@ -65,3 +65,17 @@ def shard_samples(out: Path, split: str) -> list[dict]:
                 data["key_member"] = data.pop("key")
                 samples.append({**data, "key": key, "shard": shard})
     return samples
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def crash_after(n: int):
+    """A ``map_fn`` for ``preprocess`` that writes ``n`` shards, then dies as a killed run would."""
+    def map_fn(fn, jobs):
+        for i, job in enumerate(jobs):
+            if i == n:
+                raise Killed(f"simulated kill after {n} shards")
+            yield fn(job)
+    return map_fn

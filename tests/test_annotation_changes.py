@@ -14,7 +14,7 @@ import pytest
 
 from jobs import cli
 from jobs.preprocess import main
-from odd_sample import build, mtimes, shard_samples, snapshot
+from odd_sample import Killed, build, crash_after, mtimes, shard_samples, snapshot
 from preprocessing import synthetic
 from preprocessing.annotations import read_voc_dir
 from preprocessing.plan import read_plan
@@ -25,18 +25,6 @@ from storage.dataformat import DataError
 SHARD = 2  # 6 train images: 3 shards; 4 val images: 2 shards
 
 
-class Killed(RuntimeError):
-    pass
-
-
-def crash_after(n: int):
-    """A ``map_fn`` that writes ``n`` shards, then dies as a killed run would."""
-    def map_fn(fn, jobs):
-        for i, job in enumerate(jobs):
-            if i == n:
-                raise Killed(f"simulated kill after {n} shards")
-            yield fn(job)
-    return map_fn
 
 
 def source(tmp_path: Path, name: str = "src") -> Path:

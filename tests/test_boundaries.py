@@ -27,8 +27,7 @@ from pipeline import config, goodput
 from pipeline.errors import CheckpointError
 from pipeline.task import task_for
 from pipeline.train_loop import initial_weights
-from storage.files import StorageError
-from tiny import tiny_config, tiny_sets
+from tiny import run_checkpoint, tiny_config, tiny_sets
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 4                      # the sample dataset's
@@ -65,13 +64,7 @@ def dry_run(args: list[str]) -> tuple[int, str]:
 def parent_checkpoint(folder: Path, dataset, name: str, classes: int = CLASSES, **over) -> tuple[Path, dict]:
     """A finished run's ``best/checkpoint.pt`` of net ``name`` in the tiny setup, as the loop writes it."""
     cfg = tiny_config(dataset, **{"model.name": name, "model.num_classes": classes, **over})
-    torch.manual_seed(3)
-    net = ckpt.build_model(cfg, classes)
-    state = ckpt.pack(model=net.state_dict(), optimizer={}, schedule={}, epoch=1, step=3, step_in_epoch=0,
-                      images_seen=48, workers=[], config=config.dump(cfg), num_classes=classes, mlflow_run_id="",
-                      dataset_fingerprint="", metrics={})
-    ckpt.save_checkpoint(state, folder / "best" / ckpt.FILENAME)
-    return folder, net.state_dict()
+    return folder, run_checkpoint(cfg, classes, folder, seed=3)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pipeline.step import StepOptions, train_step
 from pipeline.task import EUCLIDEAN, evaluate_boxes, freeze
 from pipeline.task import task_for as Task
 from pipeline.train_loop import Worker, build_net, default_wrap
-from tiny import Recorder
+from tiny import Recorder, run_checkpoint
 
 CLASSES = 4
 TINY_D = ["model.name=D", "model.width=0.0625", "data.crop_size=32", "data.scale_min=32", "data.scale_max=64",
@@ -58,14 +58,7 @@ def test_a_box_head_is_drawn_after_the_body():
 
 def classification_checkpoint(folder, name: str = "D") -> tuple[str, dict]:
     """A classification run's ``best/checkpoint.pt`` in ``folder``, written by pipeline.checkpoint."""
-    cfg = loc_config(**{"model.name": name})
-    torch.manual_seed(1)
-    net = ckpt.build_model(cfg, CLASSES)
-    state = ckpt.pack(model=net.state_dict(), optimizer={}, schedule={}, epoch=1, step=6, step_in_epoch=0,
-                      images_seen=48, workers=[], config=config.dump(cfg), num_classes=CLASSES, mlflow_run_id="",
-                      dataset_fingerprint="", metrics={})
-    ckpt.save_checkpoint(state, folder / "best" / ckpt.FILENAME)
-    return str(folder), net.state_dict()
+    return str(folder), run_checkpoint(loc_config(**{"model.name": name}), CLASSES, folder, seed=1)
 
 
 @pytest.mark.parametrize("head", ["scr", "pcr"])

@@ -11,23 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from odd_sample import SIZES, build, mtimes, snapshot
+from odd_sample import SIZES, Killed, build, crash_after, mtimes, snapshot
 from preprocessing import synthetic
 from storage.dataformat import SHARDS_SHA256, parse_index, read_manifest
 from preprocessing.verify import verify
 
 
-class Killed(RuntimeError):
-    pass
-
-
-def crash_after(n):
-    def map_fn(fn, jobs):
-        for i, job in enumerate(jobs):
-            if i == n:
-                raise Killed(f"simulated kill after {n} shards")
-            yield fn(job)
-    return map_fn
 
 
 def test_killed_after_two_shards_then_rerun_gives_identical_bytes(built, odd_source, tmp_path):

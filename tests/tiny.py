@@ -31,3 +31,19 @@ class Recorder:
         from pipeline import checkpoint as ckpt
 
         self.reported.append((dict(metrics), ckpt.load_checkpoint(folder) if folder else None, best))
+
+
+def run_checkpoint(cfg: config.Config, classes: int, folder, seed: int) -> dict:
+    """A finished run's ``<folder>/best/checkpoint.pt`` of ``cfg``'s net, as the loop writes it (the
+    real checkpoint writer); returns the net's state_dict."""
+    import torch
+
+    from pipeline import checkpoint as ckpt
+
+    torch.manual_seed(seed)
+    net = ckpt.build_model(cfg, classes)
+    state = ckpt.pack(model=net.state_dict(), optimizer={}, schedule={}, epoch=1, step=6, step_in_epoch=0,
+                      images_seen=48, workers=[], config=config.dump(cfg), num_classes=classes, mlflow_run_id="",
+                      dataset_fingerprint="", metrics={})
+    ckpt.save_checkpoint(state, f"{folder}/best/{ckpt.FILENAME}")
+    return net.state_dict()
