@@ -13,7 +13,16 @@ yielded.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import hashlib
+import json
+import logging
 import math
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +32,23 @@ from pipeline.boxes import xyxy_to_cxcywh
 from storage.dataset import Dataset, Split
 from pipeline.scoring import center_box
 from storage import dataformat as fmt
+from storage import shard_check
 from storage.dataformat import DataError
+from storage.files import TMP_PREFIX, temp_name
 
-BOX_WORD = f" {fmt.BOX_EXT} "
+log = logging.getLogger(__name__)
 
-# --- which samples: a filtered copy of DALI's index --------------------------------------------------
+# --- which samples: filtered copies of DALI's indexes, built once per node --------------------------
+
+CACHE_NAME = "boxed-indexes"    # the node cache's folder: shard_check.node_cache_folder(CACHE_NAME)
+CACHE_FORMAT = 1                # of entry.json and the key; another value never reuses an entry
+ENTRY_JSON = "entry.json"
+# assumption: the 3 most recently used entries per dataset folder and split: enough for a dataset
+# preprocessed again while a run still reads the last version, and a bound on the cache (3 x the
+# boxed share of the split's index bytes); older ones are deleted whenever an entry is used.
+KEEP_ENTRIES = 3
+STALE_TEMP_S = 3600             # a build's temporary folder this old was left by a killed process
+
 
 def check_has_boxes(ds: Dataset, split: str) -> None:
     """``DataError`` naming dataset.json unless ``split`` records boxes (the contract: readers learn
@@ -38,37 +59,142 @@ def check_has_boxes(ds: Dataset, split: str) -> None:
                         "train or evaluate localisation")
 
 
-def boxed_split(ds: Dataset, split: Split, folder: Path) -> Split:
-    """The samples of ``split`` that have a box member, as DALI indexes in ``folder``.
+def boxed_split(ds: Dataset, split: Split, cache: str | os.PathLike | None = None) -> Split:
+    """The samples of ``split`` that have a box member, as DALI indexes built once per node.
 
     Each index keeps only the lines (samples) with a ``box`` component, at their offsets in the
     unchanged tar file; DALI's reader reads just those, and splits them over ranks like any index, so
     ``num_samples`` (hence steps per epoch, resume and the epoch guarantees) counts boxed samples
-    only. A tar file without a boxed sample is left out."""
+    only. A tar file without a boxed sample is left out.
+
+    The copies are an entry of the node cache ``cache`` (default
+    ``shard_check.node_cache_folder(CACHE_NAME)``, beside the shard hash cache, so ``$VGG_SHARD_CACHE``
+    moves it), keyed by ``_entry_key``: a changed dataset never finds an old entry. The node's
+    processes take turns on a lock, so one builds and the others reuse; an entry is built in a
+    temporary folder and renamed into place, and reused only when its files are as its ``entry.json``
+    records them (else rebuilt). An unwritable cache: a private folder, removed at exit."""
     check_has_boxes(ds, split.name)
-    shards, indexes, total = [], [], 0
-    for i, (tar, idx) in enumerate(zip(split.shards, split.indexes)):
-        head, *lines = Path(idx).read_text().splitlines()
-        if head.split()[1:] != [str(len(lines))]:
-            raise DataError(f"{idx}: header {head!r} does not count its {len(lines)} samples")
-        # a line is groups of "<ext> <offset> <size> <name>"; a name has a dot and an offset is
-        # digits, so the word "box" can only be an extension: a substring test, fast on ImageNet
-        lines = [line for line in lines if f" {line} ".find(BOX_WORD) >= 0]
-        if lines:
-            out = folder / f"{i:06d}-{Path(idx).name}"
-            out.write_text(fmt.index_text(lines))      # a private temporary: no atomic rename or fsync
-            shards.append(tar)
-            indexes.append(str(out))
-            total += len(lines)
-    recorded = ds.info["splits"][split.name][fmt.SPLIT_BOXES]
+    group = Path(cache or shard_check.node_cache_folder(CACHE_NAME)) / _group_name(ds.root, split.name)
+    key, lock = _entry_key(ds, split), shard_check.node_lock(group)
+    try:
+        group.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("%s: cannot write the boxed index cache (%s); building a private copy", group, e)
+        group, lock = Path(tempfile.mkdtemp(prefix="vgg-box-index-")), contextlib.nullcontext()
+        atexit.register(shutil.rmtree, group, True)
+    with lock:
+        entry = _entry(group / key, key, split)
+    _check_count(ds, split.name, entry["samples"])
+    return Split(name=split.name, shards=tuple(split.shards[f[0]] for f in entry["files"]),
+                 indexes=tuple(str(group / key / f[1]) for f in entry["files"]), num_samples=entry["samples"])
+
+
+def _group_name(root: Path, split: str) -> str:
+    """The cache folder of one dataset folder's split (what ``KEEP_ENTRIES`` counts): readable, and
+    unique by a hash of the path."""
+    return f"{root.name}-{split}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
+
+
+def _entry_key(ds: Dataset, split: Split) -> str:
+    """What the copies are made from: this code's format, the dataset's fingerprint, the split's
+    recorded index sha256 and each index's path and stamp (size, mtime, ctime), so an index
+    rewritten or rebuilt since (checked by sha256 or not: ``check=False``) is a new key too."""
+    spec = [CACHE_FORMAT, split.name, ds.fingerprint, ds.info["splits"][split.name].get(fmt.INDEXES_SHA256),
+            [[idx, *shard_check.file_stamp(Path(idx))] for idx in split.indexes]]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:32]
+
+
+def _entry(folder: Path, key: str, split: Split) -> dict:
+    """The entry in ``folder``: reused when intact, else (missing or damaged) built; then marked
+    used (its folder's mtime) and its group pruned. Called under the node lock."""
+    entry = _read_entry(folder, key, len(split.indexes))
+    if entry is None:
+        if folder.exists():
+            log.warning("%s: boxed index cache entry damaged (a file missing or changed); rebuilding it", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        entry = _build(folder, key, split)
+    os.utime(folder)
+    _prune(folder)
+    return entry
+
+
+def _build(folder: Path, key: str, split: Split) -> dict:
+    """Write the filtered indexes and ``entry.json`` (per file: shard position, name, samples, bytes,
+    mtime_ns) into a temporary folder beside ``folder`` and rename it into place. A process that
+    published first wins: its entry is used and this one's removed."""
+    tmp = temp_name(folder)
+    tmp.mkdir()
+    try:
+        files = []
+        for i, idx in enumerate(split.indexes):
+            lines = fmt.index_lines_with(idx, fmt.BOX_EXT)
+            if lines:
+                out = tmp / f"{i:06d}-{Path(idx).name}"
+                out.write_text(fmt.index_text(lines))   # a cache: published by the folder's rename
+                st = out.stat()
+                files.append([i, out.name, len(lines), st.st_size, st.st_mtime_ns])
+        entry = {"format": CACHE_FORMAT, "key": key, "split": split.name,
+                 "samples": sum(f[2] for f in files), "files": files}
+        (tmp / ENTRY_JSON).write_text(json.dumps(entry))
+        if shard_check.publish_folder(tmp, folder):
+            return entry
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    entry = _read_entry(folder, key, len(split.indexes))
+    if entry is None:
+        raise DataError(f"{folder}: another process published this boxed index cache entry damaged; delete it")
+    return entry
+
+
+def _read_entry(folder: Path, key: str, shards: int) -> dict | None:
+    """The entry in ``folder`` when complete and intact (its ``entry.json``, and every file with the
+    size, mtime and header count recorded there: a deleted, truncated or rewritten file fails), else None."""
+    try:
+        entry = json.loads((folder / ENTRY_JSON).read_text())
+        files = entry["files"]
+        intact = (entry["format"] == CACHE_FORMAT and entry["key"] == key
+                  and entry["samples"] == sum(f[2] for f in files)
+                  and all(0 <= i < shards and _stat(folder / name) == [size, mtime]
+                          and fmt.index_count(folder / name) == lines for i, name, lines, size, mtime in files))
+        return entry if intact else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _prune(current: Path) -> None:
+    """Keep ``current`` and the ``KEEP_ENTRIES - 1`` most recently used other entries of its group;
+    remove temporary folders older than ``STALE_TEMP_S`` (a build killed midway)."""
+    now, others = time.time(), []
+    for path in current.parent.iterdir():
+        try:
+            used = path.stat().st_mtime_ns
+        except OSError:
+            continue                    # removed meanwhile by a process without the lock
+        if path.name.startswith(TMP_PREFIX):
+            if now - used / 1e9 > STALE_TEMP_S:
+                shutil.rmtree(path, ignore_errors=True)
+        elif path.is_dir() and path != current:
+            others.append((used, path))
+    for _, path in sorted(others, reverse=True)[KEEP_ENTRIES - 1:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_count(ds: Dataset, split: str, total: int) -> None:
+    """The boxed samples found must be dataset.json's ``boxes.images`` (else an index is stale), and some."""
+    recorded = ds.info["splits"][split][fmt.SPLIT_BOXES]
     images = recorded.get("images") if isinstance(recorded, dict) else None
     if images is not None and int(images) != total:
-        raise DataError(f"{fmt.info_path(ds.root)}: split {split.name!r} records {images} images with "
+        raise DataError(f"{fmt.info_path(ds.root)}: split {split!r} records {images} images with "
                         f"boxes but its indexes hold {total}; an index is stale (delete the .idx files)")
     if total == 0:
-        raise DataError(f"{fmt.info_path(ds.root)}: split {split.name!r} has a {fmt.SPLIT_BOXES!r} entry but no "
+        raise DataError(f"{fmt.info_path(ds.root)}: split {split!r} has a {fmt.SPLIT_BOXES!r} entry but no "
                         "sample in its shards has a box member")
-    return Split(name=split.name, shards=tuple(shards), indexes=tuple(indexes), num_samples=total)
 
 
 # --- pure math -----------------------------------------------------------------------------------

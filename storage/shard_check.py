@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -39,6 +40,25 @@ def shard_cache_path() -> Path:
         return Path(os.environ[CACHE_ENV])
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "vgg-at-scale" / f"shard-sha256-{socket.gethostname()}.json"
+
+
+def node_cache_folder(name: str) -> Path:
+    """A folder of this node's for the cache ``name``: ``<name>-<host name>`` beside
+    ``shard_cache_path()`` (so ``$VGG_SHARD_CACHE`` moves it too), per node for the same reason."""
+    return shard_cache_path().parent / f"{name}-{socket.gethostname()}"
+
+
+def publish_folder(tmp: Path, dest: Path) -> bool:
+    """Rename the finished folder ``tmp`` to ``dest`` in one step, so a reader finds all of it or
+    nothing. False when another process published ``dest`` first: ``tmp`` is removed, use ``dest``."""
+    try:
+        os.rename(tmp, dest)
+        return True
+    except OSError:
+        if not dest.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
 
 
 def check_split_shards(root: Path, split: str, entry: dict, cache: str | os.PathLike | None = None) -> None:
@@ -96,10 +116,10 @@ def check_split_indexes(tars: list[Path], indexes: list[Path], cache: str | os.P
     the index's path with the (size, mtime_ns, ctime_ns) of both the index and the tar, so a warm
     start costs two ``stat`` calls per shard and reads no header."""
     cache_file = Path(cache or shard_cache_path())
-    with _node_lock(cache_file):
+    with node_lock(cache_file):
         cache = _read_cache(cache_file)
         checked = cache[INDEXES]
-        stamps = {str(i): _stamp(i) + _stamp(t) for t, i in zip(tars, indexes)}
+        stamps = {str(i): file_stamp(i) + file_stamp(t) for t, i in zip(tars, indexes)}
         todo = [(t, i) for t, i in zip(tars, indexes) if checked.get(str(i)) != stamps[str(i)]]
         if not todo:
             return
@@ -129,7 +149,7 @@ def _check_index(pair: tuple[Path, Path]) -> DataError | None:
     return None
 
 
-def _stamp(path: Path) -> list[int]:
+def file_stamp(path: Path) -> list[int]:
     """What tells a rewritten file apart without reading it. ctime is there because tools that copy
     or restore files (cp -p, rsync -a, touch -r) set mtime back, but nothing sets ctime back."""
     st = path.stat()
@@ -139,10 +159,10 @@ def _stamp(path: Path) -> list[int]:
 def _shard_hashes(paths: list[Path], cache_file: Path) -> list[str]:
     """sha256 of each file: cached where its stamp is unchanged, else hashed in threads (hashlib
     releases the GIL, so shards hash in parallel) and recorded in the cache."""
-    with _node_lock(cache_file):
+    with node_lock(cache_file):
         cache = _read_cache(cache_file)
         files = cache[FILES]
-        stamps = {str(p): _stamp(p) for p in paths}            # taken before hashing: a file changed
+        stamps = {str(p): file_stamp(p) for p in paths}        # taken before hashing: a file changed
         todo = [p for p in paths if files.get(str(p), [])[:3] != stamps[str(p)]]  # meanwhile is redone
         if todo:
             with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1, 16)) as pool:
@@ -162,13 +182,15 @@ def _sha256_file(path: Path) -> str:
 
 
 @contextmanager
-def _node_lock(cache_file: Path):
-    """One process of the node at a time hashes and updates the cache (released on close)."""
+def node_lock(cache_file: Path):
+    """One process of the node at a time inside: ``flock`` on ``<cache_file>.lock`` (released on close),
+    so the node's other workers find the first one's results instead of computing them again. Where
+    the lock file cannot be made, a warning and no lock: each cache is still written atomically."""
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         handle = open(f"{cache_file}.lock", "a")
     except OSError as e:
-        log.warning("%s: cannot use the shard hash cache (%s); hashing every shard", cache_file, e)
+        log.warning("%s: cannot take the node's lock (%s); going on without it", cache_file, e)
         handle = None
     try:
         if handle is not None:

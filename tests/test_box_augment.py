@@ -2,11 +2,16 @@
 boxes in Kaggle's CSV, the box the loaders yield bounds the rectangle's pixels as they come out of
 DALI (scale jitter, crop, flip; centre crop and dense rescale) within a pixel; the target is the
 rectangle most inside the crop; only samples with boxes train; the index filter keeps epochs, ranks
-and resume right."""
+and resume right, and its copies are built once per node, reused only while nothing changed."""
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
+import os
 import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +19,9 @@ import torch
 from PIL import Image
 
 from pipeline import box_augment
-from storage.dataset import DataError, load_stats
+from storage import dataformat as fmt
+from storage import shard_check
+from storage.dataset import DataError, load_stats, open_dataset
 from pipeline.loader import EvalLoader, TrainLoader
 
 # Images: red a horizontal ramp (tells a flipped crop); green 255 inside the first rectangle, blue 255
@@ -241,3 +248,195 @@ def test_eval_boxes_bound_the_rectangles_in_the_yielded_image(box_dataset, data_
     assert sorted(seen_keys) == sorted(k for k in truth if "_val_" in k)    # every image, boxed or not
     assert len(errors) >= 12 and max(errors) <= TOL, sorted(errors)[-5:]
     assert (beyond > 0) == (mode == "center")
+
+
+# --------------------------------------------------------------------- the node cache of boxed indexes
+
+def entries(cache) -> list:
+    """The published entries (folders) of every dataset and split in the boxed index cache ``cache``."""
+    return sorted(e for group in cache.iterdir() if group.is_dir() for e in group.iterdir()
+                  if e.is_dir() and not e.name.startswith(".tmp-"))
+
+
+def identity(split) -> list[tuple[int, int, int]]:
+    """(inode, mtime_ns, size) of each of a split's index files: what a rebuild would change."""
+    return [(s.st_ino, s.st_mtime_ns, s.st_size) for s in (Path(i).stat() for i in split.indexes)]
+
+
+def mark(split) -> Path:
+    """A file dropped into a split's cache entry: gone if the entry is removed and built again."""
+    marker = Path(split.indexes[0]).parent / "marker"
+    marker.write_text("")
+    return marker
+
+
+def touch_index(path: Path, ns: int) -> None:
+    """Rewrite an index with the same bytes and an mtime of its own (as a rebuild from its tar would)."""
+    path.write_bytes(path.read_bytes())
+    os.utime(path, ns=(ns, ns))
+
+
+def boxed(root, cache):
+    """The boxed train split of the dataset at ``root``, through the boxed index cache ``cache``."""
+    ds = open_dataset(root)
+    return box_augment.boxed_split(ds, ds.split("train", check=False), cache)
+
+
+def test_the_boxed_index_fast_path_selects_what_the_reader_reads(box_dataset, tmp_path):
+    root, truth, *_ = box_dataset
+    split = boxed(root, tmp_path / "cache")
+    sources = open_dataset(root).split("train", check=False)
+    kept = {}
+    for idx in sources.indexes:
+        by_reader = [s for s in fmt.read_index(idx) if any(c[0] == fmt.BOX_EXT for c in s)]
+        fast = fmt.index_lines_with(idx, fmt.BOX_EXT)
+        assert [" ".join(f"{e} {o} {n} {m}" for e, o, n, m in s) for s in by_reader] == fast
+    for tar, idx in zip(split.shards, split.indexes):       # each copy: its tar's boxed samples, as read
+        kept.update({s[0][3].split(".")[0]: tar for s in fmt.read_index(idx)})
+        assert all(fmt.BOX_EXT in {c[0] for c in s} for s in fmt.read_index(idx))
+    assert set(kept) == {k for k in truth if "_train_" in k and has_box(k)}
+    assert split.num_samples == len(kept)
+    bad = tmp_path / "bad.idx"
+    bad.write_text("v1.2 3\nbox 512 16 a.box\n")
+    with pytest.raises(DataError, match=r"bad\.idx: header 'v1.2 3' is not 'v1.2 1'"):
+        fmt.index_lines_with(bad, fmt.BOX_EXT)
+
+
+def test_a_second_loader_reuses_the_node_cache_entry(box_dataset, data_config, tmp_path, monkeypatch):
+    root, *_ = box_dataset
+    monkeypatch.setenv(shard_check.CACHE_ENV, str(tmp_path / "shards.json"))
+    first = TrainLoader(cfg_for(data_config, root), 8, 0, 1, boxes=True)
+    before, marker = identity(first.split), mark(first.split)
+    del first
+    second = TrainLoader(cfg_for(data_config, root), 8, 0, 1, boxes=True)
+    cache = shard_check.node_cache_folder(box_augment.CACHE_NAME)
+    assert all(Path(i).is_relative_to(cache) for i in second.split.indexes)     # $VGG_SHARD_CACHE moved it
+    assert identity(second.split) == before and marker.exists()                # the same files, not rebuilt
+    assert len(entries(cache)) == 1
+    assert len(second) == 4 and next(iter(second)).boxes.shape == (8, 4)
+
+
+def test_a_changed_dataset_gets_a_new_entry_and_old_ones_are_bounded(box_dataset, tmp_path):
+    root, *_ = box_dataset
+    copy, cache = tmp_path / "copy", tmp_path / "cache"
+    shutil.copytree(root, copy)
+    first = boxed(copy, cache)
+    info = json.loads((copy / "dataset.json").read_text())
+    info["fingerprint"] = "another"                                    # another dataset.json, same indexes
+    (copy / "dataset.json").write_text(json.dumps(info))
+    second = boxed(copy, cache)
+    assert set(second.indexes).isdisjoint(first.indexes) and len(entries(cache)) == 2
+    idx = copy / Path(second.indexes[0]).name.split("-", 1)[1]
+    touch_index(idx, 10**18)                                           # an index rewritten (or rebuilt)
+    third = boxed(copy, cache)
+    assert set(third.indexes).isdisjoint(second.indexes) and len(entries(cache)) == 3
+    marker = mark(third)
+    assert boxed(copy, cache).indexes == third.indexes and marker.exists()   # unchanged since: reused
+    now = time.time()
+    for age, split in ((300, first), (200, third), (100, second)):      # used: second last, first least
+        os.utime(Path(split.indexes[0]).parent, (now - age, now - age))
+    touch_index(idx, 2 * 10**18)
+    fourth = boxed(copy, cache)
+    assert len(entries(cache)) == box_augment.KEEP_ENTRIES == 3        # the least recently used went
+    assert not Path(first.indexes[0]).exists()
+    assert all(Path(s.indexes[0]).exists() for s in (second, third, fourth))
+    assert fourth.num_samples == first.num_samples
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "rewrite", "manifest"])
+def test_a_damaged_entry_is_rebuilt(box_dataset, tmp_path, damage):
+    root, *_ = box_dataset
+    cache = tmp_path / "cache"
+    good = boxed(root, cache)
+    victim, marker = Path(good.indexes[1]), mark(good)
+    text = victim.read_text()
+    if damage == "delete":
+        victim.unlink()
+    elif damage == "truncate":
+        victim.write_text(text[:len(text) // 2])
+    elif damage == "rewrite":                          # same size, another header (count)
+        victim.write_text(text.replace("v1.2 ", "v1.2 9", 1)[:len(text)])
+    else:
+        (victim.parent / box_augment.ENTRY_JSON).unlink()
+    again = boxed(root, cache)
+    assert not marker.exists()                                       # rebuilt, not trusted
+    assert again.indexes == good.indexes and again.num_samples == good.num_samples
+    assert Path(again.indexes[1]).read_text() == text and len(entries(cache)) == 1
+    assert (victim.parent / box_augment.ENTRY_JSON).is_file()
+
+
+def test_a_half_built_entry_is_never_used_and_an_old_one_is_removed(box_dataset, tmp_path):
+    root, *_ = box_dataset
+    cache = tmp_path / "cache"
+    good = boxed(root, cache)
+    folder = Path(good.indexes[0]).parent
+    shutil.rmtree(folder)
+    half = folder.with_name(f".tmp-{folder.name}.1.deadbeef")          # a build killed before its rename
+    half.mkdir()
+    (half / Path(good.indexes[0]).name).write_text("v1.2 0\n")
+    again = boxed(root, cache)
+    assert again.indexes == good.indexes and Path(again.indexes[0]).read_text() != "v1.2 0\n"
+    assert half.exists()                                                 # young: maybe still building
+    os.utime(half, (time.time() - 2 * box_augment.STALE_TEMP_S,) * 2)
+    boxed(root, cache)
+    assert not half.exists()
+
+
+def race(cache, root, barrier, lock: bool, results):
+    """One process's boxed_split, all processes let through ``barrier`` together: before the node
+    lock (``lock``), or without the lock, just before publishing (the rename race itself)."""
+    publish, node_lock, build = shard_check.publish_folder, shard_check.node_lock, box_augment._build
+
+    def counted_build(*args):
+        results.put(("build", os.getpid()))
+        return build(*args)
+
+    def waiting_lock(path):
+        barrier.wait(30)
+        return node_lock(path)
+
+    def waiting_publish(tmp, dest):
+        barrier.wait(30)
+        won = publish(tmp, dest)
+        results.put(("published", won))
+        return won
+
+    box_augment._build = counted_build
+    if lock:
+        shard_check.node_lock = waiting_lock
+    else:
+        shard_check.node_lock = lambda path: contextlib.nullcontext()
+        shard_check.publish_folder = waiting_publish
+    results.put(("indexes", boxed(root, cache).indexes))
+
+
+@pytest.mark.parametrize("lock", [True, False], ids=["node-lock", "rename-race"])
+def test_two_processes_racing_end_with_one_valid_entry(box_dataset, tmp_path, lock):
+    root, *_ = box_dataset
+    ctx = multiprocessing.get_context("fork")
+    cache, barrier, results = tmp_path / "cache", ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=race, args=(cache, root, barrier, lock, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60) for _ in range(6 if not lock else 3)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    by = lambda kind: [v for k, v in got if k == kind]                 # noqa: E731
+    assert len(by("build")) == (1 if lock else 2)                      # the lock: the second reuses
+    if not lock:
+        assert sorted(by("published")) == [False, True]                # the loser used the winner's
+    first, second = by("indexes")
+    assert first == second and len(entries(cache)) == 1
+    assert not [p for g in cache.iterdir() if g.is_dir() for p in g.iterdir() if p.name.startswith(".tmp-")]
+    expected = boxed(root, tmp_path / "fresh")
+    assert [Path(i).read_text() for i in first] == [Path(i).read_text() for i in expected.indexes]
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_copy(box_dataset, tmp_path, caplog):
+    root, *_ = box_dataset
+    (tmp_path / "file").write_text("")
+    split = boxed(root, tmp_path / "file" / "cache")
+    assert "cannot write the boxed index cache" in caplog.text
+    assert split.num_samples == boxed(root, tmp_path / "cache").num_samples > 0
+    assert all(Path(i).is_file() and "vgg-box-index-" in i for i in split.indexes)
