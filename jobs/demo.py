@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         print("[4/5] evaluating the best checkpoint on the validation split (centre crop and dense) ...", flush=True)
         res = evaluate.main(["--run", summary["run_folder"], "--mode", "center,dense", "--scales", "single",
-                             "--workers", str(cfg.run.workers), "--out", str(out / "eval" / name),
+                             "--workers", str(cfg.run.worker_range()[0]), "--out", str(out / "eval" / name),
                              "--tracking-uri", f"sqlite:///{db}", "--quiet"])
         best = min(res["rows"], key=lambda r: r["top-1 err %"])
         print(f"[4/5] evaluated in {time.perf_counter() - t:.0f} s")

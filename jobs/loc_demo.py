@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     print("[5/5] evaluating: protocols (a) and (b) against the baselines ...", flush=True)
-    workers = config_lib.load(demo.CONFIG, args.set).run.workers
+    workers = config_lib.load(demo.CONFIG, args.set).run.worker_range()[0]
     res = evaluate.main(["--task", "localisation", "--checkpoint", loc["run_folder"], "--classifier",
                          cls["run_folder"], "--scales", "single", "--workers", str(workers), "--quiet",
                          "--out", str(out / "eval" / f"loc-{stamp}"), "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"])

@@ -16,6 +16,8 @@ A checkpoint file (``checkpoint.pt``) holds::
     mlflow_run_id     str ("" when the tracking server was never reached)
     dataset_fingerprint  str, dataset.json's fingerprint
     metrics           the last reported metrics (floats)
+    epoch_keys        the keys of ``epoch`` trained on so far, one per line ("" at an epoch boundary):
+                      what a resume at another worker count leaves out (pipeline/epochs.py)
 
 ``pack`` builds that dict and is the one place its keys are listed in code; ``weights_only`` keeps
 what evaluation needs. Writes go through ``storage.files`` (atomic: a crash mid-write leaves the
@@ -52,14 +54,17 @@ BEST = "best"               # <run folder>/best/checkpoint.pt: the best validati
                             # localisation error for a box head: pipeline/task.py)
 PREFIX = "checkpoint_"      # <run folder>/checkpoint_<step>/checkpoint.pt: the last K, Ray-managed
 KEYS = ("model", "optimizer", "schedule", "epoch", "step", "step_in_epoch", "images_seen", "workers", "config",
-        "num_classes", "mlflow_run_id", "dataset_fingerprint", "metrics")
+        "num_classes", "mlflow_run_id", "dataset_fingerprint", "metrics", "epoch_keys")
+OPTIONAL = ("epoch_keys",)  # checkpoints written before it existed resume their epoch from its start
 # What a finished model needs: no optimizer state, schedule or data positions.
 WEIGHT_KEYS = ("model", "config", "num_classes", "epoch", "step", "images_seen", "mlflow_run_id",
                "dataset_fingerprint", "metrics")
 
 
 def pack(**fields: Any) -> dict[str, Any]:
-    """The checkpoint dict of the module docstring; every one of ``KEYS`` must be given, no other."""
+    """The checkpoint dict of the module docstring; every one of ``KEYS`` must be given (``epoch_keys``
+    defaults to "": an epoch boundary), no other."""
+    fields = {"epoch_keys": "", **fields}
     if set(fields) != set(KEYS):
         missing, extra = sorted(set(KEYS) - set(fields)), sorted(set(fields) - set(KEYS))
         raise TypeError(f"checkpoint fields: missing {missing}, unknown {extra}")
@@ -188,11 +193,14 @@ def checked(state: Any, path: str) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of format {FORMAT} "
                               f"(got format {state.get('format') if isinstance(state, dict) else type(state)})")
-    need = KEYS if "optimizer" in state else REQUIRED
+    training = "optimizer" in state
+    need = [k for k in KEYS if k not in OPTIONAL] if training else REQUIRED
     missing = [k for k in need if k not in state]
     if missing:
         raise CheckpointError(f"{path}: no {', '.join(repr(k) for k in missing)} in it; a "
-                              f"{'training ' if need is KEYS else ''}checkpoint holds {', '.join(need)}")
+                              f"{'training ' if training else ''}checkpoint holds {', '.join(need)}")
+    if not isinstance(state.get("epoch_keys", ""), str):
+        raise CheckpointError(f"{path}: its 'epoch_keys' is not text (the keys trained on in its epoch)")
     if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
         raise CheckpointError(f"{path}: its 'model' is not a state_dict of tensors")
     n = state["num_classes"]

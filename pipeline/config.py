@@ -156,8 +156,11 @@ class RunConfig:
     resume: str = key("auto", "auto: resume run.name if it has a checkpoint | never: refuse if it has one | "
                       "must: refuse if it has none", choices=("auto", "never", "must"), resume=True)
     storage_path: str = key("runs", "local folder or a pyarrow/fsspec URI (s3://...)")
-    workers: int = key(2, "Ray Train workers (data-parallel replicas), one GPU each with use_gpu",
-                       check=lambda v: v >= 1, needs=">= 1", resume=True)
+    workers: int | str | list[int] = key(
+        2, "Ray Train workers (data-parallel replicas), one GPU each with use_gpu: a count (4), or a range "
+        "(2-8, YAML [2, 8]) for elastic training: start with what is free, shrink when a node goes, grow back",
+        check=lambda v: _worker_range(v) is not None, needs="a count >= 1 or a range lo-hi with 1 <= lo <= hi",
+        resume=True)
     use_gpu: bool = key(False, "one GPU per worker (DALI mixed decode, bf16); false: CPU and gloo", resume=True)
     cpus_per_worker: int = key(1, "CPUs Ray reserves for each worker (and its torch threads on CPU)",
                                check=lambda v: v >= 1, needs=">= 1", resume=True)
@@ -166,8 +169,12 @@ class RunConfig:
                                   resume=True)
     wait_for_nodes: bool = key(False, "workers that no live node set can hold: wait (an autoscaling cluster "
                                "adds nodes) instead of refusing before the run starts", resume=True)
-    global_batch_size: int = key(256, "split evenly across workers; an uneven split is an error",
+    global_batch_size: int = key(256, "whatever the worker count: each worker takes global / workers, the "
+                                 "first (global % workers) one more (docs/training.md)",
                                  check=lambda v: v >= 1, needs=">= 1")
+    micro_batch_size: int = key(0, "0 = a worker's share in one pass; else gradient accumulation over parts "
+                                "of at most this many images (when the share does not fit the device)",
+                                check=lambda v: v >= 0, needs=">= 0 (0: no accumulation)", resume=True)
     seed: int = key(0, "seeds the initial weights and the data order")
     max_failures: int = key(0, "Ray Train FailureConfig", check=lambda v: v >= 0, needs=">= 0", resume=True)
     checkpoint_every_steps: int = key(0, "0 = only at the end of each epoch", resume=True,
@@ -184,6 +191,32 @@ class RunConfig:
                          check=lambda v: v >= 0, needs=">= 0 (0: no limit)")
     log_every_steps: int = key(10, "training metrics to MLflow every this many steps",
                                check=lambda v: v >= 1, needs=">= 1", resume=True)
+
+
+    def __post_init__(self):
+        lo_hi = _worker_range(self.workers)
+        if lo_hi is not None:      # one form for every reader: a count, or [lo, hi] with lo < hi
+            self.workers = lo_hi[0] if lo_hi[0] == lo_hi[1] else list(lo_hi)
+
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers: equal unless the run is elastic."""
+        return _worker_range(self.workers)
+
+    def elastic(self) -> bool:
+        lo, hi = self.worker_range()
+        return lo < hi
+
+
+def _worker_range(value: Any) -> tuple[int, int] | None:
+    """``run.workers`` as (lo, hi): 4, "2-8" or [2, 8]; None when it is none of those."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d{1,6}\s*-\s*\d{1,6}\s*", value):
+        value = [int(v) for v in value.split("-")]
+    if type(value) is int:
+        value = [value, value]
+    if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value) \
+            and 1 <= value[0] <= value[1]:
+        return value[0], value[1]
+    return None
 
 
 @dataclass
@@ -353,9 +386,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.scale_min/scale_max: need crop_size <= scale_min <= scale_max, got "
                           f"{d.crop_size}, {d.scale_min}, {d.scale_max}")
     task_for(cfg.model.head).check_config(cfg)   # what the head refuses (pipeline/task.py)
-    if cfg.run.workers < 1 or cfg.run.global_batch_size % cfg.run.workers:
-        raise ConfigError(f"run.global_batch_size {cfg.run.global_batch_size} does not split evenly "
-                          f"across run.workers {cfg.run.workers}")
+    if cfg.run.elastic() and cfg.run.max_failures == 0:
+        raise ConfigError(f"run.workers {cfg.run.workers} is a range (elastic) but run.max_failures is 0: the "
+                          "first lost node would end the run; set run.max_failures (each lost node counts one)")
+    if cfg.run.worker_range()[1] > cfg.run.global_batch_size:
+        raise ConfigError(f"run.workers {cfg.run.workers}: more workers than images in run.global_batch_size "
+                          f"{cfg.run.global_batch_size}; each worker needs at least one")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

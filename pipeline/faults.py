@@ -12,6 +12,7 @@ EXIT_AT_ENV = "VGG_TEST_EXIT_AT"           # "<rank>:<step>:<marker file>": that
 GATE_ENV = "VGG_TEST_STEP_GATE"            # a file holding the last step a rank may finish before it waits
 CRASH_ENV = "VGG_TEST_CRASH_DURING_SAVE"   # any value: a checkpoint write dies halfway
 CRASH_EXIT = 17
+KEYS_ENV = "VGG_TEST_KEYS_DIR"             # a folder: every rank appends the keys of each step it trains
 
 
 def after_step(rank: int, step: int) -> None:
@@ -27,6 +28,15 @@ def after_step(rank: int, step: int) -> None:
     if int(r) == rank and int(s) == step and not os.path.exists(marker):
         Path(marker).write_text(f"rank {rank} exited at step {step}\n")
         os._exit(1)
+
+
+def trained(rank: int, world: int, epoch: int, step: int, keys: list[str]) -> None:
+    """Append "<time> <epoch> <step> <world> <keys...>" to this process's file in ``KEYS_ENV``'s folder:
+    the per-rank record the tests count samples by (a step redone after a restart appears again, later)."""
+    folder = os.environ.get(KEYS_ENV)
+    if folder:
+        with open(Path(folder) / f"rank{rank}-of-{world}-pid{os.getpid()}.log", "a") as f:
+            f.write(f"{time.time():.6f} {epoch} {step} {world} {' '.join(keys)}\n")
 
 
 def _wait_at_gate(gate: Path, step: int, poll_s: float = 0.05) -> None:

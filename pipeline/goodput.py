@@ -6,6 +6,9 @@
     checkpoint   gathering, writing and reporting checkpoints
     startup      from a worker's start to its first step (building the net, the loaders, compiling)
     restore      loading the checkpoint a restarted worker resumes from
+    resize       a start at another worker count than the checkpoint's (elastic training's shrink or
+                 regrowth, or a resume on other nodes): its restore, start and the rest of the epoch's
+                 plan, in place of restore and startup
     lost         work done after the last checkpoint by an attempt that failed: redone after the restart
 
 The ledger travels in the checkpoint's metrics and is logged with the training metrics
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from storage import files
 from storage.files import StorageError
 
-CATEGORIES = ("compute", "data_wait", "validation", "checkpoint", "startup", "restore", "lost")
+CATEGORIES = ("compute", "data_wait", "validation", "checkpoint", "startup", "restore", "resize", "lost")
 PREFIX = "goodput/"
 WALL = "goodput-wall.json"        # {"wall_s": seconds}: every command that trained the run
 LEDGER = "goodput-ledger.json"    # rank 0's latest logged metrics, goodput/<category>_s among them
@@ -40,6 +43,7 @@ def key(category: str) -> str:
 
 
 FIELDS = {WALL: ("wall_s",), LEDGER: tuple(key(c) for c in CATEGORIES)}   # what each file must hold
+LATER = {key("resize")}          # added since: a file written before holds none (read as 0)
 LOSES = {WALL: "goodput/wall_s will then count this run's time from this command on",
          LEDGER: "a failed attempt's redone work will then not be counted as lost"}
 
@@ -57,6 +61,7 @@ def read(run_folder: str, name: str) -> dict[str, float]:
         raise StorageError(f"{path}: damaged goodput record, not JSON ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(data, dict):
         raise StorageError(f"{path}: damaged goodput record, not a JSON object")
+    data = {k: 0.0 for k in LATER if k in FIELDS[name] and k not in data} | data
     bad = [f"{k} {data[k]!r}" if k in data else f"no {k}" for k in FIELDS[name] if not seconds(data.get(k))]
     if bad:
         raise StorageError(f"{path}: damaged goodput record ({', '.join(bad)}; each must be a number of seconds >= 0)")

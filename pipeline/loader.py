@@ -12,10 +12,7 @@ import base64
 import json
 import math
 import re
-import shutil
-import tempfile
 import weakref
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -154,6 +151,13 @@ def _device(device_id: int | None) -> torch.device:
 
 # --- training ---------------------------------------------------------------------------------------
 
+def training_split(ds, name: str, boxes: bool, check: bool = True) -> Split:
+    """The samples a training loader reads: split ``name`` of ``ds``, or only its samples with boxes
+    (DALI reads filtered copies of the indexes, cached per node: ``box_augment.boxed_split``)."""
+    split = ds.split(name, check=check)
+    return box_augment.boxed_split(ds, split) if boxes else split
+
+
 class TrainLoader:
     """The training pipeline of one rank: ``len(loader)`` steps per epoch, the same on every rank.
 
@@ -161,21 +165,20 @@ class TrainLoader:
     iteration was cut short or the loader was restored mid-epoch), then stops; the next ``for``
     starts the next epoch. ``loader.epoch`` / ``loader.step`` say where it is; ``loader.state()``
     is a JSON string that ``TrainLoader(..., state=...)`` resumes from bit-identically.
-    ``boxes=True``: only the samples with boxes, each batch with its target boxes (``Batch.boxes``)."""
+    ``boxes=True``: only the samples with boxes, each batch with its target boxes (``Batch.boxes``).
+    ``split``: read these samples instead of the config's training split (one rank's chunk of
+    ``pipeline.epoch_plan``, with shard_id 0 of 1; already only boxed samples when ``boxes``).
+    ``trained`` lists the keys yielded in the current epoch, for a resize (``pipeline.epochs``)."""
 
     def __init__(self, cfg, batch_size: int, shard_id: int, num_shards: int,
                  device_id: int | None = None, seed: int = 0, state: str | bytes | None = None,
-                 check: bool = True, boxes: bool = False):
+                 check: bool = True, boxes: bool = False, split: Split | None = None):
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ds = open_dataset(cfg.root)
-        self.split = ds.split(cfg.train_split, check=check)
-        if boxes:   # DALI reads filtered copies of the indexes, removed with the loader
-            folder = tempfile.mkdtemp(prefix="vgg-box-index-")
-            weakref.finalize(self, shutil.rmtree, folder, True)
-            self.split = box_augment.boxed_split(ds, self.split, Path(folder))
+        self.split = split or training_split(ds, cfg.train_split, boxes, check)
         self.stats = ds.stats()
         self.fingerprint = ds.fingerprint
         self.batch_size, self.shard_id, self.num_shards, self.seed = batch_size, shard_id, num_shards, seed
@@ -189,6 +192,7 @@ class TrainLoader:
         # than steps_per_epoch; the extra (partial, padded) batch is run and dropped at the epoch's end
         self._reader_batches = reader_batches(n, num_shards, batch_size)
         self.epoch, self.step = 0, 0
+        self.trained: list[str] = []
         checkpoint = None
         if state is not None:
             checkpoint = self._restore(state)
@@ -226,7 +230,9 @@ class TrainLoader:
             images, labels, keys, *extra = self._runner.run()
             self.step += 1                            # counted before the yield: state() is "after"
             r = self._runner
-            yield Batch(r.images(r.tensor(images.as_tensor())), r.labels(labels), r.keys(keys),
+            keys = r.keys(keys)
+            self.trained += keys
+            yield Batch(r.images(r.tensor(images.as_tensor())), r.labels(labels), keys,
                         box_augment.train_boxes(extra, self.device) if extra else None)
 
     def _finish_epoch(self) -> None:
@@ -234,6 +240,7 @@ class TrainLoader:
             self._runner.run()                        # the reader's last (padded) batch: dropped
         self.epoch += 1
         self.step = 0
+        self.trained = []
 
     def state(self) -> str:
         """Position + DALI pipeline checkpoint (reader and every RNG): 1-2 KB of JSON."""

@@ -3,6 +3,7 @@ same code: autocast dtype, memory format, torch.compile mode, fused SGD, cuDNN a
 convolution + ReLU as one cuDNN call."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -75,14 +76,31 @@ def layout(images: torch.Tensor, opts: StepOptions) -> torch.Tensor:
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, amp_dtype: torch.dtype | None = None,
-               loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               loss_fn: Callable[[torch.Tensor, slice], torch.Tensor] | None = None, *,
+               weight: float = 1.0, micro_batch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, update. Returns (loss, the net's outputs), detached and still on the device:
-    reading them is a CPU-GPU sync point, left to the caller. The loss is ``loss_fn(outputs)``, by
-    default cross-entropy against ``labels`` (``pipeline.task.Task.loss`` for the others)."""
-    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = net(images)
-        loss = F.cross_entropy(logits.float(), labels) if loss_fn is None else loss_fn(logits)
+    reading them is a CPU-GPU sync point, left to the caller. The loss of the images ``part`` (a
+    slice of the batch) is ``loss_fn(outputs, part)``, by default cross-entropy against those labels
+    (``pipeline.task.Task.loss`` for the others).
+
+    ``micro_batch`` > 0 and smaller than the batch: gradient accumulation, the batch in parts of that
+    many images (DDP's all-reduce once, after the last), each part's mean loss weighted by its share of
+    the batch, so the gradient is the batch mean's up to rounding. ``weight`` scales the gradient,
+    not the loss returned: a rank's share of an unevenly split global batch (``pipeline.epoch_plan``)."""
+    n = images.shape[0]
+    size = micro_batch if 0 < micro_batch < n else n
+    parts = [slice(i, min(i + size, n)) for i in range(0, n, size)]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total, outputs = torch.zeros((), device=images.device), []
+    for j, part in enumerate(parts):
+        last = j == len(parts) - 1
+        with (contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()):
+            with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = net(images[part])
+                loss = F.cross_entropy(logits.float(), labels[part]) if loss_fn is None else loss_fn(logits, part)
+            share = (part.stop - part.start) / n
+            (loss * (weight * share) if weight * share != 1.0 else loss).backward()
+        total += loss.detach() * share
+        outputs.append(logits.detach())
     optimizer.step()
-    return loss.detach(), logits.detach()
+    return total, outputs[0] if len(outputs) == 1 else torch.cat(outputs)

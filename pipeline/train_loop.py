@@ -27,10 +27,11 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
-from pipeline import faults, localise, scoring
+from pipeline import epoch_plan, faults, localise, scoring
 from pipeline.ddp import apply_grad_compression
 from pipeline.goodput import Ledger
-from pipeline.loader import EvalLoader, TrainLoader
+from pipeline.epochs import Epochs
+from pipeline.loader import EvalLoader
 from pipeline.schedule import decay_metrics, improved, plateau_step, should_stop
 from pipeline.step import StepOptions, layout, prepare, sgd, train_step
 from pipeline.task import Task, Validation, all_reduce, freeze, task_for
@@ -87,12 +88,13 @@ class Throttle:
         return False
 
 
-def log_window(w: Window, *, step: int, lr: float, loader: TrainLoader, worker: Worker, global_batch: int,
+def log_window(w: Window, *, step: int, lr: float, loader: Epochs, worker: Worker, global_batch: int,
                log: Log, console: Throttle, total_steps: int = 0, task: Task = task_for()) -> None:
     """Rank 0 logs the window's train loss, the task's two rates (top-1/top-5 error, or box IoU and box
     error), images/s, data-wait fraction (over all ranks: every rank takes part in the reduction, a
-    CPU-GPU sync point) and the epoch as a fraction, so charts can put epochs on their x axis; its
-    console line adds the time to ``total_steps``."""
+    CPU-GPU sync point), the epoch as a fraction, so charts can put epochs on their x axis, and the
+    worker count (``run/workers``: a resize shows on the charts); its console line adds the time to
+    ``total_steps``."""
     images = torch.tensor([w.images], device=worker.device, dtype=torch.float32)
     loss, a, b, n = all_reduce(torch.cat([w.loss[None], w.counts, images]), worker.world_size).tolist()
     seconds = time.perf_counter() - w.start
@@ -101,12 +103,12 @@ def log_window(w: Window, *, step: int, lr: float, loader: TrainLoader, worker: 
     (name_a, name_b) = task.count_names
     log({"train/loss": loss / n, name_a: a / n, name_b: b / n, "lr": lr,
          "train/images_per_s": n / seconds, "train/data_wait_frac": w.data_s / seconds,
-         "epoch": loader.epoch + loader.step / len(loader)}, step * global_batch)
+         "epoch": loader.position(), "run/workers": worker.world_size}, step * global_batch)
     if console.due():
         eta = max(0, total_steps - step) * seconds / (n / global_batch)
-        log_.info("epoch %d, step %d/%d: train loss %.4f, %s %.3f, %.0f img/s, data wait %.0f %%, ETA %s",
-                  loader.epoch + 1, loader.step, len(loader), loss / n, name_a.split("/")[1], a / n,
-                  n / seconds, 100 * w.data_s / seconds, duration(eta))
+        log_.info("epoch %d, step %d/%d: train loss %.4f, %s %.3f, %.0f img/s, data wait %.0f %%, ETA %s, "
+                  "%d workers", loader.epoch + 1, loader.step, len(loader), loss / n, name_a.split("/")[1], a / n,
+                  n / seconds, 100 * w.data_s / seconds, duration(eta), worker.world_size)
 
 
 def duration(seconds: float) -> str:
@@ -125,6 +127,8 @@ def train_one_epoch(run: Run, max_batches: int | None = None) -> int:
                                                               run.worker, run.log, run.ledger, run.task)
     step, global_batch, log_every = run.prog.step, run.cfg.run.global_batch_size, run.cfg.run.log_every_steps
     total_steps = min(n for n in (run.cfg.schedule.epochs * len(loader), run.cfg.run.max_steps) if n)
+    # this rank's share of the global batch over an even share: 1.0 unless the workers split it unevenly
+    weight = loader.batch_size * worker.world_size / global_batch
     net.train()
     w = Window.new(worker.device)
     console = Throttle(CONSOLE_EVERY_S)
@@ -145,11 +149,13 @@ def train_one_epoch(run: Run, max_batches: int | None = None) -> int:
         images = layout(batch.images.to(worker.device, non_blocking=True), opts)
         labels = batch.labels.to(worker.device, non_blocking=True)
         loss, out = train_step(net, optimizer, images, labels, opts.amp_dtype,
-                               loss_fn=partial(task.loss, labels=labels, boxes=batch.boxes))
+                               loss_fn=partial(part_loss, task, labels, batch.boxes), weight=weight,
+                               micro_batch=run.cfg.run.micro_batch_size)
         w.loss += loss * labels.shape[0]
         w.counts += task.counts(out, labels, batch.boxes)
         w.images += labels.shape[0]
         step, done = step + 1, done + 1
+        faults.trained(worker.rank, worker.world_size, loader.epoch, step, batch.keys)
         faults.after_step(worker.rank, step)
         if step % log_every == 0:
             if worker.rank == 0:
@@ -160,6 +166,12 @@ def train_one_epoch(run: Run, max_batches: int | None = None) -> int:
     if mark is not None:
         ledger.add("compute", time.perf_counter() - mark)
     return step
+
+
+def part_loss(task: Task, labels: torch.Tensor, boxes: torch.Tensor | None, out: torch.Tensor,
+              part: slice) -> torch.Tensor:
+    """The task's loss of the images ``part`` of a batch (all of it, or one accumulation step's)."""
+    return task.loss(out, labels[part], None if boxes is None else boxes[part])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,7 +186,7 @@ class Run:
     opts: StepOptions
     net: nn.Module                       # the module to call: wrapped for data parallelism, maybe compiled
     optimizer: torch.optim.Optimizer
-    loader: TrainLoader
+    loader: Epochs
     val_loader: EvalLoader
     prog: Progress
     report: Report
@@ -233,10 +245,7 @@ def setup(cfg: config_lib.Config, worker: Worker, *, report: Report, log: Log,
           resume: dict[str, Any] | None = None, run_id: Callable[[], str] = lambda: "",
           wrap: Callable[[nn.Module, Worker], nn.Module] = default_wrap) -> Run:
     """Build the run of ``cfg`` as ``worker``, fresh or from ``resume`` (see ``run_worker``)."""
-    if cfg.run.global_batch_size % worker.world_size:
-        raise ValueError(f"run.global_batch_size {cfg.run.global_batch_size} does not split evenly "
-                         f"across {worker.world_size} workers")
-    batch = cfg.run.global_batch_size // worker.world_size
+    batch = epoch_plan.batches(cfg.run.global_batch_size, worker.world_size)[worker.rank]
     opts = step_options(cfg, worker.device)
     if worker.device.type == "cpu":
         # The worker's CPU share, not every core: oversubscribed OpenMP threads spin against each other
@@ -244,13 +253,12 @@ def setup(cfg: config_lib.Config, worker: Worker, *, report: Report, log: Log,
         torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
     net, optimizer = build_net(cfg, worker, opts, resume, wrap)
     torch.manual_seed(cfg.run.seed * 1000 + worker.rank)   # dropout differs per rank
-    prog, data_state = restore(resume, optimizer, worker, cfg.optim.lr)
-    # Without a data position (a fresh run, or another world size) the epoch's order comes from the
-    # seed: offset it by the epoch so a resumed run does not replay epoch 0's order.
+    prog, data_state, trained = restore(resume, optimizer, worker, cfg.optim.lr)
     task = task_for(cfg.model.head)
-    loader = TrainLoader(cfg.data, batch, worker.rank, worker.world_size, worker.device_id,
-                         seed=cfg.run.seed + (prog.epoch if data_state is None else 0), state=data_state,
-                         boxes=task.boxes)
+    # Without a data position (a fresh run, another world size) the epoch's order comes from the seed
+    # and the epoch, so a resumed run does not replay epoch 0's order (pipeline/epochs.py).
+    loader = Epochs(cfg.data, cfg.run.global_batch_size, worker.rank, worker.world_size, worker.device_id,
+                    seed=cfg.run.seed, epoch=prog.epoch, trained=trained, state=data_state, boxes=task.boxes)
     if resume is not None and resume.get("dataset_fingerprint", "") != loader.fingerprint:
         raise ValueError(f"{cfg.data.root}: its dataset fingerprint {loader.fingerprint!r} is not the one "
                          f"this run was trained on ({resume.get('dataset_fingerprint')!r}); resume on the "
@@ -340,11 +348,18 @@ def run_worker(cfg: config_lib.Config, worker: Worker, *, report: Report, log: L
     its data-parallel form (jobs/train.py passes Ray's prepare_model). ``run_id()`` is the MLflow
     run id to keep in checkpoints (it may become known mid-run, when the server comes back).
     ``ledger`` is where the run's time went so far (``pipeline.goodput``; fresh when None); the time
-    from ``started`` (a ``time.perf_counter()`` of the worker's start) to the first step is startup.
+    from ``started`` (a ``time.perf_counter()`` of the worker's start) to the first step is startup, or
+    resize when ``resume`` was taken by another number of workers.
     """
     started = time.perf_counter() if started is None else started
     run = setup(cfg, worker, report=report, log=log, resume=resume, run_id=run_id, wrap=wrap)
     if ledger is not None:
         run.ledger = ledger
-    run.ledger.add("startup", time.perf_counter() - started)
+    run.ledger.add("resize" if resized(resume, worker) else "startup", time.perf_counter() - started)
     return fit(run)
+
+
+def resized(resume: dict[str, Any] | None, worker: Worker) -> bool:
+    """Whether this start resumes a checkpoint taken by another number of workers: its time to the
+    first step (and its restore) is the goodput ledger's ``resize``."""
+    return resume is not None and len(resume.get("workers", ())) != worker.world_size

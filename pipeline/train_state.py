@@ -5,6 +5,7 @@ by ``restore`` on a resume. Used by pipeline/train_loop.py."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -18,11 +19,12 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline import config as config_lib
+from pipeline import epoch_plan
 from pipeline.schedule import Plateau
 from pipeline.worker import Report, Worker
 
 if TYPE_CHECKING:
-    from pipeline.loader import TrainLoader
+    from pipeline.epochs import Epochs
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,34 @@ class Progress:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def save(net: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, prog: Progress, *,
+def gather_to_first(obj: Any, world_size: int) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0 (None elsewhere): the epoch's keys, MBs at
+    ImageNet's size, which only the writer needs."""
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def epoch_keys(loader: Epochs, world_size: int) -> str:
+    """On rank 0, every key the run has trained on in the current epoch ("" once it is over)."""
+    mine = loader.trained()
+    ranks = gather_to_first(mine, world_size)
+    if ranks is None or loader.step >= len(loader):
+        return ""
+    return epoch_plan.join_keys([*loader.before, *(k for keys in ranks for k in keys)])
+
+
+def save(net: nn.Module, optimizer: torch.optim.Optimizer, loader: Epochs, prog: Progress, *,
          cfg: config_lib.Config, worker: Worker, report: Report, run_id: Callable[[], str],
          best: bool = False) -> None:
-    """Gather every rank's RNG and data position, write ``checkpoint.pt`` on rank 0, and report it
-    (every rank calls ``report``; rank 0 with the folder)."""
+    """Gather every rank's RNG, data position and keys trained on this epoch, write ``checkpoint.pt``
+    on rank 0, and report it (every rank calls ``report``; rank 0 with the folder)."""
     mine = {"rng": ckpt.rng_state(), "data": loader.state(), "node": worker.node,
             "param_digest": param_digest(net)}
     workers = gather(mine, worker.world_size)
+    trained = epoch_keys(loader, worker.world_size)
     images_seen = prog.step * cfg.run.global_batch_size
     metrics = {**prog.metrics, "epoch": prog.epoch, "step": prog.step, "images_seen": images_seen}
     if worker.rank != 0:
@@ -75,6 +97,7 @@ def save(net: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, 
             step_in_epoch=loader.step % len(loader), images_seen=images_seen, workers=workers,
             config=config_lib.dump(cfg), num_classes=cfg.model.num_classes, mlflow_run_id=run_id(),
             dataset_fingerprint=loader.fingerprint, metrics={k: float(v) for k, v in metrics.items()},
+            epoch_keys=trained,
         ), Path(folder) / ckpt.FILENAME)
         report(metrics, folder, best)
     finally:
@@ -82,22 +105,36 @@ def save(net: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, 
 
 
 def restore(state: dict[str, Any] | None, optimizer: torch.optim.Optimizer, worker: Worker,
-            lr: float) -> tuple[Progress, str | None]:
-    """(progress, this rank's data position) from a loaded checkpoint, with the optimizer's state and
-    this rank's RNG put back; a fresh start at rate ``lr`` when ``state`` is None. The data position
-    (and RNG) is None when the checkpoint was taken by another number of workers: their shards differ."""
+            lr: float) -> tuple[Progress, str | None, frozenset[str]]:
+    """(progress, this rank's data position, the keys trained on in the checkpoint's epoch) from a
+    loaded checkpoint, with the optimizer's state and this rank's RNG put back; a fresh start at rate
+    ``lr`` when ``state`` is None. The data position (and RNG) is None unless the checkpoint was taken
+    by as many workers in a streamed epoch (``pipeline.epochs``): the rest of the epoch is then
+    planned anew from the keys."""
     if state is None:
-        return Progress(schedule=Plateau(lr=lr)), None
+        return Progress(schedule=Plateau(lr=lr)), None, frozenset()
     optimizer.load_state_dict(state["optimizer"])
     prog = Progress(state["epoch"], state["step"], Plateau.from_dict(state["schedule"]),
                     dict(state.get("metrics", {})))
+    trained = epoch_plan.split_keys(state.get("epoch_keys", ""))
     saved, data = state["workers"], None
-    if len(saved) == worker.world_size:
+    if len(saved) == worker.world_size and streamed(saved[worker.rank]["data"]):
         ckpt.set_rng_state(saved[worker.rank]["rng"])
         data = saved[worker.rank]["data"]
+    elif "epoch_keys" not in state:
+        log.warning("checkpoint predates the record of trained keys: epoch %d restarts its data from the "
+                    "beginning", prog.epoch)
     else:
-        log.warning("checkpoint has %d workers' data positions, this run %d: epoch %d restarts its "
-                    "data from the beginning", len(saved), worker.world_size, prog.epoch)
+        log.info("checkpoint of %d workers, this run %d: epoch %d goes on with its %s untrained samples",
+                 len(saved), worker.world_size, prog.epoch, "remaining" if trained else "")
     log.info("rank %d resumes at epoch %d, step %d (lr %g)", worker.rank, prog.epoch, prog.step,
              prog.schedule.lr)
-    return prog, data
+    return prog, data, trained
+
+
+def streamed(data: Any) -> bool:
+    """Whether a rank's saved data position is a streamed epoch's (DALI's own checkpoint)."""
+    try:
+        return json.loads(data)["kind"] == "stream"
+    except (ValueError, TypeError, KeyError):
+        return False

@@ -127,18 +127,25 @@ def ray_cluster():
     procs = [head]
     try:
         wait_for(lambda: "Ray runtime started" in (temp / "head.log").read_text(), 120, "the Ray head", proc=head)
-        node = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}",
-             "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-             "--resources", json.dumps({"node_b": 1}), *common],
-            env=env, start_new_session=True, stdout=open(temp / "node.log", "w"), stderr=subprocess.STDOUT)
-        procs.append(node)
-        wait_for(lambda: "Ray runtime started" in (temp / "node.log").read_text(), 120, "the second Ray node",
-                 proc=node)
+
+        def add_node() -> subprocess.Popen:
+            """One more node with node_b's resources (the elastic test replaces the node it kills)."""
+            log = temp / f"node-{len(procs)}.log"
+            node = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}",
+                 "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+                 "--resources", json.dumps({"node_b": 1}), *common],
+                env=env, start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            procs.append(node)
+            wait_for(lambda: "Ray runtime started" in log.read_text(), 120, "the second Ray node", proc=node)
+            return node
+
+        node = add_node()
         # RAY_ADDRESS: jobs.train connects to this cluster instead of starting its own.
         # dashboard: the Jobs API's URL (ray.job_submission, jobs.submit)
+        # nodes: the second node's process (its group is the node: raylet and workers), add_node another
         yield {"address": f"127.0.0.1:{port}", "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, "temp": temp,
-               "dashboard": f"http://127.0.0.1:{dashboard}"}
+               "dashboard": f"http://127.0.0.1:{dashboard}", "nodes": [node], "add_node": add_node}
     finally:
         for p in reversed(procs):
             stop_group(p)

@@ -186,12 +186,6 @@ def test_init_from_a_bare_state_dict_with_a_new_head(sample_dataset, tmp_path):
     assert got["classifier.6.weight"].shape[0] == 4 != parent["classifier.6.weight"].shape[0]
 
 
-def test_uneven_global_batch_is_an_error(sample_dataset):
-    cfg = one_process_cfg(sample_dataset)
-    with pytest.raises(ValueError, match="does not split evenly across 3 workers"):
-        run_worker(cfg, Worker(world_size=3), report=None, log=None)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Configs and the command line
 # ---------------------------------------------------------------------------------------------------

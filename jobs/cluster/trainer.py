@@ -24,17 +24,20 @@ def scaling_config(cfg: config_lib.Config):
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.use_gpu:
         resources["GPU"] = 1
-    return ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources,
-                         placement_strategy=cfg.run.placement_strategy)
+    lo, hi = cfg.run.worker_range()
+    # a range is Ray Train's elastic training: it starts with what is free (at least lo), and restarts
+    # the group at another size when a worker is lost or nodes come back
+    return ScalingConfig(num_workers=(lo, hi) if lo < hi else lo, use_gpu=cfg.run.use_gpu,  # RAY
+                         resources_per_worker=resources, placement_strategy=cfg.run.placement_strategy)
 
 
 def fit(cfg: config_lib.Config, folder: str, run_id: str, tags: dict[str, str]) -> dict[str, Any]:
-    """Ray Train's fit of ``train_loop_per_worker`` on ``run.workers`` workers."""
+    """Ray Train's fit of ``train_loop_per_worker`` on ``run.workers`` workers (a count, or a range)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig    # RAY
     from ray.train.torch import TorchTrainer                            # RAY
 
     files.remove(files.join(folder, DATA_ERROR))   # an earlier command's verdict on data since repaired
-    cluster.connect(cfg.run.workers * cfg.run.cpus_per_worker, runtime_env())
+    cluster.connect(cfg.run.worker_range()[1] * cfg.run.cpus_per_worker, runtime_env())
     trainer = TorchTrainer(
         train_loop_per_worker,                                     # RAY: runs on every worker
         train_loop_config={"config": config_lib.dump(cfg), "run_id": run_id, "run_folder": folder, "tags": tags},
@@ -64,11 +67,11 @@ def check_resources(cfg: config_lib.Config) -> None:
     nodes would otherwise wait forever), and say so when they fit but the nodes are busy. On a
     cluster (``RAY_ADDRESS``) this connects, also for --dry-run; a local Ray is judged unstarted.
     ``run.wait_for_nodes`` is for autoscaling clusters, whose nodes come once asked for."""
-    need, workers = worker_resources(cfg), cfg.run.workers
+    (workers, most), need = cfg.run.worker_range(), worker_resources(cfg)   # an elastic run needs its fewest
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     if on_cluster:
-        cluster.connect(workers * cfg.run.cpus_per_worker, runtime_env())
-    nodes = cluster.live_nodes() if on_cluster else cluster.local_node(workers * cfg.run.cpus_per_worker)
+        cluster.connect(most * cfg.run.cpus_per_worker, runtime_env())
+    nodes = cluster.live_nodes() if on_cluster else cluster.local_node(most * cfg.run.cpus_per_worker)
     problem = cluster.check_fits(workers, need, cfg.run.placement_strategy, nodes)
     if problem and not cfg.run.wait_for_nodes:
         hint = "set run.use_gpu=false, " if "GPU" in need and not any(n.get("GPU") for n in nodes) else ""

@@ -52,7 +52,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train                                               # RAY
     import ray.train.torch                                         # RAY
 
-    from pipeline.train_loop import Worker, run_worker
+    from pipeline.train_loop import Worker, resized, run_worker
 
     started = time.perf_counter()
     worker_logging()
@@ -68,7 +68,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     resume = resume_state(loop_config["run_folder"], ray.train.get_checkpoint(), rank, world)   # RAY
     ledger = Ledger.resumed((resume or {}).get("metrics", {}), read_ledger(loop_config["run_folder"]))
-    ledger.add("restore", time.perf_counter() - t0 if resume else 0.0)
+    ledger.add("resize" if resized(resume, worker) else "restore", time.perf_counter() - t0 if resume else 0.0)
     tracker = rank0_tracker(cfg, loop_config, resume) if rank == 0 else None
 
     def report(metrics: dict[str, float], folder: str | None, best: bool) -> None:
