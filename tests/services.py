@@ -38,6 +38,19 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5, proc: 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def group_gone(pgid: int, timeout: float) -> bool:
+    """Wait until no process is left in group ``pgid``, for ``timeout`` seconds at most."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
     """SIGTERM, then SIGKILL, to the process group this test started (start_new_session=True)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -48,7 +61,7 @@ def stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
         try:
             proc.wait(timeout=timeout)
             if sig == signal.SIGTERM:
-                time.sleep(1)  # let the group's children go too
+                group_gone(proc.pid, 1.0)  # let the group's children go too, for a second at most
                 os.killpg(proc.pid, signal.SIGKILL)
             return
         except subprocess.TimeoutExpired:
@@ -74,7 +87,7 @@ class MlflowServer:
              "--port", str(self.port), "--workers", "1"],
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             start_new_session=True, stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT)
-        wait_for(self.healthy, 180, f"mlflow server on {self.uri}", interval=1, proc=self.proc)
+        wait_for(self.healthy, 180, f"mlflow server on {self.uri}", interval=0.25, proc=self.proc)
         return self
 
     def healthy(self) -> bool:

@@ -11,28 +11,35 @@ from pipeline.ddp import apply_grad_compression
 from services import free_port
 
 
-def _worker(rank, port, mode, queue):
+def _worker(rank, port, modes, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(4, 3)
-    ddp = torch.nn.parallel.DistributedDataParallel(lin)
-    apply_grad_compression(ddp, mode)
-    # Rank r's gradient of sum(W x) w.r.t. W is 2 * (1 + r/3): 2 and 8/3, whose mean 7/3 is not
-    # representable in bf16, so the hook's rounding is visible.
-    ddp(torch.full((2, 4), 1.0 + rank / 3)).sum().backward()
-    queue.put((rank, lin.weight.grad.clone()))
+    for mode in modes:   # one process group, a fresh layer and DDP per mode
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(4, 3)
+        ddp = torch.nn.parallel.DistributedDataParallel(lin)
+        apply_grad_compression(ddp, mode)
+        # Rank r's gradient of sum(W x) w.r.t. W is 2 * (1 + r/3): 2 and 8/3, whose mean 7/3 is not
+        # representable in bf16, so the hook's rounding is visible.
+        ddp(torch.full((2, 4), 1.0 + rank / 3)).sum().backward()
+        queue.put((mode, rank, lin.weight.grad.clone()))
     dist.destroy_process_group()
 
 
-def _grads(mode):
+def _grads(*modes):
+    """{mode: {rank: gradient}}, every mode on the same two processes (each start costs seconds)."""
     queue = mp.get_context("spawn").Manager().Queue()
-    mp.spawn(_worker, args=(free_port(), mode, queue), nprocs=2)
-    return dict(queue.get() for _ in range(2))
+    mp.spawn(_worker, args=(free_port(), modes, queue), nprocs=2)
+    out = {mode: {} for mode in modes}
+    for _ in range(2 * len(modes)):
+        mode, rank, grad = queue.get()
+        out[mode][rank] = grad
+    return out
 
 
 def test_bf16_hook_averages_in_bf16_and_ranks_agree():
-    plain, bf16 = _grads("none"), _grads("bf16")
+    grads = _grads("none", "bf16")
+    plain, bf16 = grads["none"], grads["bf16"]
     exact = torch.full((3, 4), 7 / 3)
     torch.testing.assert_close(plain[0], exact)
     assert torch.equal(plain[0], plain[1]) and torch.equal(bf16[0], bf16[1])
@@ -49,7 +56,7 @@ def test_unknown_mode_names_the_setting():
 
 # --- the training loop itself on two processes: DDP under torch.compile and conv-ReLU fusion ---------
 
-def _train(rank, port, dataset, over, queue):
+def _train(rank, port, dataset, runs, queue):
     from pipeline import checkpoint as ckpt
     from pipeline.train_loop import Worker, run_worker
     from tiny import tiny_config
@@ -57,30 +64,40 @@ def _train(rank, port, dataset, over, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    cfg = tiny_config(dataset, **{"model.num_classes": 4, "model.dropout": 0.0, "run.workers": 2,
-                                  "run.global_batch_size": 16, "run.max_steps": 2, **over})
+    for i, over in enumerate(runs):   # one run after another on the same two processes
+        # Two steps, a checkpoint after each: the first step's weights come with the run.
+        cfg = tiny_config(dataset, **{"model.num_classes": 4, "model.dropout": 0.0, "run.workers": 2,
+                                      "run.global_batch_size": 16, "run.max_steps": 2,
+                                      "run.checkpoint_every_steps": 1, **over})
 
-    def report(metrics, folder, best):
-        if folder:
-            state = ckpt.load_checkpoint(folder)
-            queue.put((state["model"], [w["param_digest"] for w in state["workers"]]))
+        def report(metrics, folder, best, i=i):
+            if folder:
+                state = ckpt.load_checkpoint(folder)
+                queue.put((i, state["step"], state["model"], [w["param_digest"] for w in state["workers"]]))
 
-    run_worker(cfg, Worker(rank=rank, world_size=2), report=report, log=lambda metrics, step: None)
+        run_worker(cfg, Worker(rank=rank, world_size=2), report=report, log=lambda metrics, step: None)
     dist.destroy_process_group()
 
 
-def _two_process_weights(dataset, **over):
+def _two_process_weights(dataset, *runs):
+    """For each config override in ``runs``, trained in turn by the same two processes: {step: (rank 0's
+    checkpointed weights, every rank's parameter digest)} after steps 1 and 2."""
     queue = mp.get_context("spawn").Manager().Queue()
-    mp.spawn(_train, args=(free_port(), str(dataset), over, queue), nprocs=2)
-    return queue.get()
+    mp.spawn(_train, args=(free_port(), str(dataset), runs, queue), nprocs=2)
+    out = [{} for _ in runs]
+    for _ in range(2 * len(runs)):
+        i, step, weights, digests = queue.get()
+        out[i][step] = (weights, digests)
+    return out
 
 
 def test_compiled_and_fused_ddp_training_keeps_replicas_equal_and_matches_plain(sample_dataset):
-    plain, plain_digests = _two_process_weights(sample_dataset)
-    fast, digests = _two_process_weights(sample_dataset, **{"run.compile": True, "run.fuse_conv_relu": True})
+    plain_run, fast_run = _two_process_weights(sample_dataset, {},
+                                               {"run.compile": True, "run.fuse_conv_relu": True})
+    (plain, plain_digests), (fast, digests) = plain_run[2], fast_run[2]
     assert digests[0] == digests[1] and plain_digests[0] == plain_digests[1]     # the replicas agree
     assert list(fast) == list(plain)                        # no module. / _orig_mod. in the checkpoint
-    start = _two_process_weights(sample_dataset, **{"run.max_steps": 1})[0]
+    start = plain_run[1][0]                                 # the plain run's weights after step 1
     for k in plain:
         moved = (plain[k] - start[k]).norm()                # what the second step changed
         assert moved > 0 and (fast[k] - plain[k]).norm() < 0.01 * moved, k

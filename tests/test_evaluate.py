@@ -17,7 +17,6 @@ from pipeline import config as C
 from pipeline import evaluate as E
 from storage.dataset import stored_labels
 from pipeline.sharding import shard_range
-from services import MlflowServer
 
 
 @pytest.fixture(scope="module")
@@ -214,11 +213,9 @@ def test_demo_model_center_dense_multicrop_both(trained, sample_dataset, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server on a free local port; yields its URI."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield server.uri
-    server.stop()
+def mlflow_server(shared_mlflow):
+    """The session's real MLflow tracking server (tests/conftest.py; nothing here stops it); its URI."""
+    return shared_mlflow.uri
 
 
 def test_mlflow_child_run_of_the_training_run(trained, tmp_path, mlflow_server, monkeypatch):
