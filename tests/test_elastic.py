@@ -135,3 +135,16 @@ def test_gradient_accumulation_gives_the_whole_batchs_step():
         torch.testing.assert_close(net.weight, nets[0][0].weight, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(loss, nets[0][1], atol=1e-6, rtol=1e-5)
         assert out.shape == nets[0][2].shape == (10, 3)
+
+
+def test_the_resize_bench_measures_each_stage_at_a_given_size(tmp_path):
+    from jobs.bench import resize
+
+    rows = resize.main(["--samples", "3000", "--shards", "8", "--work", str(tmp_path), "--after", "3",
+                        "--global-batch", "16"])
+    assert [r["stage"] for r in rows] == ["keys", "checkpoint", "read", "plan"]
+    trained = rows[0]["trained"]
+    assert trained % 16 == 0 and abs(trained - 1500) < 16 and rows[0]["mb"] > 0
+    plan = rows[-1]
+    assert plan["steps"] == (3000 - trained) // 16 and plan["rank_samples"] == 6 * plan["steps"]
+    assert all(r["seconds"] >= 0 for r in rows)
