@@ -175,7 +175,7 @@ def assert_the_ledger_counts_the_lost_work(client, run) -> None:
     assert m["goodput/restore_s"] > 0 and m["goodput/validation_s"] > 0 and m["goodput/checkpoint_s"] > 0
     assert 0 < m["goodput/fraction"] < 1
     total = sum(m[f"goodput/{c}_s"] for c in ("compute", "data_wait", "validation", "checkpoint", "startup",
-                                               "restore", "lost"))
+                                               "restore", "resize", "lost"))
     assert total <= m["goodput/wall_s"] * 1.05     # the ledger cannot hold more time than passed
     table = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "goodput.json" in table
@@ -238,8 +238,8 @@ def test_killed_driver_rerun_resumes_into_the_same_run_while_mlflow_comes_and_go
 
 
 TRAIN_KEYS = {"train/loss", "train/top1_err", "train/top5_err", "lr", "train/images_per_s", "train/data_wait_frac",
-              "epoch", *(f"goodput/{c}_s" for c in ("compute", "data_wait", "validation", "checkpoint", "startup",
-                                                   "restore", "lost"))}
+              "epoch", "run/workers", *(f"goodput/{c}_s" for c in ("compute", "data_wait", "validation", "checkpoint",
+                                                                  "startup", "restore", "resize", "lost"))}
 END_KEYS = {"goodput/wall_s", "goodput/fraction"}   # once, at the run's end
 
 
