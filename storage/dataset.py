@@ -3,11 +3,14 @@
 The format is ``storage.dataformat`` (docs/data-format.md). Every check here fails with a
 ``DataError`` that names the file, so a broken dataset never reaches DALI (which would otherwise read
 garbage from a stale index, or hang on an empty shard list): every index entry is checked against
-its tar's member headers (cached per node), and a shard or index whose bytes changed since
-preprocessing is refused before it is read (``storage.shard_check``).
+its tar's member headers (cached per node), the manifest's shards and stored count against dataset.json
+(the verdict cached per node too), and a shard or index whose bytes changed since preprocessing is
+refused before it is read (``storage.shard_check``).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -17,8 +20,12 @@ from pathlib import Path
 from storage import dataformat as fmt
 from storage import shard_check
 from storage.dataformat import DataError, read_info
+from storage.files import atomic_write
 
 log = logging.getLogger(__name__)
+
+MANIFEST_CACHE = "manifest-check"      # the node cache's name: shard_check.node_cache_folder(MANIFEST_CACHE)
+MANIFEST_CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -157,7 +164,7 @@ def resolve_split(root: Path, info: dict, split: str, build_missing_index: bool 
     names = list(entry.get("shards", []))
     if not names:
         raise DataError(f"{fmt.info_path(root)}: split {split!r} lists no shards")
-    _check_manifest_shards(root, split, names, info)
+    _check_manifest_shards(root, split, names, info, cache)
     shards, indexes, total = [], [], 0
     for name in names:
         tar = root / name
@@ -181,10 +188,42 @@ def resolve_split(root: Path, info: dict, split: str, build_missing_index: bool 
     return Split(name=split, shards=tuple(shards), indexes=tuple(indexes), num_samples=total)
 
 
-def _check_manifest_shards(root: Path, split: str, listed: list[str], info: dict) -> None:
+def _check_manifest_shards(root: Path, split: str, listed: list[str], info: dict,
+                           cache: str | os.PathLike | None = None) -> None:
     """Every shard the manifest puts a sample in is one dataset.json lists, and the manifest's stored
     rows (those dataset.json's ``inputs`` covers) are the ``num_samples`` it records: a dataset.json
-    that counts fewer inputs than were stored would hide samples from every exactly-once check."""
+    that counts fewer inputs than were stored would hide samples from every exactly-once check.
+
+    Reading the manifest's rows on every loader start grows with the dataset, so a sound verdict is
+    cached per node (``_manifest_verdict_file(cache)``, the processes of a node taking turns on its
+    lock) under the manifest's (size, mtime_ns, ctime_ns) and a digest of what dataset.json says of
+    the split (``inputs``, ``num_samples``, shard list): a rewritten manifest or a changed dataset.json
+    is read again, and a bad verdict is never cached. A warm start still finds every shard the
+    manifest names on disk (one ``stat`` each)."""
+    path = fmt.manifest_path(root, split)
+    try:
+        stamp = shard_check.file_stamp(path) + [_split_digest(info["splits"][split], listed)]
+    except OSError:                     # no manifest: the check below says so
+        _manifest_shards_checked(root, split, listed, info)
+        return
+    verdict_file = _manifest_verdict_file(cache)
+    with shard_check.node_lock(verdict_file):
+        verdicts = _read_verdicts(verdict_file)
+        hit = verdicts.get(str(path))
+        if hit is not None and hit[:4] == stamp:
+            in_manifest = hit[4]
+        else:
+            in_manifest = _manifest_shards_checked(root, split, listed, info)
+            verdicts[str(path)] = stamp + [in_manifest]
+            _write_verdicts(verdict_file, verdicts)
+    for name in in_manifest:
+        if not (root / name).is_file():
+            raise DataError(f"{root / name}: shard named in {path} is missing on disk")
+
+
+def _manifest_shards_checked(root: Path, split: str, listed: list[str], info: dict) -> list[str]:
+    """``_check_manifest_shards``'s reading of the manifest: raises ``DataError`` on a bad one, else
+    returns the shard names it puts samples in, sorted."""
     import pyarrow.compute as pc
 
     path = fmt.manifest_path(root, split)
@@ -201,8 +240,43 @@ def _check_manifest_shards(root: Path, split: str, listed: list[str], info: dict
     if unlisted:
         raise DataError(f"{path}: samples stored in {', '.join(unlisted[:5])} which dataset.json does not "
                            f"list for split {split!r}")
-    for name in sorted(in_manifest):
-        if not (root / name).is_file():
-            raise DataError(f"{root / name}: shard named in {path} is missing on disk")
+    return sorted(in_manifest)
+
+
+def _split_digest(entry: dict, listed: list[str]) -> str:
+    """sha256 of what dataset.json says of a split that the manifest check depends on."""
+    said = {"inputs": entry.get("inputs"), "num_samples": entry.get("num_samples"), "shards": listed}
+    return hashlib.sha256(json.dumps(said, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _manifest_verdict_file(cache: str | os.PathLike | None) -> Path:
+    """This node's manifest verdicts: ``<shard cache's folder>/manifest-check-<host name>.json``, or
+    beside ``cache`` (an explicit shard cache file) as ``<its stem>-manifest-check.json``."""
+    if cache is None:
+        return shard_check.node_cache_folder(MANIFEST_CACHE).with_suffix(".json")
+    return Path(cache).with_name(f"{Path(cache).stem}-{MANIFEST_CACHE}.json")
+
+
+def _read_verdicts(verdict_file: Path) -> dict[str, list]:
+    """manifest path -> [size, mtime_ns, ctime_ns, split digest, [shard names]]; a missing, unreadable
+    or foreign file is an empty cache (it is disposable), a malformed entry is dropped."""
+    try:
+        data = json.loads(verdict_file.read_text())
+        if data.get("format") != MANIFEST_CACHE_FORMAT:
+            return {}
+        return {p: v for p, v in data["manifests"].items()
+                if isinstance(v, list) and len(v) == 5 and all(isinstance(x, int) for x in v[:3])
+                and isinstance(v[3], str) and isinstance(v[4], list) and all(isinstance(n, str) for n in v[4])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _write_verdicts(verdict_file: Path, verdicts: dict[str, list]) -> None:
+    """Atomically, dropping manifests that are gone; a cache that cannot be written only costs a re-read."""
+    kept = {p: v for p, v in verdicts.items() if os.path.exists(p)}
+    try:
+        atomic_write(verdict_file, json.dumps({"format": MANIFEST_CACHE_FORMAT, "manifests": kept}).encode())
+    except OSError as e:
+        log.warning("%s: cannot write the manifest check cache (%s); manifests will be read again", verdict_file, e)
 
 
