@@ -44,6 +44,7 @@ BASELINES = (WHOLE, MEAN_BOX)
 ENSEMBLE = "ensemble"
 # One worker's hits per (row, column): "a" protocol (a); "b1" / "b5" protocol (b) top-1 / top-5.
 COLUMNS = ("a", "b1", "b5")
+MERGE_IMAGES = 64      # images whose candidate sets go through one boxes.greedy_merge_many call
 
 
 @dataclass(frozen=True)
@@ -233,10 +234,10 @@ def ranked_guesses(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tens
 
 
 def in_order_guesses(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
-                     p: LocProtocol):
-    """Merge, then for each of ``classes`` (k,) in that order its best merged box (a class without a
-    box gets an empty one, never correct) -> (labels (1, guesses), boxes (1, guesses, 4))."""
-    box, score, lab = B.greedy_merge(boxes, scores, labels, p.merge_iou)   # highest score first
+                     p: LocProtocol, merged: bool = False):
+    """Merge (unless ``merged``: they are ``greedy_merge``'s output), then for each of ``classes`` (k,) in
+    that order its best merged box (none: an empty one, never correct) -> labels (1, guesses), boxes (1, guesses, 4)."""
+    box, score, lab = (boxes, scores, labels) if merged else B.greedy_merge(boxes, scores, labels, p.merge_iou)
     picked = []
     for c in classes.tolist()[:p.guesses]:
         mine = (lab == c).nonzero()
@@ -286,16 +287,21 @@ def _record_b(images: dict[str, _Image], keys: list[str], gt: list[torch.Tensor]
             im.gt = to_fractions(gt[j].float(), h, w)
 
 
-def _b_hits(im: _Image, label: int, mean_box: torch.Tensor, p: LocProtocol,
-            given: torch.Tensor | None = None) -> dict[str, tuple[bool, bool]]:
-    """{row: (top-1 hit, top-5 hit)} of one image's protocol (b): each net's merged boxes, the union
-    of all nets' when several, and the baselines' one box for each of the label source's classes."""
+def _b_sets(im: _Image) -> list[tuple[torch.Tensor, ...]]:   # (boxes, scores, labels) of each net, then their union
+    cat = [tuple(torch.cat(parts) for parts in (im.boxes[m], im.scores[m], im.labels[m])) for m in range(len(im.boxes))]
+    return cat + ([tuple(torch.cat(parts) for parts in zip(*cat))] if len(cat) > 1 else [])
+
+
+def _b_hits(im: _Image, label: int, mean_box: torch.Tensor, p: LocProtocol, given: torch.Tensor | None = None,
+            merged: list | None = None) -> dict[str, tuple[bool, bool]]:
+    """{row: (top-1 hit, top-5 hit)} of one image's protocol (b): each net's merged boxes (``merged``: its
+    ``_b_sets`` merged already), their union's when several, the baselines' box for each of the labels' classes."""
     gt = [(torch.full((len(im.gt),), label, dtype=torch.long), im.gt)]
     guesses = {}
-    cat = [[torch.cat(parts) for parts in (im.boxes[m], im.scores[m], im.labels[m])] for m in range(len(im.boxes))]
-    union = [[torch.cat(parts) for parts in zip(*cat)]] if len(cat) > 1 else []
-    for row, (b, s, lab) in zip(row_names(len(cat)), cat + union):
-        guesses[row] = in_order_guesses(b, s, lab, given, p) if given is not None else ranked_guesses(b, s, lab, p)
+    merged = merged if merged is not None else [B.greedy_merge(*x, threshold=p.merge_iou) for x in _b_sets(im)]
+    for row, m in zip(row_names(len(im.boxes)), merged):
+        guesses[row] = (in_order_guesses(*m, given, p, merged=True) if given is not None
+                        else pad_guesses(*B.top_guesses(*m, k=p.guesses), p.guesses))
     classes = given if given is not None else scoring.topk(im.posterior[None], p.guesses)[0]
     for row, box in ((WHOLE, torch.tensor([0.0, 0.0, 1.0, 1.0])), (MEAN_BOX, mean_box.float())):
         guesses[row] = pad_guesses(classes, box.expand(len(classes), 4), p.guesses)
@@ -348,8 +354,13 @@ def _share(order, labels, gts, a_hits, images, mean_box, p: LocProtocol, given) 
     scored = torch.tensor([len(gts[k]) > 0 for k in order], dtype=torch.bool)
     hits = {(row, "a"): torch.tensor([got[k] for k in order], dtype=torch.bool) for row, got in a_hits.items()}
     if images:
-        per_key = [_b_hits(images[k], labels[k], mean_box, p, given[k] if given else None) if len(gts[k]) else None
-                   for k in order]
+        keys, merged = [k for k in order if len(gts[k])], {}
+        for i in range(0, len(keys), MERGE_IMAGES):   # one call shares each merging step among the images
+            sets = {k: _b_sets(images[k]) for k in keys[i:i + MERGE_IMAGES]}
+            out = iter(B.greedy_merge_many([x for per in sets.values() for x in per], p.merge_iou))
+            merged.update((k, [next(out) for _ in per]) for k, per in sets.items())
+        per_key = [_b_hits(images[k], labels[k], mean_box, p, given[k] if given else None, merged[k])
+                   if len(gts[k]) else None for k in order]
         for row in row_names(len(next(iter(images.values())).boxes)):
             for col, i in (("b1", 0), ("b5", 1)):
                 hits[(row, col)] = torch.tensor([bool(h and h[row][i]) for h in per_key], dtype=torch.bool)

@@ -12,7 +12,11 @@ BENCHES = {
     "eval": "dense-evaluation images/s",
     "scaling": "DDP all-reduce time and scaling efficiency on paper (no GPU needed)",
     "schedule": "the plateau rule's decay epochs on simulated noisy and creeping val curves (no GPU)",
-    "index": "the DALI index check (every entry against its tar header) at ImageNet's size, cold and warm",
+    "index": "the DALI index check (every entry against its tar header) at ImageNet's size, cold and warm "
+             "(--mode boxed: the boxed index cache)",
+    "scale": "every control-plane stage (preprocess ... MLflow) timed at N images, with its peak RSS",
+    "merge": "protocol (b)'s greedy box merging, the loop against the vectorised one, on the same boxes",
+    "resize": "what a resize costs at ImageNet's size: the epoch's keys in a checkpoint, one rank's plan of the rest",
 }
 
 
