@@ -13,9 +13,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
-from preprocessing import manifest as mf
 from preprocessing.check import DECODE_ERRORS, jpeg_structure
 from preprocessing.shards import BLOCK, EXTENSIONS
 from storage import dataformat as fmt
@@ -34,31 +36,55 @@ class Problem(NamedTuple):
 
 def verify(out, workers: int = 1, decode: bool = True, progress: bool = False) -> list[Problem]:
     """Every problem found, in shard order (at most the first one per shard); [] when OUT is sound.
-    ``progress``: a bar over the stored images, shard by shard."""
+    ``progress``: a bar over the stored images, shard by shard. The manifest stays in Arrow (Python
+    dicts of ImageNet's 1.28 M rows would be most of the driver's memory); each worker gets its
+    shard's rows as a small Arrow table of the columns it compares."""
     from tqdm import tqdm
 
     out = Path(out)
     info = fmt.read_info(out)
-    problems, jobs = [], []
+    problems, splits = [], []
     for split, s in info["splits"].items():
-        rows = fmt.read_manifest(out, split, info=info).to_pylist()
-        problems += _check_manifest(split, s, rows)
-        by_shard: dict[str, list[dict]] = {}
-        for r in rows:
-            if r["shard"] is not None:
-                by_shard.setdefault(r["shard"], []).append(r)
+        table = fmt.read_manifest(out, split, _COLUMNS, info=info)
+        problems += _check_manifest(split, s, table)
         digests = {k: _recorded(split, s, k, problems) for k in (fmt.SHARDS_SHA256, fmt.INDEXES_SHA256)}
-        for shard, digest, idx_digest in zip(s["shards"], *digests.values()):
-            jobs.append((str(out), split, shard, by_shard.get(shard, []), decode, digest, idx_digest))
-    bar = tqdm(total=sum(len(j[3]) for j in jobs), unit="img", disable=not progress, dynamic_ncols=True)
+        splits.append((split, s, table, _shard_rows(table), *digests.values()))
+    total = sum(len(groups.get(shard, ())) for _, s, _, groups, *_ in splits for shard in s["shards"])
+    jobs = _jobs(str(out), splits, decode)
+    bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
+    shards = sum(len(s["shards"]) for _, s, *_ in splits)
     with bar:
-        if workers > 1 and len(jobs) > 1:
-            with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-                # imap keeps shard order: "first" is stable
-                found = [_counted(p, j, bar) for p, j in zip(pool.imap(_verify_job, jobs), jobs)]
+        if workers > 1 and shards > 1:
+            with get_context("spawn").Pool(min(workers, shards)) as pool:
+                # imap keeps shard order: "first" is stable; it takes jobs as workers free up, so only
+                # a few shards' tables exist at once
+                found = [_counted(p, bar) for p in pool.imap(_verify_job, jobs)]
         else:
-            found = [_counted(_verify_job(j), j, bar) for j in jobs]
-    return problems + [p for p in found if p is not None]
+            found = [_counted(_verify_job(j), bar) for j in jobs]
+    return problems + [p for p, _ in found if p is not None]
+
+
+# What a worker compares (``_verify_shard``) and ``_check_manifest`` counts: not source, wnid, reason.
+_COLUMNS = ["key", "label", "shard", "status", "width", "height", "bytes", "sha256", *fmt.BOX_COLUMNS]
+_WORKER_COLUMNS = ["key", "label", "width", "height", "bytes", "sha256", "boxes"]
+
+
+def _shard_rows(table: pa.Table) -> dict[str, np.ndarray]:
+    """{shard: the row numbers naming it, in manifest order} (rows without a shard left out)."""
+    enc = pc.dictionary_encode(table.column("shard").combine_chunks())
+    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.argsort(codes, kind="stable")  # stable: each shard's rows keep the manifest's order
+    bounds = np.searchsorted(codes[order], np.arange(len(enc.dictionary) + 1))
+    return {name: order[bounds[k]:bounds[k + 1]] for k, name in enumerate(enc.dictionary.to_pylist())}
+
+
+def _jobs(out: str, splits: list, decode: bool):
+    """Each shard's job in dataset.json's order, its rows taken from the manifest only when asked for."""
+    for split, s, table, groups, digests, idx_digests in splits:
+        cols = table.select(_WORKER_COLUMNS)
+        for shard, digest, idx_digest in zip(s["shards"], digests, idx_digests):
+            rows = cols.take(pa.array(groups.get(shard, np.zeros(0, np.int64))))
+            yield out, split, shard, rows, decode, digest, idx_digest
 
 
 def _recorded(split: str, s: dict, key: str, problems: list[Problem]) -> list[str | None]:
@@ -72,40 +98,102 @@ def _recorded(split: str, s: dict, key: str, problems: list[Problem]) -> list[st
     return digests
 
 
-def _counted(problem: Problem | None, job, bar) -> Problem | None:
-    bar.update(len(job[3]))
+def _counted(found: tuple[Problem | None, int], bar) -> tuple[Problem | None, int]:
+    """``found``: a job's (problem, rows checked), the bar moved on by them."""
+    problem, n = found
+    bar.update(n)
     if problem is not None:
-        bar.set_postfix_str(f"problem in {job[2]}")
-    return problem
+        bar.set_postfix_str(f"problem in {problem.shard}")
+    return found
 
 
-def _check_manifest(split: str, s: dict, rows: list[dict]) -> list[Problem]:
+def _check_manifest(split: str, s: dict, table: pa.Table) -> list[Problem]:
+    """dataset.json's counts against the manifest's columns, then each duplicate key and misplaced
+    row in manifest order (only those rows become Python values)."""
     out = []
-    c = mf.counts(rows)
-    if c != s["counts"] or len(rows) != s.get("inputs", len(rows)):
-        out.append(Problem(split, "", "", f"manifest counts {c} ({len(rows)} rows) differ from dataset.json "
+    n = table.num_rows
+    c = _counts(table)
+    if c != s["counts"] or n != s.get("inputs", n):
+        out.append(Problem(split, "", "", f"manifest counts {c} ({n} rows) differ from dataset.json "
                                           f"{s['counts']}"))
-    if len(rows) - c["quarantined"] != s["num_samples"]:
-        out.append(Problem(split, "", "", f"manifest has {len(rows) - c['quarantined']} stored rows, "
+    if n - c["quarantined"] != s["num_samples"]:
+        out.append(Problem(split, "", "", f"manifest has {n - c['quarantined']} stored rows, "
                                           f"dataset.json num_samples {s['num_samples']}"))
-    if mf.box_counts(rows) != s.get(fmt.SPLIT_BOXES):
-        out.append(Problem(split, "", "", f"manifest box counts {mf.box_counts(rows)} differ from dataset.json "
+    boxes = _box_counts(table)
+    if boxes != s.get(fmt.SPLIT_BOXES):
+        out.append(Problem(split, "", "", f"manifest box counts {boxes} differ from dataset.json "
                                           f"{s.get(fmt.SPLIT_BOXES)}"))
-    seen = set()
-    for r in rows:
-        if r["key"] in seen:
-            out.append(Problem(split, r["shard"] or "", r["key"], "key appears twice in the manifest"))
-        seen.add(r["key"])
-        stored = r["status"] != "quarantined"
-        if stored and r["shard"] not in s["shards"]:
-            out.append(Problem(split, r["shard"] or "", r["key"], "stored row names a shard not in dataset.json"))
-        if not stored and (r["shard"] is not None or r["sha256"] is not None):
-            out.append(Problem(split, r["shard"] or "", r["key"], "quarantined row names a shard"))
+    twice, stray, quarantined = _row_problems(table, s["shards"])
+    rows = table.select(["key", "shard"]).take(pa.array(np.flatnonzero(twice | stray | quarantined))).to_pylist()
+    for i, r in zip(np.flatnonzero(twice | stray | quarantined), rows):
+        for bad, message in ((twice, "key appears twice in the manifest"),
+                             (stray, "stored row names a shard not in dataset.json"),
+                             (quarantined, "quarantined row names a shard")):
+            if bad[i]:
+                out.append(Problem(split, r["shard"] or "", r["key"], message))
     return out
 
 
-def _verify_job(job) -> Problem | None:
-    out, split, shard, rows, decode, digest, idx_digest = job
+def _numpy(mask) -> np.ndarray:
+    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _stored(table: pa.Table) -> np.ndarray:
+    return ~_numpy(pc.equal(table.column("status"), "quarantined"))
+
+
+def _counts(table: pa.Table) -> dict[str, int]:
+    """``preprocessing.manifest.counts`` from the status column."""
+    c = dict.fromkeys(fmt.STATUSES, 0)
+    for v in pc.value_counts(table.column("status")).to_pylist():
+        c[v["values"]] = v["counts"]
+    return c
+
+
+def _row_problems(table: pa.Table, shards: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: its key appeared in an earlier row; stored but naming a shard dataset.json does not
+    list; quarantined but naming a shard or a sha256."""
+    codes = pc.dictionary_encode(table.column("key").combine_chunks(), null_encoding="encode").indices
+    codes = codes.to_numpy(zero_copy_only=False).astype(np.int64)
+    # dictionary codes are numbered by first appearance: a code no greater than an earlier one is a repeat
+    twice = np.zeros(len(codes), bool)
+    twice[1:] = codes[1:] <= np.maximum.accumulate(codes)[:-1]
+    stored = _stored(table)
+    listed = _numpy(pc.is_in(table.column("shard"), value_set=pa.array(shards, pa.string())))
+    named = _numpy(pc.is_valid(table.column("shard"))) | _numpy(pc.is_valid(table.column("sha256")))
+    return twice, stored & ~listed, ~stored & named
+
+
+def _box_counts(table: pa.Table) -> dict[str, int] | None:
+    """``preprocessing.manifest.box_counts`` from the box columns."""
+    annotated = np.zeros(table.num_rows, bool)
+    for col in fmt.BOX_COLUMNS:
+        annotated |= _numpy(pc.is_valid(table.column(col)))
+    if not annotated.any():
+        return None
+    stored = _stored(table)
+    annotated &= stored
+
+    def total(values) -> int:
+        return int(np.asarray(pc.fill_null(values, 0).to_numpy(zero_copy_only=False))[annotated].sum())
+
+    boxes = pc.list_value_length(table.column("boxes"))
+    return {"images": int((_numpy(pc.greater(boxes, 0)) & annotated).sum()),
+            "boxes": total(pc.divide(boxes, 4)),  # integer division, per row
+            "clipped": total(table.column("boxes_clipped")),
+            "rejected": total(pc.list_value_length(table.column("boxes_rejected"))),
+            "annotated": int(annotated.sum()), "without": int(stored.sum() - annotated.sum())}
+
+
+def _verify_job(job) -> tuple[Problem | None, int]:
+    """(the shard's first problem or None, its manifest rows)."""
+    out, split, shard, table, decode, digest, idx_digest = job
+    rows = table.to_pylist()
+    return _verify_rows(out, split, shard, rows, decode, digest, idx_digest), len(rows)
+
+
+def _verify_rows(out: str, split: str, shard: str, rows: list[dict], decode: bool, digest: str | None,
+                 idx_digest: str | None) -> Problem | None:
     try:
         # The samples first: a damaged sample is named by its key; the shard's own checksum then
         # catches what lies between samples (padding, the end blocks), the index's what the

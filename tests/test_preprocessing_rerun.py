@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from odd_sample import SIZES, Killed, build, crash_after, mtimes, snapshot
 from preprocessing import synthetic
+from preprocessing.manifest import box_counts, counts
 from storage.dataformat import SHARDS_SHA256, parse_index, read_manifest
 from preprocessing.verify import verify
 
@@ -157,3 +160,40 @@ def test_verify_checks_each_shards_sha256_and_reads_datasets_without_it(built, t
     problems = verify(out, decode=False)
     assert [(p.shard, p.key) for p in problems] == [("val-000001.tar", "")]
     assert "sha256 of the shard" in problems[0].message and SHARDS_SHA256 in problems[0].message
+
+
+def test_verify_names_manifest_level_problems_in_row_order(built, tmp_path):
+    """The manifest's own checks (counts, box counts, repeated keys, misplaced rows) come first, in
+    row order, whatever the number of workers."""
+    out = tmp_path / "out"
+    shutil.copytree(built[0], out)
+    path = out / "train" / "manifest.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    stored = [i for i, r in enumerate(rows) if r["status"] != "quarantined"]
+    quarantined = [i for i, r in enumerate(rows) if r["status"] == "quarantined"]
+    assert len(stored) > 5 and quarantined and box_counts(rows) is not None  # the sample has all three
+    dup, stray, named = stored[4], stored[2], quarantined[0]
+    left = rows[stray]["shard"]
+    rows[dup]["key"] = rows[stored[0]]["key"]
+    rows[stray]["shard"] = "train-999999.tar"
+    rows[named]["shard"] = "train-000000.tar"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    info = json.loads((out / "dataset.json").read_text())
+    s = info["splits"]["train"]
+    s["counts"]["kept"] += 1
+    s["boxes"]["boxes"] += 1
+    (out / "dataset.json").write_text(json.dumps(info))
+
+    expected = [("", "", f"manifest counts {counts(rows)} ({len(rows)} rows) differ from dataset.json {s['counts']}"),
+                ("", "", f"manifest box counts {box_counts(rows)} differ from dataset.json {s['boxes']}")]
+    by_row = {dup: (rows[dup]["shard"], rows[dup]["key"], "key appears twice in the manifest"),
+              stray: ("train-999999.tar", rows[stray]["key"], "stored row names a shard not in dataset.json"),
+              named: ("train-000000.tar", rows[named]["key"], "quarantined row names a shard")}
+    expected += [by_row[i] for i in sorted(by_row)]
+    problems = verify(out, decode=False)
+    assert [(p.shard, p.key, p.message) for p in problems[:len(expected)]] == expected
+    assert all(p.split == "train" for p in problems[:len(expected)])
+    # the shards the moved rows left or joined no longer match their indexes
+    assert {p.shard for p in problems[len(expected):]} >= {left, "train-000000.tar"}
+    assert verify(out, workers=2, decode=False) == problems
