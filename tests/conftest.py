@@ -61,6 +61,17 @@ SAMPLE_VAL_PER_CLASS = 8
 SAMPLE_SHARD_SIZE = 7
 
 
+@pytest.fixture
+def node_cache(tmp_path, monkeypatch) -> Path:
+    """This test's own node cache (shard hashes, index and manifest verdicts, boxed indexes), never the
+    session's or the user's."""
+    from storage import shard_check
+
+    path = tmp_path / "cache" / "shards.json"
+    monkeypatch.setenv(shard_check.CACHE_ENV, str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def sample_source(tmp_path_factory) -> Path:
     from preprocessing import synthetic

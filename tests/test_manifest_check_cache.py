@@ -14,18 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import dataformat as fmt
-from storage import shard_check
 from storage.dataset import DataError, open_dataset
 
 SPLIT = "train"
 
 
-@pytest.fixture(autouse=True)
-def node_cache(tmp_path, monkeypatch) -> Path:
-    """Every test gets its own node cache, never the user's."""
-    path = tmp_path / "cache" / "shards.json"
-    monkeypatch.setenv(shard_check.CACHE_ENV, str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("node_cache")   # each test its own node cache (conftest.py)
 
 
 @pytest.fixture

@@ -25,12 +25,7 @@ from storage import dataformat as fmt
 SHARD = "train-000003.tar"          # the shard every fault goes into
 
 
-@pytest.fixture(autouse=True)
-def node_cache(tmp_path, monkeypatch) -> Path:
-    """Every test gets its own node cache, never the user's."""
-    path = tmp_path / "cache" / "shards.json"
-    monkeypatch.setenv(shard_check.CACHE_ENV, str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("node_cache")   # each test its own node cache (conftest.py)
 
 
 @pytest.fixture
