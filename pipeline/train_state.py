@@ -125,8 +125,8 @@ def restore(state: dict[str, Any] | None, optimizer: torch.optim.Optimizer, work
         log.warning("checkpoint predates the record of trained keys: epoch %d restarts its data from the "
                     "beginning", prog.epoch)
     else:
-        log.info("checkpoint of %d workers, this run %d: epoch %d goes on with its %s untrained samples",
-                 len(saved), worker.world_size, prog.epoch, "remaining" if trained else "")
+        log.info("checkpoint of %d workers, this run %d: epoch %d goes on with the samples it has not "
+                 "trained on (%d trained so far)", len(saved), worker.world_size, prog.epoch, len(trained))
     log.info("rank %d resumes at epoch %d, step %d (lr %g)", worker.rank, prog.epoch, prog.step,
              prog.schedule.lr)
     return prog, data, trained

@@ -103,3 +103,45 @@ def test_a_run_loses_a_node_mid_epoch_and_finishes_on_the_rest(ray_cluster, shar
     rows = {row[0]: row[1] for row in table["data"]}                  # category, seconds, share of wall
     print("goodput table:", json.dumps(table))
     assert rows["resize"] == round(m["goodput/resize_s"], 3) > 0
+
+
+def test_a_mid_epoch_checkpoint_of_4_workers_resumes_on_2_and_on_1(ray_cluster, shared_mlflow, sample_dataset,
+                                                                  tmp_path):
+    """4 workers stop after step 1 of 3 (a checkpoint each step). The same command on 2 workers
+    finishes the epoch into the same MLflow run; the 4 workers' run folder, restored, finishes it on
+    1 worker too. Each way the epoch is every sample once, the steps go on from 2 and the learning
+    rate is the same."""
+    storage, copy = tmp_path / "runs", tmp_path / "copy"
+    first, on2, on1 = (tmp_path / n for n in ("k4", "k2", "k1"))
+    for k in (first, on2, on1):
+        k.mkdir()
+
+    def train(store: Path, workers: int, keys: Path, **over) -> str:
+        args = small(sample_dataset, store, "resize", shared_mlflow.uri, **{
+            "run.workers": workers, "run.checkpoint_every_steps": 1, "schedule.epochs": 1, **over})
+        return run_train(ray_cluster, args, tmp_path / f"train-{workers}.log", **{faults.KEYS_ENV: str(keys)})
+
+    train(storage, 4, first, **{"run.max_steps": 1})
+    shutil.copytree(storage, copy)                         # the 4 workers' run folder, kept aside
+    texts = {2: train(storage, 2, on2)}
+    ends = {2: [ckpt.load_checkpoint(p) for p in checkpoints(storage / "resize")]}
+    shutil.rmtree(storage)
+    shutil.copytree(copy, storage)                         # the same checkpoint again, this time on 1
+    texts[1] = train(storage, 1, on1, **{"tracking.enabled": False})
+    ends[1] = [ckpt.load_checkpoint(p) for p in checkpoints(storage / "resize")]
+    everything = every_key(sample_dataset)
+    for world, keys in ((2, on2), (1, on1)):
+        text, saved = texts[world], ends[world]
+        assert f"checkpoint of 4 workers, this run {world}: epoch 0 goes on" in text, text[-3000:]
+        assert "resumes at epoch 0, step 1" in text
+        recs = records(first, keys)
+        assert {(r[2], r[3]) for r in recs} == {(1, 4), (2, world), (3, world)}
+        assert epochs_trained(recs)[0] == everything
+        assert [s["step"] for s in saved][-2:] == [2, 3] and saved[-1]["epoch"] == 1
+        assert {s["schedule"]["lr"] for s in saved} == {0.01}
+        assert saved[-1]["epoch_keys"] == "" and len(saved[-2]["epoch_keys"].split("\n")) == 32
+    client = shared_mlflow.client()
+    run = only_run(client, "resize")                             # one run: the resume logged into it
+    assert steps_of(client, run.info.run_id, "train/loss") == [16, 32, 48]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "run/workers")] == [4, 2, 2]
+    assert {m.value for m in client.get_metric_history(run.info.run_id, "lr")} == {0.01}
