@@ -23,6 +23,14 @@ class UsageError(ValueError):
 USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, UsageError, FileNotFoundError)
 
 
+def positive(text: str) -> int:
+    """argparse type for counts (timed iterations, images, workers): a rate over zero iterations means nothing."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
     # MLflow's INFO lines (database migrations, "View run at ...") only when asked for, with
     # MLFLOW_LOGGING_LEVEL=INFO; it reads the variable when it is first imported.

@@ -1,7 +1,6 @@
 """What every benchmark shares: timing with device syncs, one JSON line per figure, a table, ratios."""
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import platform
@@ -12,14 +11,6 @@ from typing import Callable
 import torch
 
 from storage.files import atomic_write
-
-
-def positive(text: str) -> int:
-    """argparse type for counts of timed iterations: a rate over zero iterations means nothing."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def device_name(device: torch.device) -> str:

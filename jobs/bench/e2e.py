@@ -18,7 +18,8 @@ from typing import Iterator
 import torch
 
 import model
-from jobs.bench.common import (Report, forever, peak_memory_gib, positive, ratio, reset_peak_memory, sync,
+from jobs.cli import positive
+from jobs.bench.common import (Report, forever, peak_memory_gib, ratio, reset_peak_memory, sync,
                                time_it)
 from jobs.bench.loader import make_sample
 from jobs.bench.train import VARIANTS, forward_flops, matmul_tflops

@@ -19,7 +19,8 @@ import argparse
 import torch
 
 import model
-from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, positive, reset_peak_memory,
+from jobs.cli import positive
+from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, reset_peak_memory,
                                time_it)
 from pipeline.evaluate import Protocol, posteriors_at_scale
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from jobs.bench.common import Report, positive
-from jobs.cli import UsageError
+from jobs.bench.common import Report
+from jobs.cli import UsageError, positive
 from pipeline import box_augment
 from preprocessing.shards import ShardWriter
 from storage import dataformat as fmt

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from jobs.bench.common import Report, forever, positive, ratio, sync
+from jobs.cli import positive
+from jobs.bench.common import Report, forever, ratio, sync
 
 
 def parse(argv):

@@ -49,8 +49,8 @@ import time
 
 import torch
 
-from jobs.bench.common import Report, positive, ratio
-from jobs.cli import UsageError
+from jobs.bench.common import Report, ratio
+from jobs.cli import UsageError, positive
 from model.vgg import STRIDE
 from pipeline import localise as L
 from pipeline.boxes import box_iou, greedy_merge, greedy_merge_many

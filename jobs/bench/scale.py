@@ -40,32 +40,21 @@ import time
 from pathlib import Path
 
 from jobs.bench import scale_stages, scale_summary
-from jobs.cli import UsageError
+from jobs.cli import UsageError, positive
 from storage.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 NEEDS_OUT = set(scale_stages.STAGES) - {"generate", "preprocess", "merge"}
 
 
-def positive(text: str) -> int:
-    """argparse type (jobs.bench.common's would import torch into this process, whose RSS every child's
-    ``ru_maxrss`` starts from)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def machine() -> dict:
     """CPU model and cores of this machine, and the short name used in result file names."""
-    model = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+    except OSError:            # no /proc (not Linux): the platform's own name for the CPU
+        names = []
+    model = names[0] if names else platform.processor() or platform.machine()
     cores = os.cpu_count() or 1
     return {"name": f"cpu-{cores}core", "cpu": model, "cores": cores, "python": platform.python_version()}
 

@@ -32,14 +32,15 @@ def usage(who: int) -> dict:
     carries the parent's peak over a fork and exec into ``ru_maxrss``. A child's ``ru_maxrss`` keeps
     that floor (at least this process's RSS when it started the child): an upper bound."""
     r = resource.getrusage(who)
-    peak = r.ru_maxrss * 1024
+    peak, source = r.ru_maxrss * 1024, "ru_maxrss"
     if who == resource.RUSAGE_SELF:
         try:
             status = Path("/proc/self/status").read_text()
             peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+            source = "VmHWM"
         except (OSError, StopIteration, ValueError):
-            pass
-    return {"cpu_s": r.ru_utime + r.ru_stime, "peak_rss_mb": peak / 1e6}
+            source = "ru_maxrss (no VmHWM: an upper bound)"
+    return {"cpu_s": r.ru_utime + r.ru_stime, "peak_rss_mb": peak / 1e6, "peak_rss_from": source}
 
 
 def loader_start(root: str, kind: str, rank: int, world: int, batch: int, boxes: bool) -> dict:

@@ -71,6 +71,7 @@ def finish_child(ctx: Ctx, name: str, started) -> dict:
     inner = json.loads(result.read_text()) if result.is_file() else {}
     figures = {"seconds": seconds, "cpu_s": ru.ru_utime + ru.ru_stime,
                "peak_rss_mb": (inner.get("driver") or {}).get("peak_rss_mb"),
+               "peak_rss_from": (inner.get("driver") or {}).get("peak_rss_from"),
                "tree_peak_rss_mb": ru.ru_maxrss * 1024 / 1e6}
     children = inner.get("children") or {}
     if children.get("cpu_s"):

@@ -16,7 +16,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
-from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, positive, ratio,
+from jobs.cli import positive
+from jobs.bench.common import (Report, add_ratios, peak_memory_gib, pick_variants, ratio,
                                 reset_peak_memory, sync, time_it)
 from pipeline.step import StepOptions, prepare, sgd, train_step
 from storage.files import atomic_write
