@@ -55,7 +55,7 @@ def plan(split: Split, skip: frozenset[str], world: int, rank: int, global_batch
     written as index copies into ``folder``. ``steps`` is 0 when fewer than one global batch remain
     (the epoch is over: drop-last); then the split is empty."""
     share = batches(global_batch, world)
-    entries = remaining_entries(split, skip)            # [(tar number, index line)], shard-file order
+    entries = remaining_entries(split, skip)            # [(tar number, key, index line)], shard-file order
     steps = len(entries) // global_batch
     if steps == 0:
         return Plan(Split(split.name, (), (), 0), share[rank], 0, len(entries))
@@ -64,7 +64,7 @@ def plan(split: Split, skip: frozenset[str], world: int, rank: int, global_batch
     picked = sorted((start + np.arange(share[rank] * steps)) % len(entries))   # back in shard-file order
     by_tar: dict[int, list[str]] = {}
     for i in picked:
-        tar, line = entries[i]
+        tar, _, line = entries[i]
         by_tar.setdefault(tar, []).append(line)
     folder.mkdir(parents=True, exist_ok=True)
     shards, indexes = [], []
@@ -76,14 +76,8 @@ def plan(split: Split, skip: frozenset[str], world: int, rank: int, global_batch
     return Plan(Split(split.name, tuple(shards), tuple(indexes), len(picked)), share[rank], steps, len(entries))
 
 
-def remaining_entries(split: Split, skip: frozenset[str]) -> list[tuple[int, str]]:
-    """(tar number, index line) of every sample whose key is not in ``skip``, in shard-file order.
-    The indexes were checked against their tars when the split was opened; a line's first member
-    name is ``<key>.<ext>`` (storage/dataformat.py)."""
-    out = []
-    for tar, idx in enumerate(split.indexes):
-        for line in Path(idx).read_text(encoding="ascii").splitlines()[1:]:
-            name = line.split(" ", 4)[3]
-            if name[:name.find(".", name.rfind("/") + 1)] not in skip:
-                out.append((tar, line))
-    return out
+def remaining_entries(split: Split, skip: frozenset[str]) -> list[tuple[int, str, str]]:
+    """(tar number, key, index line) of every sample whose key is not in ``skip``, in shard-file
+    order. The indexes were checked against their tars when the split was opened."""
+    return [(tar, key, line) for tar, idx in enumerate(split.indexes)
+            for key, line in fmt.index_keyed_lines(idx) if key not in skip]

@@ -30,9 +30,6 @@ from pipeline.batch import Batch
 from pipeline.loader import TrainLoader, training_split
 from storage.dataset import open_dataset
 
-KINDS = ("stream", "plan")
-
-
 class Epochs:
     """The training batches of rank ``rank`` of ``world``, from epoch ``epoch`` on, its share of
     ``global_batch`` each step. ``trained`` are the keys the run trained on in ``epoch`` before now

@@ -322,13 +322,28 @@ def index_lines_with(idx: str | os.PathLike, ext: str) -> list[str]:
     """The lines of index ``idx`` whose sample has an ``ext`` component, unparsed: ``read_index``'s
     fast path to select the samples of an index ``check_index`` passed (parsing every component costs
     far more at ImageNet's size: docs/pipeline.md, "Boxes"). Only the header's count is checked."""
+    # "<ext> <offset> <size> <name>" groups: a name has a dot, an offset is digits, so " ext " is an extension
+    first, inner = f"{ext} ", f" {ext} "
+    return [line for line in _counted_lines(idx) if line.startswith(first) or inner in line]
+
+
+def index_keyed_lines(idx: str | os.PathLike) -> list[tuple[str, str]]:
+    """(key, line) of every sample of index ``idx``, the line unparsed: the same fast path, for a
+    selection by key (``pipeline.epoch_plan``). A line's first member name is ``<key>.<ext>``."""
+    out = []
+    for line in _counted_lines(idx):
+        name = line.split(" ", 4)[3]
+        out.append((name[:name.find(".", name.rfind("/") + 1)], line))
+    return out
+
+
+def _counted_lines(idx: str | os.PathLike) -> list[str]:
+    """The sample lines of index ``idx``, its header's count checked."""
     lines = Path(idx).read_bytes().decode("ascii", "replace").splitlines() or [""]
     head = lines[0].split()
     if len(head) != 2 or head[0] != INDEX_VERSION or head[1] != str(len(lines) - 1):
         raise DataError(f"{idx}: header {lines[0]!r} is not '{INDEX_VERSION} {len(lines) - 1}' (its sample count)")
-    # "<ext> <offset> <size> <name>" groups: a name has a dot, an offset is digits, so " ext " is an extension
-    first, inner = f"{ext} ", f" {ext} "
-    return [line for line in lines[1:] if line.startswith(first) or inner in line]
+    return lines[1:]
 
 
 def check_index(idx: str | os.PathLike, tar: str | os.PathLike) -> int:

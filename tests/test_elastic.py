@@ -22,8 +22,7 @@ G = 16            # the global batch: the 48-image sample is 3 global batches an
 
 
 def keys_of(split) -> list[str]:
-    return [k for _, line in epoch_plan.remaining_entries(split, frozenset())
-            for k in [line.split(" ")[3].split(".")[0]]]
+    return [key for _, key, _ in epoch_plan.remaining_entries(split, frozenset())]
 
 
 def steps(loaders: list[Epochs], n: int | None = None) -> list[list[str]]:

@@ -25,7 +25,7 @@ def every_key(dataset: Path) -> Counter:
     from pipeline.epoch_plan import remaining_entries
 
     split = open_dataset(dataset).split("train")
-    return Counter(line.split(" ")[3].split(".")[0] for _, line in remaining_entries(split, frozenset()))
+    return Counter(key for _, key, _ in remaining_entries(split, frozenset()))
 
 
 def records(*folders: Path) -> list[tuple[float, int, int, int, list[str]]]:

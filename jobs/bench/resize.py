@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from jobs.bench.common import Report, positive
+from jobs.bench.common import Report
 from jobs.bench.index import make_indexes, timed
-from jobs.cli import UsageError
+from jobs.cli import UsageError, positive
 from pipeline import epoch_plan
 from storage.dataset import Split
 
@@ -31,7 +31,7 @@ from storage.dataset import Split
 def measure(args, work: Path, report: Report) -> None:
     indexes = make_indexes(work, args.shards, args.samples, 0)
     split = Split("train", tuple(str(i.with_suffix(".tar")) for i in indexes), tuple(map(str, indexes)), args.samples)
-    every = [line.split(" ", 4)[3].split(".")[0] for _, line in epoch_plan.remaining_entries(split, frozenset())]
+    every = [key for _, key, _ in epoch_plan.remaining_entries(split, frozenset())]
     done = every[: len(every) * args.trained_percent // 100 // args.global_batch * args.global_batch]
     common = dict(samples=args.samples, shards=args.shards, trained=len(done), world_before=args.before,
                   world_after=args.after)
